@@ -1,0 +1,170 @@
+"""Where a store lives: a local folder, a zip file, or an fsspec URL (s3://, http(s)://, ...).
+
+Zarr reads the arrays through its own store classes; the few plain files next to them
+(the Parquet sample table, the checksum manifest) are read through the same fsspec
+filesystem, so one `Location` serves every backend.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import zarr
+import zarr.storage
+
+from .errors import StoreError, StoreNotFoundError
+
+STORE_ROOT_ENV = "COMBO_STORE_ROOT"
+DEFAULT_STORE_ROOT = "stores"
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for 'scheme://...' strings (but not Windows drive letters)."""
+    text = str(path)
+    return "://" in text and len(text.split("://", 1)[0]) > 1
+
+
+def default_store_root() -> str:
+    """The store root: $COMBO_STORE_ROOT when set (a path or a URL), else ./stores."""
+    return os.environ.get(STORE_ROOT_ENV) or DEFAULT_STORE_ROOT
+
+
+def store_path(root: str | os.PathLike, backbone: str, dataset: str) -> str:
+    """Conventional location of one (backbone, dataset) store under a store root."""
+    root = str(root)
+    name = f"{dataset}.zarr"
+    if is_url(root):
+        return f"{root.rstrip('/')}/{backbone}/{name}"
+    return str(Path(root) / backbone / name)
+
+
+def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
+    """Turn ['endpoint_url=http://...', 'anon=true'] into fsspec storage options.
+
+    Values 'true'/'false' become booleans and integers become ints; `client_kwargs.x=y`
+    nests. Secrets belong in the environment, not here, so nothing here is ever recorded.
+    """
+    options: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--storage-option {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        elif raw.isdigit():
+            value = int(raw)
+        target = options
+        *parents, leaf = key.strip().split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return options
+
+
+@dataclass
+class Location:
+    """A resolved store location: fsspec filesystem + path, and how to open it with zarr."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    root: str
+    kind: str  # "local" | "zip" | "remote"
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # -- plain files beside the arrays -------------------------------------------------
+    def key_path(self, key: str) -> str:
+        return posixpath.join(self.root, key) if self.root else key
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self.key_path(key)))
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.key_path(key))
+        except FileNotFoundError as err:
+            raise StoreNotFoundError(f"{self.url}: missing {key}") from err
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write a small file; atomically (temp + rename) on local disk so readers never see half."""
+        if self.kind == "zip":
+            raise StoreError(f"{self.url}: zip stores are read-only")
+        if self.kind == "local":
+            target = Path(self.key_path(key))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        else:
+            self.fs.pipe_file(self.key_path(key), data)
+
+    def size(self, key: str) -> int:
+        return int(self.fs.size(self.key_path(key)))
+
+    def listdir(self, key: str = "") -> list[str]:
+        """Names directly under `key` (no path prefix)."""
+        path = self.key_path(key).rstrip("/") if key else self.root
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries})
+
+    def walk_files(self) -> dict[str, int]:
+        """Every file of the store as key -> size in bytes."""
+        found = self.fs.find(self.root, detail=True) if self.root else self.fs.find("", detail=True)
+        prefix = self.root.rstrip("/") + "/" if self.root else ""
+        out: dict[str, int] = {}
+        for path, info in found.items():
+            path = str(path)
+            if info.get("type") == "directory":
+                continue
+            key = path[len(prefix):] if path.startswith(prefix) else path
+            out[key.lstrip("/")] = int(info.get("size") or 0)
+        return out
+
+    # -- zarr --------------------------------------------------------------------------
+    def zarr_store(self, *, read_only: bool = True) -> zarr.abc.store.Store:
+        if self.kind == "local":
+            return zarr.storage.LocalStore(self.root, read_only=read_only)
+        if self.kind == "zip":
+            if not read_only:
+                raise StoreError(f"{self.url}: zip stores are read-only; write a folder and `combo store pack` it")
+            return zarr.storage.ZipStore(self.url, mode="r")
+        return zarr.storage.FsspecStore.from_url(
+            self.url, storage_options=self.storage_options or None, read_only=read_only
+        )
+
+    def local_path(self) -> Path | None:
+        return Path(self.root) if self.kind == "local" else None
+
+
+def resolve(location: str | os.PathLike, *, storage_options: dict[str, Any] | None = None) -> Location:
+    """Resolve a path, a `.zip` file or a URL into a `Location`. Touches nothing."""
+    text = str(location)
+    options = dict(storage_options or {})
+    if is_url(text) and not text.startswith("file://"):
+        fs, root = fsspec.core.url_to_fs(text, **options)
+        return Location(url=text.rstrip("/"), fs=fs, root=root.rstrip("/"), kind="remote", storage_options=options)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    path = Path(text).expanduser()
+    if path.suffix == ".zip":
+        if not path.is_file():
+            raise StoreNotFoundError(f"no zip store at {path}")
+        fs = fsspec.filesystem("zip", fo=str(path))
+        return Location(url=str(path), fs=fs, root="", kind="zip")
+    return Location(url=str(path), fs=fsspec.filesystem("file"), root=str(path.resolve()), kind="local")

@@ -1,0 +1,138 @@
+"""The store's metadata: plain JSON documents in zarr attributes, described here once.
+
+Root group attribute ``combo`` (one per store)::
+
+    schema_version   int      bumped on any incompatible change; readers refuse newer ones
+    format           "combo-feature-store"
+    backbone         {alias, timm_name, pretrained_tag, weights_source, weights_sha256, seed}
+    preprocessing    {image_size, resize, interpolation, crop, mean, std}
+    features         {kind, token_grid, num_tokens, num_prefix_tokens, layers, num_layers, feature_dim}
+    storage          {dtype, codec, rows_per_shard, rows_per_chunk, layers_per_chunk, chunk_checksum}
+    dataset          {name, root}
+    tasks            [task names]
+    library_versions {python, torch, timm, zarr, numpy, pyarrow, combo}
+    created          ISO-8601 UTC
+
+Task group attribute ``combo_task`` (one per task group)::
+
+    task, group, num_samples, splits {name: count}, protocols {name: [train, eval]},
+    classes [names by label], complete (bool), skipped [{row, sample_id, error}], completed (time)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib import metadata as _importlib_metadata
+from typing import Any
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "combo-feature-store"
+ROOT_ATTR = "combo"
+TASK_ATTR = "combo_task"
+SUPPORTED_DTYPES = ("float16", "float32")
+
+# Fields that must agree for an existing store to be resumed or extended with new tasks.
+IDENTITY_KEYS = ("backbone", "preprocessing", "features", "storage")
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of everything that shapes the stored numbers."""
+    versions = {"python": platform.python_version()}
+    for dist in ("combo", "torch", "timm", "zarr", "numcodecs", "numpy", "pyarrow", "pillow", "torchvision"):
+        try:
+            versions[dist] = _importlib_metadata.version(dist)
+        except _importlib_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    alias: str
+    timm_name: str
+    pretrained_tag: str | None
+    weights_source: str  # "timm-pretrained:<id>" | "file:<path>" | "random-init"
+    weights_sha256: str | None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    resize: str = "square, no crop"
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    token_grid: tuple[int, int]
+    num_prefix_tokens: int
+    layers: tuple[int, ...]
+    feature_dim: int
+    kind: str = "block output (residual stream), patch tokens"
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_grid[0] * self.token_grid[1])
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """Everything the root attribute records; `to_attrs` gives the plain document."""
+
+    backbone: BackboneInfo
+    preprocessing: Preprocessing
+    features: FeatureInfo
+    dataset: str
+    dataset_root: str | None = None
+    created: str = field(default_factory=utc_now)
+
+    def to_attrs(self, *, storage: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
+        feats = asdict(self.features)
+        feats["token_grid"] = list(self.features.token_grid)
+        feats["layers"] = list(self.features.layers)
+        feats["num_tokens"] = self.features.num_tokens
+        feats["num_layers"] = len(self.features.layers)
+        pre = asdict(self.preprocessing)
+        pre["mean"], pre["std"] = list(self.preprocessing.mean), list(self.preprocessing.std)
+        pre["crop"] = "none"
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "format": FORMAT_NAME,
+            "backbone": asdict(self.backbone),
+            "preprocessing": pre,
+            "features": feats,
+            "storage": storage,
+            "dataset": {"name": self.dataset, "root": self.dataset_root},
+            "tasks": list(tasks),
+            "library_versions": library_versions(),
+            "created": self.created,
+        }
+
+
+def identity(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The part of the root document that must match to resume or extend a store."""
+    return {key: attrs.get(key) for key in IDENTITY_KEYS} | {"dataset": (attrs.get("dataset") or {}).get("name")}
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable list of identity fields that differ (dotted paths)."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+        elif a != b:
+            out.append(f"{path}: store has {a!r}, asked for {b!r}")
+
+    walk(identity(old), identity(new), "")
+    return out

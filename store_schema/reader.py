@@ -1,0 +1,238 @@
+"""Reading a store: read-only by construction, lazily, from a path, a zip or a URL."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pyarrow as pa
+import zarr
+
+from . import samples as sample_table
+from .errors import SchemaVersionError, StoreError, StoreIncompleteError, StoreNotFoundError
+from .layout import StoreLayout
+from .location import Location, resolve
+from .metadata import FORMAT_NAME, ROOT_ATTR, SCHEMA_VERSION, TASK_ATTR
+from .writer import CHECKSUMS_NAME, PREFIX, SAMPLES_NAME, TOKENS
+
+
+def _load_json(location: Location, key: str) -> dict[str, Any]:
+    try:
+        raw = location.read_bytes(key)
+    except StoreNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - network / permission errors name the key
+        raise StoreError(f"{location.url}: cannot read {key}: {err}") from err
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreError(f"{location.url}/{key} is not valid JSON (truncated or corrupt): {err}") from err
+
+
+def check_root_attrs(location: Location, doc: dict[str, Any]) -> dict[str, Any]:
+    """The `combo` root attribute, after the checks every reader needs (format, version)."""
+    attrs = (doc.get("attributes") or {}).get(ROOT_ATTR)
+    if doc.get("node_type") != "group" or not isinstance(attrs, dict):
+        raise StoreError(f"{location.url} is a zarr node but not a combo feature store (no '{ROOT_ATTR}' attribute)")
+    if attrs.get("format") != FORMAT_NAME:
+        raise StoreError(f"{location.url}: unexpected format {attrs.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = attrs.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{location.url} was written with store schema version {version}; this combo reads up to "
+            f"version {SCHEMA_VERSION}. Upgrade combo (pip install -U combo) to read it."
+        )
+    return attrs
+
+
+class FeatureStore:
+    """One (backbone, dataset) store. Nothing here writes to the store."""
+
+    def __init__(self, location: Location):
+        self.location = location
+        if not location.exists("zarr.json"):
+            raise StoreNotFoundError(f"no feature store at {location.url} (no zarr.json)")
+        self.attrs = check_root_attrs(location, _load_json(location, "zarr.json"))
+        try:
+            self.group = zarr.open_group(location.zarr_store(read_only=True), mode="r")
+        except Exception as err:  # noqa: BLE001
+            raise StoreError(f"{location.url}: zarr cannot open the store: {err}") from err
+
+    @property
+    def url(self) -> str:
+        return self.location.url
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.attrs.get("tasks", []))
+
+    @property
+    def backbone(self) -> dict[str, Any]:
+        return self.attrs["backbone"]
+
+    @property
+    def features(self) -> dict[str, Any]:
+        return self.attrs["features"]
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        h, w = self.features["token_grid"]
+        return int(h), int(w)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.features["num_layers"])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features["feature_dim"])
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.features["num_prefix_tokens"])
+
+    @property
+    def dataset(self) -> str:
+        return str(self.attrs["dataset"]["name"])
+
+    @cached_property
+    def layout(self) -> StoreLayout:
+        return StoreLayout.from_attrs(self.attrs["storage"])
+
+    def task(self, name: str) -> "TaskStore":
+        if name not in self.tasks:
+            raise StoreError(f"store {self.url} has no task {name!r}; it holds: {', '.join(self.tasks) or 'none'}")
+        return TaskStore(self, name)
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({self.url!r}, backbone={self.backbone['alias']!r}, tasks={self.tasks})"
+
+
+class TaskStore:
+    """One task group: token arrays, prefix tokens and the sample table."""
+
+    def __init__(self, store: FeatureStore, name: str):
+        self.store = store
+        self.name = name
+        doc = _load_json(store.location, f"{name}/zarr.json")
+        attrs = (doc.get("attributes") or {}).get(TASK_ATTR)
+        if not isinstance(attrs, dict):
+            raise StoreError(f"{store.url}/{name}: task group has no '{TASK_ATTR}' attribute")
+        self.attrs: dict[str, Any] = attrs
+        try:
+            self.tokens: zarr.Array = store.group[f"{name}/{TOKENS}"]
+        except KeyError as err:
+            raise StoreError(f"{store.url}/{name}: the '{TOKENS}' array is missing") from err
+        self.prefix: zarr.Array | None = None
+        if store.num_prefix_tokens:
+            try:
+                self.prefix = store.group[f"{name}/{PREFIX}"]
+            except KeyError as err:
+                raise StoreError(f"{store.url}/{name}: the '{PREFIX}' array is missing") from err
+
+    # -- metadata ---------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    def require_complete(self) -> None:
+        if not self.complete:
+            raise StoreIncompleteError(
+                f"task {self.name} of {self.store.url} is incomplete (extraction interrupted?); "
+                "rerun the same `combo extract` command to finish it"
+            )
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.attrs["num_samples"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs.get("classes", []))
+
+    @property
+    def protocols(self) -> dict[str, tuple[str, str]]:
+        return {k: (v[0], v[1]) for k, v in self.attrs.get("protocols", {}).items()}
+
+    @property
+    def rows_per_shard(self) -> int:
+        return int(self.store.layout.rows_per_shard)
+
+    @cached_property
+    def samples(self) -> pa.Table:
+        return sample_table.from_bytes(self.store.location.read_bytes(f"{self.name}/{SAMPLES_NAME}"))
+
+    def checksums(self) -> dict[str, dict[str, str]]:
+        return _load_json(self.store.location, f"{self.name}/{CHECKSUMS_NAME}")["arrays"]
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return self.samples.column("label").to_numpy()
+
+    @cached_property
+    def sample_ids(self) -> list[str]:
+        return self.samples.column("sample_id").to_pylist()
+
+    def rows(self, split: str) -> np.ndarray:
+        """Row indices of a split's valid samples, ascending."""
+        column = sample_table.SPLIT_PREFIX + split
+        if column not in self.samples.column_names:
+            raise StoreError(
+                f"task {self.name} of {self.store.url} has no split {split!r}; "
+                f"it has: {', '.join(sample_table.split_names(self.samples))}"
+            )
+        member = self.samples.column(column).to_numpy(zero_copy_only=False)
+        valid = self.samples.column("valid").to_numpy(zero_copy_only=False)
+        return np.nonzero(member & valid)[0].astype(np.int64)
+
+    # -- data ---------------------------------------------------------------------------------
+    def read(self, rows: Sequence[int] | np.ndarray | slice, *, layers: Sequence[int] | None = None, prefix: bool = False) -> np.ndarray:
+        """Rows (any order) of the token (or prefix) array as numpy, reading contiguous runs at once."""
+        array = self.prefix if prefix else self.tokens
+        if array is None:
+            raise StoreError(f"store {self.store.url} has no prefix tokens (the backbone has none)")
+        layer_sel = slice(None) if layers is None else np.asarray(layers, dtype=np.int64)
+        if isinstance(rows, slice):
+            data = array[rows]
+            return data if layers is None else data[:, layer_sel]
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            shape = list(array.shape)
+            shape[0] = 0
+            if layers is not None:
+                shape[1] = len(layer_sel)
+            return np.zeros(shape, dtype=array.dtype)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        breaks = np.nonzero(np.diff(sorted_rows) != 1)[0] + 1
+        pieces = []
+        for run in np.split(sorted_rows, breaks):
+            block = array[int(run[0]) : int(run[-1]) + 1]
+            pieces.append(block if layers is None else block[:, layer_sel])
+        data = np.concatenate(pieces, axis=0)
+        out = np.empty_like(data)
+        out[order] = data
+        return out
+
+    def to_dask(self, *, split: str | None = None, layer: int | None = None, prefix: bool = False) -> da.Array:
+        """Lazy view; chunks follow the shards (dask's from_zarr would use the inner chunks)."""
+        array = self.prefix if prefix else self.tokens
+        if array is None:
+            raise StoreError(f"store {self.store.url} has no prefix tokens")
+        chunks = (self.rows_per_shard, *array.shape[1:])
+        lazy = da.from_zarr(array, chunks=chunks)
+        if layer is not None:
+            lazy = lazy[:, layer]
+        if split is not None:
+            lazy = lazy[self.rows(split)]
+        return lazy
+
+
+def open_store(location: str | os.PathLike, *, storage_options: dict[str, Any] | None = None) -> FeatureStore:
+    """Open a store read-only (a folder, a .zip, or an fsspec URL)."""
+    return FeatureStore(resolve(location, storage_options=storage_options))

@@ -1,0 +1,73 @@
+"""The per-task sample table (Parquet): which image each row of the token arrays is.
+
+Columns: ``row`` (int64, index into the arrays), ``sample_id`` (path relative to the dataset
+root: stable across machines), ``label`` (int64), ``valid`` (false for images skipped with
+--skip-bad: their rows hold zeros), ``aliases`` (other ids of the same image, e.g. the
+train800val200 copy), and one boolean ``in_<split>`` column per split.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SPLIT_PREFIX = "in_"
+REQUIRED_COLUMNS = ("row", "sample_id", "label", "valid")
+
+
+def build_table(
+    *,
+    sample_ids: Sequence[str],
+    labels: Sequence[int],
+    splits: Sequence[Sequence[str]],
+    split_names: Sequence[str],
+    aliases: Sequence[Sequence[str]] | None = None,
+) -> pa.Table:
+    n = len(sample_ids)
+    if not (len(labels) == len(splits) == n):
+        raise ValueError(f"sample table: {n} ids, {len(labels)} labels, {len(splits)} split lists")
+    duplicates = n - len(set(sample_ids))
+    if duplicates:
+        raise ValueError(f"sample table: {duplicates} duplicate sample ids")
+    columns: dict[str, pa.Array] = {
+        "row": pa.array(np.arange(n, dtype=np.int64)),
+        "sample_id": pa.array(list(sample_ids), type=pa.string()),
+        "label": pa.array(np.asarray(labels, dtype=np.int64)),
+        "valid": pa.array(np.ones(n, dtype=bool)),
+        "aliases": pa.array([list(a) for a in (aliases or [()] * n)], type=pa.list_(pa.string())),
+    }
+    for name in split_names:
+        columns[SPLIT_PREFIX + name] = pa.array([name in s for s in splits], type=pa.bool_())
+    return pa.table(columns)
+
+
+def split_names(table: pa.Table) -> list[str]:
+    return [c[len(SPLIT_PREFIX):] for c in table.column_names if c.startswith(SPLIT_PREFIX)]
+
+
+def with_invalid(table: pa.Table, rows: Sequence[int]) -> pa.Table:
+    valid = table.column("valid").to_numpy(zero_copy_only=False).copy()
+    valid[np.asarray(list(rows), dtype=np.int64)] = False
+    return table.set_column(table.column_names.index("valid"), "valid", pa.array(valid))
+
+
+def to_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def from_bytes(data: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(data))
+
+
+def same_samples(a: pa.Table, b: pa.Table) -> bool:
+    """Same ids, labels and split memberships in the same order (ignores `valid`)."""
+    cols = [c for c in a.column_names if c not in ("valid",)]
+    if sorted(cols) != sorted(c for c in b.column_names if c != "valid"):
+        return False
+    return all(a.column(c).equals(b.column(c)) for c in cols)
