@@ -75,7 +75,7 @@ def validate_store(
     for task in store.tasks:
         before = len(report.problems)
         status = _validate_task(store, task, report, checksums=checksums, fraction=sample_fraction, rng=rng)
-        report.tasks[task] = status if len(report.problems) == before else "invalid"
+        report.tasks[task] = "invalid" if status == "ok" and len(report.problems) > before else status
     return report
 
 
