@@ -1,0 +1,26 @@
+"""The `combo` command: thin typer wrappers that parse options and call library functions."""
+
+from __future__ import annotations
+
+import typer
+
+from . import cli_store
+
+app = typer.Typer(
+    name="combo",
+    help="Feature stores and ComBo probing for frozen vision foundation models.\n\n"
+    "Stage 1 (`combo extract`) runs each frozen backbone once and writes every layer's tokens to a Zarr store; "
+    "stage 2 (`combo probe`, `relevance`, `atlas`) trains small adapters from those stores.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(cli_store.app, name="store")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
