@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import cli_store
+from . import cli_extract, cli_store
 
 app = typer.Typer(
     name="combo",
@@ -15,6 +15,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("extract")(cli_extract.extract_command)
 app.add_typer(cli_store.app, name="store")
 
 

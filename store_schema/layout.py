@@ -24,7 +24,7 @@ class StoreLayout:
     rows_per_shard: int = 32
     rows_per_chunk: int = 8
     layers_per_chunk: int = 1
-    codec: str = "blosc-zstd"  # "blosc-zstd" | "blosc-lz4" | "zstd" | "none"
+    codec: str = "zstd"  # "zstd" | "blosc-zstd" | "blosc-lz4" | "none"
     clevel: int = 1
     shuffle: str = "shuffle"  # byte shuffle: float16 exponents compress, mantissas barely do
 
