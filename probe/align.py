@@ -1,0 +1,115 @@
+"""Parameter-free alignment of several backbones' token maps (PAPER.md, "Aligning several backbones").
+
+Every layer map is resized to a common grid (bilinear, align_corners=False; 14x14 in the paper) and then
+standardised per (image, layer) over all tokens and channels together, so that backbones whose residual
+streams have very different scales can be concatenated on the layer axis and read by one Lambda.
+Everything here runs in float32: stores may hold float16/bfloat16, but interpolation and variance in half
+precision lose too much.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "FeatureShapeError",
+    "align_grid",
+    "normalise_maps",
+    "prepare_features",
+    "make_prepare",
+]
+
+
+class FeatureShapeError(ValueError):
+    """A feature tensor does not have the shape the caller said it has."""
+
+
+def _check_maps(x: Tensor, name: str = "features") -> None:
+    if x.ndim != 4:
+        raise FeatureShapeError(f"{name}: expected a [B, L, T, D] tensor, got shape {tuple(x.shape)}")
+
+
+def align_grid(x: Tensor, grid: tuple[int, int], target: tuple[int, int]) -> Tensor:
+    """Resize token maps [B, L, h*w, D] (row-major grid) to [B, L, th*tw, D], float32.
+
+    Equal grids return ``x`` as float32 (no copy when it already is float32).
+    """
+    _check_maps(x)
+    h, w = (int(v) for v in grid)
+    th, tw = (int(v) for v in target)
+    if min(h, w, th, tw) < 1:
+        raise FeatureShapeError(f"grid {grid} and target {target} must be positive")
+    b, l, t, d = x.shape
+    if t != h * w:
+        raise FeatureShapeError(f"features have {t} tokens but grid {h}x{w} has {h * w}")
+    x = x.float()
+    if (h, w) == (th, tw):
+        return x
+    # [B, L, h*w, D] -> [B*L, D, h, w]: every (image, layer) map is one multi-channel image.
+    maps = x.reshape(b * l, h, w, d).permute(0, 3, 1, 2)
+    maps = F.interpolate(maps, size=(th, tw), mode="bilinear", align_corners=False)
+    return maps.permute(0, 2, 3, 1).reshape(b, l, th * tw, d)
+
+
+def normalise_maps(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Standardise each (image, layer) map over all its tokens and channels together (biased variance).
+
+    No learnable affine: the paper's LayerNorm-like step only equalises scales across layers/backbones.
+    """
+    _check_maps(x)
+    x = x.float()
+    var, mean = torch.var_mean(x, dim=(2, 3), correction=0, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def prepare_features(
+    parts: Sequence[tuple[Tensor, tuple[int, int]]],
+    target: tuple[int, int] = (14, 14),
+    eps: float = 1e-5,
+) -> Tensor:
+    """Align, normalise and stack several backbones' maps on the layer axis -> [B, sum L_k, T, D] float32.
+
+    ``parts`` is a sequence of ``(maps [B, L_k, T_k, D], grid_k)`` in backbone order; that order fixes which
+    Lambda slices read which backbone (``ComboConfig.layers_per_backbone``).
+    """
+    if len(parts) == 0:
+        raise FeatureShapeError("prepare_features needs at least one backbone's features")
+    for k, (x, _) in enumerate(parts):
+        _check_maps(x, name=f"backbone {k}")
+    widths = [int(x.shape[-1]) for x, _ in parts]
+    if len(set(widths)) > 1:
+        raise FeatureShapeError(
+            f"backbones have different feature widths D={widths}; ComBo (as in the paper) "
+            "concatenates layers of equal width only"
+        )
+    batches = [int(x.shape[0]) for x, _ in parts]
+    if len(set(batches)) > 1:
+        raise FeatureShapeError(f"backbones have different batch sizes {batches}; they must hold the same images")
+    aligned = [normalise_maps(align_grid(x, grid, target), eps=eps) for x, grid in parts]
+    return aligned[0] if len(aligned) == 1 else torch.cat(aligned, dim=1)
+
+
+def make_prepare(
+    grids: Sequence[tuple[int, int]],
+    target: tuple[int, int] = (14, 14),
+    eps: float = 1e-5,
+) -> Callable[[Tensor | Sequence[Tensor]], Tensor]:
+    """Build the ``prepare`` callable for ``train_steps``/``evaluate`` from the backbones' grids.
+
+    The callable takes one tensor (one backbone) or a sequence of tensors in the same order as ``grids``.
+    """
+    grids = [tuple(int(v) for v in g) for g in grids]
+    if len(grids) == 0:
+        raise FeatureShapeError("make_prepare needs at least one grid")
+
+    def prepare(features: Tensor | Sequence[Tensor]) -> Tensor:
+        tensors = [features] if isinstance(features, Tensor) else list(features)
+        if len(tensors) != len(grids):
+            raise FeatureShapeError(f"got {len(tensors)} feature tensors for {len(grids)} backbone grids")
+        return prepare_features(list(zip(tensors, grids)), target=target, eps=eps)
+
+    return prepare

@@ -1,0 +1,277 @@
+"""ComBo adapter architecture and feature alignment, checked against PAPER.md by hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probe.adapter import AdapterConfigError, ComboAdapter, ComboConfig, expected_num_params
+from probe.align import FeatureShapeError, align_grid, make_prepare, normalise_maps, prepare_features
+
+torch.set_num_threads(2)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _tiny(**kw) -> ComboConfig:
+    base = dict(num_layers=3, feature_dim=8, num_tokens=16, num_classes=5, width=16, depth=2, num_heads=2)
+    base.update(kw)
+    return ComboConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------ parameter count
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        _tiny(),
+        _tiny(depth=0),
+        _tiny(mlp_ratio=2.5, width=20, num_heads=4),
+        _tiny(num_layers=5, layers_per_backbone=(2, 3), num_classes=1),
+        ComboConfig(num_layers=24, feature_dim=32, num_tokens=196, num_classes=100, layers_per_backbone=(12, 12)),
+    ],
+)
+def test_param_count_matches_formula(cfg):
+    assert _count(ComboAdapter(cfg)) == expected_num_params(cfg)
+
+
+def test_param_count_vit_b_matches_paper():
+    cfg = ComboConfig(num_layers=12, feature_dim=768, num_tokens=196, num_classes=10)
+    model = ComboAdapter(cfg)
+    lambda_params = model.lambda_weight.numel() + model.lambda_bias.numel()
+    assert lambda_params == 128 * 12 * 768 + 128 == 1_179_776
+    head_params = _count(model.head)
+    assert head_params == 128 * 10 + 10
+    encoder_params = _count(model) - lambda_params - head_params
+    # Written out independently of the implementation: 6 blocks + cls + pos [197, 128] + final norm.
+    block = 2 * 128 + (128 * 384 + 384) + (128 * 128 + 128) + 2 * 128 + (128 * 512 + 512) + (512 * 128 + 128)
+    assert encoder_params == 6 * block + 128 + 197 * 128 + 2 * 128 == 1_215_232
+    # The paper: "about 1.2M for Lambda per ViT-B backbone plus about 1.2M for F".
+    assert 1.1e6 < lambda_params < 1.3e6 and 1.1e6 < encoder_params < 1.3e6
+    assert expected_num_params(cfg) == 1_179_776 + 1_215_232 + 1_290
+    # Each extra ViT-B backbone adds exactly one more Lambda slice.
+    two = ComboConfig(num_layers=24, feature_dim=768, num_tokens=196, num_classes=10, layers_per_backbone=(12, 12))
+    assert expected_num_params(two) - expected_num_params(cfg) == 128 * 12 * 768
+
+
+# --------------------------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(width=15, num_heads=2), "num_heads"),
+        (dict(layers_per_backbone=(1, 1)), "layers_per_backbone"),
+        (dict(layers_per_backbone=(3, 0)), "layers_per_backbone"),
+        (dict(num_classes=0), "num_classes"),
+    ],
+)
+def test_bad_config_rejected(kw, words):
+    with pytest.raises(AdapterConfigError, match=words):
+        _tiny(**kw)
+
+
+# --------------------------------------------------------------------------------------------------- forward
+
+
+def test_forward_shape_and_bad_input():
+    torch.manual_seed(0)
+    cfg = _tiny()
+    model = ComboAdapter(cfg)
+    out = model(torch.randn(4, 3, 16, 8))
+    assert out.shape == (4, 5)
+    assert torch.isfinite(out).all()
+    with pytest.raises(FeatureShapeError, match=r"\(4, 3, 15, 8\)"):
+        model(torch.randn(4, 3, 15, 8))
+    with pytest.raises(FeatureShapeError):
+        model(torch.randn(3, 16, 8))
+
+
+def test_lambda_is_einsum_and_conv2d():
+    torch.manual_seed(0)
+    cfg = _tiny()
+    model = ComboAdapter(cfg)
+    x = torch.randn(2, 3, 16, 8)
+    got = model.project(x)
+    assert got.shape == (2, 16, 16)
+    w, b = model.lambda_weight.detach(), model.lambda_bias.detach()
+    # Hand loop: token t of image i -> W . concat_l x[i, l, t, :] + b.
+    hand = torch.stack(
+        [torch.stack([w.reshape(16, -1) @ x[i, :, t, :].reshape(-1) + b for t in range(16)]) for i in range(2)]
+    )
+    torch.testing.assert_close(got, hand, rtol=1e-5, atol=1e-5)
+    # The authors' form: Conv2d with L input channels and kernel (1, D) over the [L, T, D] "image".
+    conv = nn.Conv2d(3, 16, kernel_size=(1, 8))
+    with torch.no_grad():
+        conv.weight.copy_(w.unsqueeze(2))
+        conv.bias.copy_(b)
+    via_conv = conv(x).squeeze(-1).permute(0, 2, 1)  # [B, width, T, 1] -> [B, T, width]
+    torch.testing.assert_close(got, via_conv, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_is_prenorm_vit_over_cls_and_tokens():
+    torch.manual_seed(1)
+    model = ComboAdapter(_tiny(depth=2)).eval()
+    x = torch.randn(3, 3, 16, 8)
+    tokens = torch.einsum("bltd,cld->btc", x, model.lambda_weight) + model.lambda_bias
+    h = torch.cat([model.cls_token.expand(3, -1, -1), tokens], 1) + model.pos_embed
+    for blk in model.blocks:
+        h = h + blk.attn(blk.norm1(h))  # pre-norm residual, no LayerScale
+        h = h + blk.mlp(blk.norm2(h))
+    expected = model.head(model.norm(h)[:, 0])
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_blocks_match_spec():
+    cfg = ComboConfig(num_layers=12, feature_dim=16, num_tokens=196, num_classes=7)
+    model = ComboAdapter(cfg)
+    assert len(model.blocks) == 6
+    assert model.cls_token.shape == (1, 1, 128)
+    assert model.pos_embed.shape == (1, 197, 128)
+    assert isinstance(model.norm, nn.LayerNorm) and model.norm.eps == 1e-6
+    assert model.head.in_features == 128 and model.head.out_features == 7
+    for blk in model.blocks:
+        assert isinstance(blk.norm1, nn.LayerNorm) and isinstance(blk.norm2, nn.LayerNorm)
+        assert blk.norm1.eps == blk.norm2.eps == 1e-6
+        assert blk.attn.num_heads == 2 and blk.attn.head_dim == 64
+        assert blk.attn.qkv.in_features == 128 and blk.attn.qkv.out_features == 384
+        assert blk.attn.qkv.bias is not None
+        assert isinstance(blk.attn.q_norm, nn.Identity) and isinstance(blk.attn.k_norm, nn.Identity)
+        assert blk.mlp.fc1.out_features == 512 and blk.mlp.fc2.in_features == 512
+        assert isinstance(blk.mlp.act, nn.GELU) and blk.mlp.act.approximate == "none"
+        for name in ("ls1", "ls2", "drop_path1", "drop_path2"):
+            assert isinstance(getattr(blk, name), nn.Identity), name  # no LayerScale, no drop-path
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert all(m.p == 0.0 for m in dropouts)
+
+
+def test_init_follows_documented_scheme():
+    torch.manual_seed(0)
+    cfg = ComboConfig(num_layers=12, feature_dim=64, num_tokens=196, num_classes=10)
+    model = ComboAdapter(cfg)
+    bound = 1 / math.sqrt(12 * 64)
+    assert model.lambda_weight.abs().max() <= bound
+    assert model.lambda_weight.abs().max() > 0.9 * bound  # uniform, not tiny
+    assert abs(model.pos_embed.std().item() - 0.02) < 0.003
+    assert model.cls_token.abs().max() < 1e-4
+    assert torch.all(model.head.bias == 0)
+
+
+# ------------------------------------------------------------------------------------------------- relevance
+
+
+def test_backbone_and_layer_norms_by_hand():
+    cfg = _tiny(num_layers=3, layers_per_backbone=(2, 1), width=4, num_heads=2, feature_dim=2)
+    model = ComboAdapter(cfg)
+    w = torch.arange(4 * 3 * 2, dtype=torch.float32).reshape(4, 3, 2)
+    with torch.no_grad():
+        model.lambda_weight.copy_(w)
+    per_layer = [math.sqrt(sum(float(w[c, l, d]) ** 2 for c in range(4) for d in range(2))) for l in range(3)]
+    torch.testing.assert_close(model.layer_norms(), torch.tensor(per_layer))
+    s0 = math.sqrt(per_layer[0] ** 2 + per_layer[1] ** 2)
+    torch.testing.assert_close(model.backbone_norms(), torch.tensor([s0, per_layer[2]]))
+    # Without layers_per_backbone the whole Lambda is one backbone.
+    single = ComboAdapter(_tiny(num_layers=3, width=4, num_heads=2, feature_dim=2))
+    with torch.no_grad():
+        single.lambda_weight.copy_(w)
+    torch.testing.assert_close(single.backbone_norms(), torch.tensor([w.norm().item()]))
+
+
+# ------------------------------------------------------------------------------------------------- alignment
+
+
+def test_align_grid_identity():
+    x = torch.randn(2, 3, 196, 4)
+    assert align_grid(x, (14, 14), (14, 14)) is x
+    half = x.half()
+    out = align_grid(half, (14, 14), (14, 14))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, half.float())
+
+
+def test_align_grid_16_to_14_matches_interpolate():
+    torch.manual_seed(0)
+    b, l, d = 2, 3, 5
+    x = torch.randn(b, l, 256, d)
+    out = align_grid(x, (16, 16), (14, 14))
+    assert out.shape == (b, l, 196, d) and out.dtype == torch.float32
+    for i in range(b):
+        for j in range(l):
+            img = x[i, j].reshape(16, 16, d).permute(2, 0, 1)[None]  # row-major grid -> [1, D, 16, 16]
+            ref = F.interpolate(img, size=(14, 14), mode="bilinear", align_corners=False)[0]
+            torch.testing.assert_close(out[i, j], ref.permute(1, 2, 0).reshape(196, d))
+
+
+def test_align_grid_constant_map_stays_constant_and_bf16_input():
+    x = torch.full((1, 2, 256, 3), 2.5, dtype=torch.bfloat16)
+    out = align_grid(x, (16, 16), (14, 14))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.full((1, 2, 196, 3), 2.5))
+    # Non-square grids too (row-major h x w).
+    y = torch.full((1, 1, 6 * 4, 2), -1.0)
+    torch.testing.assert_close(align_grid(y, (6, 4), (3, 5)), torch.full((1, 1, 15, 2), -1.0))
+
+
+def test_align_grid_rejects_wrong_token_count():
+    with pytest.raises(FeatureShapeError, match="255 tokens"):
+        align_grid(torch.randn(1, 1, 255, 4), (16, 16), (14, 14))
+    with pytest.raises(FeatureShapeError):
+        align_grid(torch.randn(255, 4), (16, 16), (14, 14))
+
+
+def test_normalise_maps_per_image_layer():
+    torch.manual_seed(0)
+    # Scales well above sqrt(eps) so var/(var + 1e-5) is ~1; each layer has its own offset and scale.
+    scales = torch.tensor([1.0, 50.0, 0.3]).reshape(1, 3, 1, 1)
+    x = torch.randn(4, 3, 20, 6) * scales + torch.tensor([7.0, -3.0, 0.5]).reshape(1, 3, 1, 1)
+    out = normalise_maps(x)
+    mean = out.mean(dim=(2, 3))
+    var = out.var(dim=(2, 3), unbiased=False)
+    torch.testing.assert_close(mean, torch.zeros(4, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(var, torch.ones(4, 3), atol=2e-3, rtol=0)
+    # The statistics are over tokens AND channels together: the per-channel means are not zeroed.
+    x2 = torch.randn(2, 1, 20, 6) + torch.arange(6.0)
+    assert normalise_maps(x2).mean(dim=2).abs().max() > 0.5
+    # Exactly the formula (x - mean) / sqrt(var + 1e-5).
+    m = x2.mean(dim=(2, 3), keepdim=True)
+    v = ((x2 - m) ** 2).mean(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(normalise_maps(x2), (x2 - m) / torch.sqrt(v + 1e-5))
+
+
+def test_normalise_maps_scale_invariant_and_half_input():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 8)
+    torch.testing.assert_close(normalise_maps(x * 100), normalise_maps(x), atol=1e-4, rtol=1e-4)
+    out = normalise_maps(x.half())
+    assert out.dtype == torch.float32
+
+
+def test_prepare_features_concatenates_aligned_normalised_layers():
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, 256, 4) * 30  # a DINOv2-like 16x16 map with a large residual stream
+    b = torch.randn(2, 2, 196, 4)
+    out = prepare_features([(a, (16, 16)), (b, (14, 14))])
+    assert out.shape == (2, 5, 196, 4) and out.dtype == torch.float32
+    torch.testing.assert_close(out[:, :3], normalise_maps(align_grid(a, (16, 16), (14, 14))))
+    torch.testing.assert_close(out[:, 3:], normalise_maps(b))
+    # make_prepare: the same thing as a callable over a list of tensors.
+    prep = make_prepare([(16, 16), (14, 14)])
+    torch.testing.assert_close(prep([a, b]), out)
+    with pytest.raises(FeatureShapeError, match="2 backbone grids"):
+        prep([a])
+
+
+def test_prepare_features_rejects_mixed_widths_and_batches():
+    with pytest.raises(FeatureShapeError, match=r"768.*1024"):
+        prepare_features([(torch.randn(1, 1, 196, 768), (14, 14)), (torch.randn(1, 1, 196, 1024), (14, 14))])
+    with pytest.raises(FeatureShapeError, match="batch"):
+        prepare_features([(torch.randn(2, 1, 196, 4), (14, 14)), (torch.randn(3, 1, 196, 4), (14, 14))])
+    with pytest.raises(FeatureShapeError):
+        prepare_features([])
