@@ -34,7 +34,7 @@ from store_schema import (
 )
 
 from .backbones import Backbone, block_tokens, inference_context, load_backbone, pick_device
-from .datasets import TaskPlan, plan_dataset
+from .datasets import TaskPlan, plan_dataset, vtab_group
 from .images import ImageDecodeError, PlanImages
 
 
@@ -153,7 +153,7 @@ def _task_writer(cfg: ExtractConfig, writer: StoreWriter, backbone: Backbone, pl
         num_prefix_tokens=backbone.num_prefix_tokens,
         protocols=plan.protocols,
         classes=plan.classes,
-        group=getattr(plan, "group", None),
+        group=vtab_group(plan.task) if plan.dataset == "vtab" else None,
         overwrite=cfg.overwrite,
     )
 

@@ -250,7 +250,7 @@ def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run
 
 
 def run_config(cfg: ProbeConfig, stores: Sequence[FeatureStore], *, device: torch.device) -> dict[str, Any]:
-    doc = asdict(cfg)
+    doc = {"kind": "probe", **asdict(cfg)}
     doc.pop("storage_options", None)  # may hold endpoints or keys: never written
     doc["stores"] = [store_provenance(s) for s in stores]
     doc["store_refs"] = [sanitise_url(r) for r in cfg.stores]

@@ -61,3 +61,34 @@ __all__ = [
     "store_path",
     "validate_store",
 ]
+
+# Sharing stores (push / pull / pack / ls / info); see transfer.py, pack.py, catalog.py.
+from .catalog import StoreSummary, list_stores, store_info, summarize_store
+from .pack import PackResult, pack_store
+from .transfer import (
+    StoreContents,
+    StoreObject,
+    TransferProgress,
+    TransferResult,
+    copy_store,
+    pull_store,
+    push_store,
+    store_objects,
+)
+
+__all__ += [
+    "PackResult",
+    "StoreContents",
+    "StoreObject",
+    "StoreSummary",
+    "TransferProgress",
+    "TransferResult",
+    "copy_store",
+    "list_stores",
+    "pack_store",
+    "pull_store",
+    "push_store",
+    "store_info",
+    "store_objects",
+    "summarize_store",
+]

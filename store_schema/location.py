@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,65 @@ def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
             target = target.setdefault(parent, {})
         target[leaf] = value
     return options
+
+
+# Storage-option names that carry credentials (s3fs, gcsfs, adlfs, aiohttp). The CLI refuses them:
+# credentials come from the environment or the usual config files, never a command line.
+SECRET_OPTION_NAMES = frozenset(
+    {
+        "key", "secret", "token", "password", "passwd", "auth", "session_token", "security_token",
+        "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "account_key", "sas_token",
+        "client_secret", "connection_string", "credentials",
+    }
+)
+# Environment variables whose values must never be echoed (redact() masks them wherever they appear).
+SECRET_ENV_NAMES = (
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_TOKEN", "AZURE_CLIENT_SECRET", "GOOGLE_APPLICATION_CREDENTIALS_JSON",
+)
+
+
+def secret_option_paths(options: dict[str, Any], _prefix: str = "") -> list[str]:
+    """Dotted names of the credential-bearing entries of (nested) storage options."""
+    found: list[str] = []
+    for name, value in options.items():
+        path = f"{_prefix}{name}"
+        if isinstance(value, dict):
+            found += secret_option_paths(value, f"{path}.")
+        elif name.lower() in SECRET_OPTION_NAMES:
+            found.append(path)
+    return found
+
+
+def _secret_values(options: dict[str, Any] | None) -> list[str]:
+    values: list[str] = []
+
+    def walk(opts: dict[str, Any]) -> None:
+        for name, value in opts.items():
+            if isinstance(value, dict):
+                walk(value)
+            elif name.lower() in SECRET_OPTION_NAMES and value not in (None, "", True, False):
+                values.append(str(value))
+
+    walk(options or {})
+    values += [os.environ[n] for n in SECRET_ENV_NAMES if len(os.environ.get(n, "")) >= 4]
+    return values
+
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::[^/@\s]*)?@")
+
+
+def redact(text: str, storage_options: dict[str, Any] | None = None) -> str:
+    """`text` with URL passwords, secret storage options and secret env values masked (for output and logs)."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m["user"] else f"{m['scheme']}***@", str(text))
+    for value in sorted(set(_secret_values(storage_options)), key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
+
+
+def url_has_password(url: str) -> bool:
+    match = _USERINFO.match(str(url))
+    return bool(match and ":" in match.group(0)[len(match["scheme"]):])
 
 
 @dataclass
@@ -165,6 +225,7 @@ def resolve(location: str | os.PathLike, *, storage_options: dict[str, Any] | No
     if path.suffix == ".zip":
         if not path.is_file():
             raise StoreNotFoundError(f"no zip store at {path}")
-        fs = fsspec.filesystem("zip", fo=str(path))
+        # no instance cache: a zip rewritten in place (pack --overwrite) must not be read from a stale index
+        fs = fsspec.filesystem("zip", fo=str(path), skip_instance_cache=True)
         return Location(url=str(path), fs=fs, root="", kind="zip")
     return Location(url=str(path), fs=fsspec.filesystem("file"), root=str(path.resolve()), kind="local")

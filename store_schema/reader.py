@@ -113,6 +113,30 @@ class FeatureStore:
         return f"FeatureStore({self.url!r}, backbone={self.backbone['alias']!r}, tasks={self.tasks})"
 
 
+def read_spans(sorted_rows: np.ndarray, *, rows_per_shard: int, num_rows: int) -> list[tuple[int, int]]:
+    """Row ranges to read for `sorted_rows`: one zarr call per run of touched shards, not per run of rows.
+
+    Each call to zarr costs a round trip per inner chunk it touches, while a call covering a whole
+    shard is one request for the whole object. So a shard that is mostly needed is read whole
+    (remote stores: 1 request instead of dozens; local disk: one read), a sparsely used one from its
+    first to its last needed row; neighbouring spans merge into one call.
+    """
+    spans: list[tuple[int, int]] = []
+    shard_ids = sorted_rows // rows_per_shard
+    bounds = np.flatnonzero(np.diff(shard_ids)) + 1
+    for group in np.split(sorted_rows, bounds):
+        shard = int(group[0]) // rows_per_shard
+        lo, hi = int(group[0]), int(group[-1]) + 1
+        shard_lo, shard_hi = shard * rows_per_shard, min((shard + 1) * rows_per_shard, num_rows)
+        if 2 * (hi - lo) >= shard_hi - shard_lo:
+            lo, hi = shard_lo, shard_hi
+        if spans and spans[-1][1] >= lo:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], hi))
+        else:
+            spans.append((lo, hi))
+    return spans
+
+
 class TaskStore:
     """One task group: token arrays, prefix tokens and the sample table."""
 
@@ -207,12 +231,14 @@ class TaskStore:
             if layers is not None:
                 shape[1] = len(layer_sel)
             return np.zeros(shape, dtype=array.dtype)
+        if rows.min() < 0 or rows.max() >= array.shape[0]:
+            raise IndexError(f"task {self.name} of {self.store.url}: rows outside 0..{array.shape[0] - 1}")
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
-        breaks = np.nonzero(np.diff(sorted_rows) != 1)[0] + 1
         pieces = []
-        for run in np.split(sorted_rows, breaks):
-            block = array[int(run[0]) : int(run[-1]) + 1]
+        for start, stop in read_spans(sorted_rows, rows_per_shard=self.rows_per_shard, num_rows=int(array.shape[0])):
+            first, last = np.searchsorted(sorted_rows, [start, stop])
+            block = array[start:stop][sorted_rows[first:last] - start]
             pieces.append(block if layers is None else block[:, layer_sel])
         data = np.concatenate(pieces, axis=0)
         out = np.empty_like(data)
