@@ -1,0 +1,269 @@
+"""What stores a root holds (`ls`) and where one store came from (`info`).
+
+`list_stores` never fails because of one bad store: a store that cannot be read, is incomplete
+or is missing objects is listed with that status and a short reason. Its status comes from the
+metadata and one object listing per store (cheap on a bucket); checksums are `validate`'s job.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import posixpath
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import SchemaVersionError, StoreError, StoreNotFoundError
+from .location import Location, redact, resolve
+from .metadata import ROOT_ATTR, SCHEMA_VERSION, TASK_ATTR
+from .reader import FeatureStore, _load_json, check_root_attrs
+from .transfer import ROOT_KEY, can_list, is_hidden, list_sizes, refresh
+from .writer import CHECKSUMS_NAME, JOURNAL_NAME, PREFIX, TOKENS
+
+DEFAULT_DEPTH = 4  # root / backbone / dataset.zarr is depth 2; leave room for a team prefix or two
+
+
+@dataclass
+class StoreSummary:
+    name: str  # path relative to the listed root
+    url: str
+    status: str = "ok"  # "ok" | "incomplete" | "invalid"
+    reason: str = ""
+    backbone: str | None = None
+    timm_name: str | None = None
+    dataset: str | None = None
+    tasks: list[str] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)
+    samples: int | None = None
+    dtype: str | None = None
+    size_bytes: int | None = None
+    created: str | None = None
+    schema_version: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _short(problems: list[str]) -> str:
+    if not problems:
+        return ""
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0] + more
+
+
+def summarize_store(location: Location, *, name: str | None = None) -> StoreSummary:
+    """One row of `ls`: metadata plus a status; every failure becomes the status, never an exception."""
+    summary = StoreSummary(name=name or posixpath.basename(location.root.rstrip("/")) or location.url, url=redact(location.url))
+    try:
+        sizes = list_sizes(location)
+    except Exception:  # noqa: BLE001 - listing denied: still show what the metadata says
+        sizes = None
+    if sizes is not None:
+        summary.size_bytes = int(sum(size for key, size in sizes.items() if not is_hidden(key)))
+    try:
+        doc = _load_json(location, ROOT_KEY)
+    except StoreNotFoundError:
+        summary.status, summary.reason = "incomplete", "no zarr.json (copy or extraction interrupted?)"
+        return summary
+    except StoreError as err:
+        summary.status = "invalid"
+        summary.reason = "zarr.json is truncated or corrupt" if "not valid JSON" in str(err) else redact(str(err))
+        return summary
+    attrs = (doc.get("attributes") or {}).get(ROOT_ATTR)
+    if not isinstance(attrs, dict):
+        summary.status, summary.reason = "invalid", "a zarr group, but not a combo feature store"
+        return summary
+    backbone = attrs.get("backbone") or {}
+    summary.backbone = backbone.get("alias")
+    summary.timm_name = backbone.get("timm_name")
+    summary.dataset = (attrs.get("dataset") or {}).get("name")
+    summary.tasks = [str(t) for t in attrs.get("tasks") or []]
+    summary.dtype = (attrs.get("storage") or {}).get("dtype")
+    summary.created = attrs.get("created")
+    summary.schema_version = attrs.get("schema_version")
+    try:
+        check_root_attrs(location, doc)
+    except SchemaVersionError:
+        summary.status = "invalid"
+        summary.reason = (
+            f"schema version {summary.schema_version} needs a newer combo (this one reads up to {SCHEMA_VERSION})"
+        )
+        return summary
+    except StoreError as err:
+        summary.status, summary.reason = "invalid", redact(str(err))
+        return summary
+    problems, unfinished = _task_problems(location, attrs, summary, sizes)
+    if problems:
+        summary.status, summary.reason = "invalid", _short(problems + unfinished)
+    elif unfinished:
+        summary.status, summary.reason = "incomplete", _short(unfinished)
+    return summary
+
+
+def _task_problems(
+    location: Location, attrs: dict[str, Any], summary: StoreSummary, sizes: dict[str, int] | None
+) -> tuple[list[str], list[str]]:
+    problems: list[str] = []
+    unfinished: list[str] = []
+    rows_per_shard = int((attrs.get("storage") or {}).get("rows_per_shard") or 1)
+    arrays = [TOKENS] + ([PREFIX] if int((attrs.get("features") or {}).get("num_prefix_tokens") or 0) else [])
+    splits: list[str] = []
+    total = 0
+    for task in summary.tasks:
+        try:
+            task_attrs = (_load_json(location, f"{task}/zarr.json").get("attributes") or {}).get(TASK_ATTR)
+        except StoreError as err:
+            problems.append(f"task {task}: " + ("zarr.json truncated or corrupt" if "not valid JSON" in str(err) else "zarr.json missing"))
+            continue
+        if not isinstance(task_attrs, dict) or "num_samples" not in task_attrs:
+            problems.append(f"task {task}: no task metadata")
+            continue
+        n = int(task_attrs["num_samples"])
+        total += n
+        splits += [s for s in task_attrs.get("splits") or {} if s not in splits]
+        blocks = math.ceil(n / rows_per_shard)
+        if not task_attrs.get("complete"):
+            written = _journal_entries(location, task)
+            done = f"{written} of {blocks} shards written" if written is not None else "extraction not finished"
+            unfinished.append(f"task {task}: {done}")
+            continue
+        try:
+            manifest = _load_json(location, f"{task}/{CHECKSUMS_NAME}").get("arrays") or {}
+        except StoreError:
+            problems.append(f"task {task}: {CHECKSUMS_NAME} missing or unreadable")
+            continue
+        for array in arrays:
+            recorded = manifest.get(array) or {}
+            if len(recorded) != blocks:
+                problems.append(f"task {task}: {array} has {len(recorded)} recorded shards, expected {blocks}")
+            if sizes is not None:
+                missing = [k for k in recorded if f"{task}/{array}/{k}" not in sizes]
+                if missing:
+                    problems.append(f"task {task}: {len(missing)} {array} chunk(s) missing")
+    summary.samples = total
+    summary.splits = splits
+    return problems, unfinished
+
+
+def _journal_entries(location: Location, task: str) -> int | None:
+    try:
+        text = location.read_bytes(f"{task}/{JOURNAL_NAME}").decode(errors="replace")
+    except Exception:  # noqa: BLE001 - no journal (never started, or a copy without it)
+        return None
+    return sum(1 for line in text.splitlines() if line.strip())
+
+
+def _summarize_zip(path: str, *, name: str) -> StoreSummary:
+    try:
+        return summarize_store(resolve(path), name=name)
+    except Exception as err:  # noqa: BLE001 - not a zip at all
+        return StoreSummary(name=name, url=path, status="invalid", reason=f"unreadable zip: {err}")
+
+
+def _child(root: Location, path: str) -> Location:
+    if root.kind == "local":
+        return Location(url=path, fs=root.fs, root=path, kind="local")
+    url = root.fs.unstrip_protocol(path)
+    return Location(url=url, fs=root.fs, root=path, kind=root.kind, storage_options=root.storage_options)
+
+
+def list_stores(
+    root: str | os.PathLike,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    max_depth: int = DEFAULT_DEPTH,
+) -> list[StoreSummary]:
+    """Every store under `root` (a folder, a bucket prefix, or a store / zip itself), sorted by name.
+
+    A folder holding a zarr.json is a store (not descended into); a `*.zarr` folder without one is
+    listed as an incomplete store; a local `*.zarr.zip` file is a packed store. Plain web servers cannot be listed: name a store there directly.
+    """
+    location = refresh(resolve(root, storage_options=storage_options))
+    if location.kind == "zip":
+        return [summarize_store(location, name=os.path.basename(location.url))]
+    if not can_list(location):
+        if location.exists(ROOT_KEY):
+            return [summarize_store(location)]
+        raise StoreError(
+            f"cannot list {redact(location.url)}: a plain web server has no listing; "
+            "give the URL of a store itself (…/<backbone>/<dataset>.zarr)"
+        )
+    base = location.root.rstrip("/")
+    try:
+        is_dir = location.fs.isdir(base) if base else True
+    except Exception as err:  # noqa: BLE001 - e.g. access denied on the bucket
+        raise StoreError(f"cannot list {redact(location.url)}: {redact(str(err), storage_options)}") from err
+    if not is_dir:
+        raise StoreNotFoundError(f"no store root at {redact(location.url)} (nothing there)")
+    found: list[StoreSummary] = []
+
+    def walk(path: str, depth: int) -> None:
+        try:
+            entries = location.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return
+        names = {posixpath.basename(str(e["name"]).rstrip("/")): e for e in entries}
+        rel = posixpath.relpath(path, base) if path != base else "."
+        if ROOT_KEY in names and names[ROOT_KEY].get("type") != "directory":
+            found.append(summarize_store(_child(location, path), name=rel if rel != "." else posixpath.basename(base)))
+            return
+        if path != base and path.rstrip("/").endswith(".zarr"):
+            found.append(summarize_store(_child(location, path), name=rel))
+            return
+        for name, entry in sorted(names.items()):
+            if name.startswith("."):
+                continue
+            if entry.get("type") == "directory" and depth < max_depth:
+                walk(str(entry["name"]).rstrip("/"), depth + 1)
+            elif location.kind == "local" and name.endswith(".zarr.zip"):  # a packed store
+                found.append(_summarize_zip(str(entry["name"]), name=posixpath.relpath(str(entry["name"]), base)))
+
+    walk(base, 0)
+    return sorted(found, key=lambda s: s.name)
+
+
+def store_info(location: str | os.PathLike, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Provenance of one store as a plain document: what `combo store info` shows.
+
+    Raises for something that is not a readable store (including a newer schema version).
+    """
+    loc = refresh(resolve(location, storage_options=storage_options))
+    store = FeatureStore(loc)
+    attrs = dict(store.attrs)
+    tasks: dict[str, Any] = {}
+    for task in store.tasks:
+        try:
+            task_attrs = (_load_json(loc, f"{task}/zarr.json").get("attributes") or {}).get(TASK_ATTR) or {}
+        except StoreError as err:
+            tasks[task] = {"error": redact(str(err))}
+            continue
+        tasks[task] = {
+            "group": task_attrs.get("group"),
+            "num_samples": task_attrs.get("num_samples"),
+            "splits": task_attrs.get("splits") or {},
+            "protocols": task_attrs.get("protocols") or {},
+            "num_classes": len(task_attrs.get("classes") or []),
+            "complete": bool(task_attrs.get("complete")),
+            "skipped": len(task_attrs.get("skipped") or []),
+            "skipped_samples": [s.get("sample_id") for s in task_attrs.get("skipped") or []][:20],
+            "completed": task_attrs.get("completed"),
+        }
+    try:
+        sizes = list_sizes(loc)
+    except Exception:  # noqa: BLE001
+        sizes = None
+    attrs["location"] = redact(loc.url)
+    attrs["size_bytes"] = None if sizes is None else int(sum(v for k, v in sizes.items() if not is_hidden(k)))
+    attrs["task_details"] = tasks
+    return attrs
+
+
+def human_bytes(size: int | None) -> str:
+    if size is None:
+        return "?"
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"

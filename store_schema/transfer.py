@@ -1,0 +1,418 @@
+"""Copying a store between locations (push / pull): object by object, verified, resumable.
+
+The keys come from the store's own metadata (the root zarr.json lists the tasks, each task's
+checksums.json lists every shard with its sha256), so a plain web server that lists nothing
+can be a source. An object already at the destination with the right checksum is skipped:
+that is what makes a rerun of an interrupted copy resume. The order protects readers of a
+half-copied store: shards and array metadata first, then each task's zarr.json (it carries
+the `complete` flag), the root zarr.json last, so the destination never looks like a store
+before everything it lists is there. Nothing is ever written to the source.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import StoreError, StoreIncompleteError, StoreMismatchError, StoreNotFoundError, StoreValidationError
+from .location import Location, is_url, redact, resolve, store_path
+from .metadata import TASK_ATTR, identity_diff
+from .reader import _load_json, check_root_attrs
+from .validate import ValidationReport, validate_store
+from .writer import CHECKSUMS_NAME, PREFIX, SAMPLES_NAME, TOKENS, sha256_bytes
+
+SHARD, META, EXTRA = "shard", "meta", "extra"
+ROOT_KEY = "zarr.json"
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class StoreObject:
+    """One object (file) of a store."""
+
+    key: str
+    kind: str  # "shard" | "meta" | "extra" (a file the metadata does not name; only seen by listing)
+    stage: int  # copy order: 0 data and array metadata, 1 task zarr.json, 2 root zarr.json
+    sha256: str | None = None  # the recorded checksum (shards)
+    size: int | None = None  # from a listing, when the location can be listed
+
+
+@dataclass(frozen=True)
+class StoreContents:
+    """What a store consists of, read from its metadata (and its listing where there is one)."""
+
+    location: Location
+    attrs: dict[str, Any]
+    objects: tuple[StoreObject, ...]
+
+    @property
+    def total_bytes(self) -> int | None:
+        sizes = [o.size for o in self.objects]
+        return None if any(s is None for s in sizes) else int(sum(sizes))  # type: ignore[arg-type]
+
+
+class TransferProgress:
+    """Callbacks for a progress display; the default shows nothing. Called from the calling thread."""
+
+    def start(self, total_objects: int, total_bytes: int | None) -> None:
+        pass
+
+    def advance(self, key: str, nbytes: int, *, copied: bool) -> None:
+        pass
+
+
+@dataclass
+class TransferResult:
+    source: str
+    destination: str
+    objects: int = 0
+    copied: int = 0
+    skipped: int = 0
+    bytes_copied: int = 0
+    seconds: float = 0.0  # copying only, without the final validation
+    verify: str = "all"
+    verify_seconds: float = 0.0
+    report: ValidationReport | None = field(default=None, repr=False)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_copied / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "destination": self.destination,
+            "objects": self.objects,
+            "copied": self.copied,
+            "skipped": self.skipped,
+            "bytes_copied": self.bytes_copied,
+            "seconds": round(self.seconds, 3),
+            "mb_per_s": round(self.mb_per_s, 2),
+            "verify": self.verify,
+            "valid": bool(self.report.ok) if self.report is not None else None,
+        }
+
+
+# -- listing ------------------------------------------------------------------------------------
+
+
+def can_list(location: Location) -> bool:
+    """False for plain web servers: HTTP has no listing, so keys must come from the metadata."""
+    protocol = location.fs.protocol
+    protocols = protocol if isinstance(protocol, (tuple, list)) else (protocol,)
+    return not any(p in ("http", "https") for p in protocols)
+
+
+def refresh(location: Location) -> Location:
+    """Drop cached listings (s3fs caches them per process) so what we see is what is there now."""
+    try:
+        location.fs.invalidate_cache()
+    except Exception:  # noqa: BLE001 - a filesystem without a cache
+        pass
+    return location
+
+
+def list_sizes(location: Location) -> dict[str, int] | None:
+    """Every object under the location as key -> size, or None where listing is impossible (HTTP)."""
+    if not can_list(location):
+        return None
+    root = location.root.rstrip("/")
+    try:
+        found = location.fs.find(root, detail=True) if root else location.fs.find("", detail=True)
+    except FileNotFoundError:
+        return {}
+    prefix = root + "/" if root else ""
+    out: dict[str, int] = {}
+    for path, info in found.items():
+        path = str(path)
+        if info.get("type") == "directory":
+            continue
+        if prefix:
+            if not path.startswith(prefix):
+                continue  # a sibling that only shares the name prefix (s3 'x.zarr2' next to 'x.zarr')
+            key = path[len(prefix):]
+        else:
+            key = path.lstrip("/")
+        if key:
+            out[key] = int(info.get("size") or 0)
+    return out
+
+
+def is_hidden(key: str) -> bool:
+    """Lock file, journal and temp files: names starting with '.' are private to a writer."""
+    return any(part.startswith(".") for part in key.split("/"))
+
+
+def read_root_attrs(location: Location) -> dict[str, Any]:
+    """The checked `combo` root attribute; refuses non-stores and newer schema versions."""
+    try:
+        doc = _load_json(location, ROOT_KEY)
+    except StoreNotFoundError:
+        raise StoreNotFoundError(f"no feature store at {redact(location.url)} (no zarr.json)") from None
+    return check_root_attrs(location, doc)
+
+
+def _block_order(local_key: str) -> tuple[Any, ...]:
+    return tuple(int(p) if p.isdigit() else p for p in local_key.split("/"))
+
+
+def store_objects(location: Location) -> StoreContents:
+    """Every object of a complete store, in copy order (root zarr.json last).
+
+    Refuses an incomplete task: a half-extracted store is not something to hand over.
+    """
+    attrs = read_root_attrs(location)
+    sizes = list_sizes(location)
+    url = redact(location.url)
+    arrays = [TOKENS] + ([PREFIX] if int((attrs.get("features") or {}).get("num_prefix_tokens") or 0) else [])
+    objects: list[StoreObject] = []
+
+    def add(key: str, kind: str, stage: int, sha256: str | None = None) -> None:
+        objects.append(StoreObject(key, kind, stage, sha256, None if sizes is None else sizes.get(key)))
+
+    for task in attrs.get("tasks") or []:
+        task_doc = _load_json(location, f"{task}/zarr.json")
+        task_attrs = (task_doc.get("attributes") or {}).get(TASK_ATTR)
+        if not isinstance(task_attrs, dict):
+            raise StoreError(f"{url}/{task}: task group has no '{TASK_ATTR}' attribute")
+        if not task_attrs.get("complete"):
+            raise StoreIncompleteError(
+                f"task {task} of {url} is incomplete (extraction interrupted or still running); "
+                "finish it with the same `combo extract` command before copying the store"
+            )
+        manifest = _load_json(location, f"{task}/{CHECKSUMS_NAME}").get("arrays")
+        if not isinstance(manifest, dict):
+            raise StoreError(f"{url}/{task}/{CHECKSUMS_NAME} has no 'arrays' section")
+        for array in sorted(set(arrays) | set(manifest)):
+            for local_key, digest in sorted((manifest.get(array) or {}).items(), key=lambda kv: _block_order(kv[0])):
+                add(f"{task}/{array}/{local_key}", SHARD, 0, str(digest))
+            add(f"{task}/{array}/zarr.json", META, 0)
+        add(f"{task}/{SAMPLES_NAME}", META, 0)
+        add(f"{task}/{CHECKSUMS_NAME}", META, 0)
+        add(f"{task}/zarr.json", META, 1)
+    if sizes is not None:
+        named = {o.key for o in objects} | {ROOT_KEY}
+        for key in sorted(sizes):
+            if key not in named and not is_hidden(key):
+                add(key, EXTRA, 0)
+    add(ROOT_KEY, META, 2)
+    if sizes is not None:
+        missing = [o.key for o in objects if o.key not in sizes]
+        if missing:
+            raise StoreError(
+                f"store {url} lacks {len(missing)} object(s) its metadata lists (first: {missing[0]}); "
+                f"run `combo store validate {url}`"
+            )
+    return StoreContents(location=location, attrs=attrs, objects=tuple(objects))
+
+
+# -- copying --------------------------------------------------------------------------------------
+
+
+def read_verified(source: Location, obj: StoreObject) -> bytes:
+    """The object's bytes, refused if they do not match the recorded checksum."""
+    try:
+        data = source.read_bytes(obj.key)
+    except StoreError:
+        raise
+    except Exception as err:  # noqa: BLE001 - network / permission errors name the object
+        raise StoreError(f"cannot read {obj.key} from {redact(source.url)}: {redact(str(err))}") from err
+    if obj.sha256 is not None and sha256_bytes(data) != obj.sha256:
+        raise StoreError(
+            f"{redact(source.url)}: {obj.key} does not match its recorded checksum (corrupt source); "
+            f"not copied. Run `combo store validate {redact(source.url)}`"
+        )
+    return data
+
+
+def copy_object(source: Location, destination: Location, obj: StoreObject) -> int:
+    """Copy one object, verified against its recorded checksum; returns the bytes written."""
+    data = read_verified(source, obj)
+    try:
+        destination.write_bytes(obj.key, data)
+    except StoreError:
+        raise
+    except Exception as err:  # noqa: BLE001 - permission denied, no such bucket, network
+        raise StoreError(f"cannot write {obj.key} to {redact(destination.url)}: {redact(str(err))}") from err
+    return len(data)
+
+
+def already_there(source: Location, destination: Location, obj: StoreObject, dest_sizes: dict[str, int] | None) -> bool:
+    """True when the destination holds this object with the right content."""
+    if dest_sizes is not None:
+        if obj.key not in dest_sizes or (obj.size is not None and dest_sizes[obj.key] != obj.size):
+            return False
+    try:
+        have = destination.read_bytes(obj.key)
+    except (StoreNotFoundError, FileNotFoundError):
+        return False
+    if obj.sha256 is not None:
+        return sha256_bytes(have) == obj.sha256
+    return have == read_verified(source, obj)
+
+
+def destination_for(destination: str, attrs: dict[str, Any], *, storage_options: dict[str, Any] | None = None) -> str:
+    """A destination named `*.zarr` (or holding a store) is the store itself; anything else is a store
+    root, and the store goes under it as `<root>/<backbone alias>/<dataset>.zarr`."""
+    text = str(destination)
+    stripped = text.rstrip("/") if not text.endswith("://") else text
+    if stripped.endswith(".zarr"):
+        return stripped
+    if resolve(stripped, storage_options=storage_options).exists(ROOT_KEY):
+        return stripped
+    alias = str((attrs.get("backbone") or {}).get("alias") or "store")
+    dataset = str((attrs.get("dataset") or {}).get("name") or "dataset")
+    return store_path(stripped, alias, dataset)
+
+
+def _same_place(a: Location, b: Location) -> bool:
+    return a.kind == b.kind and a.fs.protocol == b.fs.protocol and a.root.rstrip("/") == b.root.rstrip("/")
+
+
+def _check_destination(destination: Location, attrs: dict[str, Any]) -> None:
+    """Refuse to mix two different stores in one place; the same store (resumed or updated) is fine."""
+    if destination.kind == "zip":
+        raise StoreError(f"{destination.url}: cannot copy into a zip file; use `combo store pack`")
+    if not can_list(destination):
+        raise StoreError(f"{redact(destination.url)}: cannot write to a plain web server; push to a bucket or a folder")
+    try:
+        existing = read_root_attrs(destination)
+    except StoreNotFoundError:
+        return
+    except StoreError:
+        return  # an unreadable root is replaced at the end anyway
+    diff = identity_diff(existing, attrs)
+    if diff:
+        raise StoreMismatchError(
+            f"{redact(destination.url)} already holds another store:\n  " + "\n  ".join(diff[:8])
+            + "\nRemove it or copy to another destination"
+        )
+
+
+def _unmark_stale_tasks(source: Location, destination: Location, objects: Iterable[StoreObject]) -> None:
+    """A destination task whose flag or checksum manifest differs from the source's loses its zarr.json
+    first, so a task whose shards are being replaced never reads as complete halfway through."""
+    for obj in objects:
+        if obj.stage != 1:
+            continue
+        try:
+            have = destination.read_bytes(obj.key)
+        except (StoreNotFoundError, FileNotFoundError):
+            continue
+        task = obj.key.rsplit("/", 1)[0]
+        manifest = StoreObject(f"{task}/{CHECKSUMS_NAME}", META, 0)
+        try:
+            same_manifest = destination.read_bytes(manifest.key) == read_verified(source, manifest)
+        except (StoreNotFoundError, FileNotFoundError):
+            same_manifest = False
+        if have != read_verified(source, obj) or not same_manifest:
+            destination.fs.rm_file(destination.key_path(obj.key))
+
+
+def _completed(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
+    """Run `fn` over items on a few threads; on the first failure cancel what has not started."""
+    items = list(items)
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items))), thread_name_prefix="combo-copy") as pool:
+        futures: dict[Future[R], T] = {pool.submit(fn, item): item for item in items}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def prefetched(fn: Callable[[T], R], items: Iterable[T], *, depth: int) -> Iterator[tuple[T, R]]:
+    """`fn` over items in order, with up to `depth` calls running ahead (reads overlap the writer)."""
+    with ThreadPoolExecutor(max_workers=max(1, depth), thread_name_prefix="combo-read") as pool:
+        pending: deque[tuple[T, Future[R]]] = deque()
+        try:
+            for item in items:
+                pending.append((item, pool.submit(fn, item)))
+                if len(pending) >= depth:
+                    item0, future = pending.popleft()
+                    yield item0, future.result()
+            while pending:
+                item0, future = pending.popleft()
+                yield item0, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def copy_store(
+    source: str,
+    destination: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    source_options: dict[str, Any] | None = None,
+    destination_options: dict[str, Any] | None = None,
+    verify: str = "all",
+    workers: int = 8,
+    progress: TransferProgress | None = None,
+) -> TransferResult:
+    """Copy a complete store (push or pull: any location to any writable one) and validate the copy.
+
+    `destination` is the store path when it ends in `.zarr`, else a store root (see `destination_for`).
+    `storage_options` apply to both sides unless `source_options` / `destination_options` are given.
+    `verify` is the final check of the copy: "all" checksums, a "sample", or "none" (structure and
+    presence of every shard only). Raises StoreValidationError if the copy does not validate.
+    """
+    if verify not in ("all", "sample", "none"):
+        raise ValueError(f"verify must be 'all', 'sample' or 'none', not {verify!r}")
+    progress = progress or TransferProgress()
+    src_opts = storage_options if source_options is None else source_options
+    dst_opts = storage_options if destination_options is None else destination_options
+    src = refresh(resolve(source, storage_options=src_opts if is_url(source) else None))
+    contents = store_objects(src)
+    target = destination_for(destination, contents.attrs, storage_options=dst_opts if is_url(destination) else None)
+    dst = refresh(resolve(target, storage_options=dst_opts if is_url(target) else None))
+    if _same_place(src, dst):
+        raise ValueError(f"source and destination are the same store: {redact(src.url)}")
+    _check_destination(dst, contents.attrs)
+    result = TransferResult(source=redact(src.url), destination=redact(dst.url), objects=len(contents.objects), verify=verify)
+    dest_sizes = list_sizes(dst)
+    progress.start(len(contents.objects), contents.total_bytes)
+    started = time.perf_counter()
+    _unmark_stale_tasks(src, dst, contents.objects)
+
+    def transfer(obj: StoreObject) -> int | None:
+        if already_there(src, dst, obj, dest_sizes):
+            return None
+        return copy_object(src, dst, obj)  # looked up at call time: tests interrupt copies here
+
+    for stage in (0, 1, 2):
+        batch = [o for o in contents.objects if o.stage == stage]
+        for obj, nbytes in _completed(transfer, batch, workers):
+            if nbytes is None:
+                result.skipped += 1
+                progress.advance(obj.key, obj.size or 0, copied=False)
+            else:
+                result.copied += 1
+                result.bytes_copied += nbytes
+                progress.advance(obj.key, nbytes, copied=True)
+    result.seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    result.report = validate_store(target, storage_options=dst_opts if is_url(target) else None, checksums=verify)
+    result.verify_seconds = time.perf_counter() - started
+    if not result.report.ok:
+        raise StoreValidationError(redact(dst.url), result.report.problems)
+    return result
+
+
+def push_store(source: str, destination: str, **kwargs: Any) -> TransferResult:
+    """`copy_store` under the name the CLI uses for local -> shared."""
+    return copy_store(source, destination, **kwargs)
+
+
+def pull_store(source: str, destination: str, **kwargs: Any) -> TransferResult:
+    """`copy_store` under the name the CLI uses for shared -> local."""
+    return copy_store(source, destination, **kwargs)
+
