@@ -1,0 +1,202 @@
+"""`combo relevance`, `combo atlas`, `combo report`: where the useful features are, from stores already extracted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from .clikit import console, err_console, friendly_errors, split_list
+
+SELECT_HELP = (
+    "Also pick backbones per task and retrain ComBo on them WITHOUT the penalty: 'top-K' keeps the K most "
+    "important (e.g. top-2); a number such as 0.2 (or ge0.2, >=0.2) keeps every backbone whose normalised "
+    "importance s_k/sum(s) is >= 0.2 (the top one is always kept)."
+)
+
+
+def _grid(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise ValueError(f"--grid {text!r}: expected HxW such as 14x14") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise ValueError(f"--grid {text!r}: expected HxW such as 14x14")
+    return values[0], values[1]
+
+
+def _stores(text: str) -> tuple[str, ...]:
+    refs = split_list(text)
+    if not refs:
+        raise ValueError("--stores: give at least one store (short names, paths or URLs, comma-separated)")
+    return tuple(refs)
+
+
+def _storage_options(items: Optional[list[str]]) -> dict[str, Any] | None:
+    from store_schema import parse_storage_options
+
+    return parse_storage_options(items) or None
+
+
+def _log(message: str) -> None:
+    err_console.print(f"[dim]{message}[/dim]", highlight=False)
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{100 * float(value):.1f}"
+
+
+# ------------------------------------------------------------------------------------------------ relevance
+
+
+@friendly_errors
+def relevance_command(
+    stores: str = typer.Option(..., "--stores", "-s", help="Comma-separated stores: short names (under --store-root), paths or URLs."),
+    dataset: str = typer.Option("vtab", "--dataset", "-d", help="Dataset of the stores (short names resolve to <root>/<name>/<dataset>.zarr)."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Comma-separated tasks; default: every task all stores hold."),
+    group_lambda: float = typer.Option(0.01, "--lambda", min=0.0, help="Weight of the group penalty sum_k s_k (paper: 0.01)."),
+    select: Optional[str] = typer.Option(None, "--select", help=SELECT_HELP),
+    protocol: str = typer.Option("final", "--protocol", help="final: train800val200 -> test; dev: train800 -> val200."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: the protocol's, 1600 final / 1300 dev)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0),
+    seed: int = typer.Option(42, "--seed"),
+    grid: str = typer.Option("14x14", "--grid", help="Common token grid the maps are resized to."),
+    cache: str = typer.Option("auto", "--cache", help="Where the training split lives: auto, device, ram, stream."),
+    cache_budget: Optional[str] = typer.Option(None, "--cache-budget", help="Memory for the cached split, e.g. 8GiB (default: half the RAM)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu, mps; default: the best available."),
+    out: str = typer.Option("runs", "--out", "-o", help="Folder for run folders."),
+    store_root: Optional[str] = typer.Option(None, "--store-root", help="Where short store names live (default $COMBO_STORE_ROOT or ./stores)."),
+    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE for remote stores (repeatable)."),
+    width: int = typer.Option(128, "--width", hidden=True, help="Adapter width (paper: 128; smaller only for tests/demos)."),
+    depth: int = typer.Option(6, "--depth", hidden=True, help="Adapter depth (paper: 6)."),
+    heads: int = typer.Option(2, "--heads", hidden=True, help="Adapter heads (paper: 2)."),
+) -> None:
+    """Rank backbones per task by the norm of ComBo's Lambda slices after training with a group penalty."""
+    from probe.data import budget_from_text
+    from probe.relevance import parse_select, run_relevance, run_select
+    from probe.run import ProbeConfig
+
+    selection = parse_select(select) if select else None  # bad syntax fails before any training
+    kwargs: dict[str, Any] = {}
+    if cache_budget:
+        kwargs["cache_budget"] = budget_from_text(cache_budget)
+    cfg = ProbeConfig(
+        stores=_stores(stores), store_root=store_root, dataset=dataset, tasks=tuple(split_list(task) or ()) or None,
+        protocol=protocol, method="combo", steps=steps, batch_size=batch_size, lr=lr, seed=seed, grid=_grid(grid),
+        cache=cache, device=device, out=out, storage_options=_storage_options(storage_option),
+        width=width, depth=depth, num_heads=heads, **kwargs,
+    )
+    if selection is None:
+        run = run_relevance(cfg, group_lambda=group_lambda, log=_log)
+        console.print(_relevance_table(run.importances, {m["task"]: m for m in run.metrics}, None, run.backbones,
+                                       title=f"Backbone relevance (lambda = {group_lambda:g}); normalised importance, rank"))
+        run_dir = run.run_dir
+    else:
+        result = run_select(cfg, select=selection, group_lambda=group_lambda, log=_log)
+        console.print(_relevance_table(result.relevance.importances, {m["task"]: m for m in result.relevance.metrics},
+                                       {m["task"]: m for m in result.metrics}, result.relevance.backbones,
+                                       title=f"Relevance (lambda = {group_lambda:g}) and ComBo retrained on {result.selection.describe()}"))
+        run_dir = result.run_dir
+    console.print(f"run folder: [bold]{run_dir}[/bold]")
+
+
+def _relevance_table(importances, penalised, selected, names, *, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("task")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("acc. penalised (%)", justify="right")
+    if selected:
+        table.add_column("selected", style="bold")
+        table.add_column("acc. selected (%)", justify="right")
+    for task in dict.fromkeys(r["task"] for r in importances):
+        rows = {r["backbone"]: r for r in importances if r["task"] == task}
+        chosen = set(selected[task]["backbones"].split("+")) if selected and task in selected else set()
+        cells = []
+        for name in names:
+            r = rows[name]
+            text = f"{r['importance_normalised']:.3f} (#{r['rank']})"
+            cells.append(f"[bold green]{text}[/bold green]" if (name in chosen or (not selected and r["rank"] == 1)) else text)
+        extra = [_pct(penalised.get(task, {}).get("accuracy"))]
+        if selected:
+            extra += [", ".join(n for n in names if n in chosen), _pct(selected.get(task, {}).get("accuracy"))]
+        table.add_row(task, *cells, *extra)
+    return table
+
+
+# ------------------------------------------------------------------------------------------------ atlas
+
+
+@friendly_errors
+def atlas_command(
+    stores: str = typer.Option(..., "--stores", "-s", help="Comma-separated stores: short names (under --store-root), paths or URLs."),
+    dataset: str = typer.Option("vtab", "--dataset", "-d"),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Comma-separated tasks; default: every task of the stores."),
+    protocol: str = typer.Option("dev", "--protocol", help="dev: train800 -> val200 (default); final: train800val200 -> test."),
+    pooling: str = typer.Option("cls,mean", "--pooling", help="cls (prefix token 0, where stored) and/or mean (of the patch tokens)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: the protocol's)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0),
+    seed: int = typer.Option(42, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    out: str = typer.Option("runs", "--out", "-o", help="Folder for run folders."),
+    store_root: Optional[str] = typer.Option(None, "--store-root"),
+    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE (repeatable)."),
+) -> None:
+    """Linear probe on every layer of every backbone (cls token and mean of patch tokens), all layers at once."""
+    from probe.atlas import run_atlas
+
+    run = run_atlas(
+        _stores(stores), dataset=dataset, tasks=split_list(task), protocol=protocol, poolings=pooling, steps=steps,
+        batch_size=batch_size, lr=lr, seed=seed, device=device, out=out, store_root=store_root,
+        storage_options=_storage_options(storage_option), log=_log,
+    )
+    table = Table(title=f"Best layer per task (linear probe, {run.best[0]['split'] if run.best else ''})")
+    for col, justify in (("task", "left"), ("backbone", "left"), ("layer", "right"), ("pooling", "left"),
+                         ("accuracy (%)", "right"), ("last layer (%)", "right")):
+        table.add_column(col, justify=justify)
+    for b in run.best:
+        table.add_row(b["task"], b["backbone"], str(b["layer"]), b["pooling"], _pct(b["accuracy"]), _pct(b["last_layer_accuracy"]))
+    console.print(table)
+    for path in run.figures:
+        console.print(f"figure: {path}")
+    console.print(f"run folder: [bold]{run.run_dir}[/bold]")
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+@friendly_errors
+def report_command(
+    run: Path = typer.Argument(..., help="A run folder written by combo probe, relevance or atlas."),
+) -> None:
+    """Render a run folder as report.md plus PNG figures (VTAB table, relevance bars, layer heat map, atlas curves)."""
+    from probe.report import read_csv, render_report, run_kind
+
+    if not run.exists():
+        raise FileNotFoundError(f"no run folder at {run}")
+    written = render_report(run)
+    kind = run_kind(run)
+    metrics_file = {"atlas": "atlas_best.csv"}.get(kind, "metrics.csv")
+    if (run / metrics_file).exists():
+        rows = read_csv(run / metrics_file)
+        table = Table(title=f"{kind} run: {run.name}")
+        cols = ["task", "backbone", "layer", "pooling", "accuracy"] if kind == "atlas" else ["task", "group", "split", "n", "accuracy"]
+        for col in cols:
+            table.add_column(col + (" (%)" if col == "accuracy" else ""), justify="right" if col in ("n", "layer", "accuracy") else "left")
+        for r in rows:
+            table.add_row(*[_pct(r.get(c)) if c == "accuracy" else str(r.get(c) if r.get(c) is not None else "") for c in cols])
+        console.print(table)
+    files = Table(title="files written")
+    files.add_column("file")
+    files.add_column("bytes", justify="right")
+    for path in written:
+        files.add_row(str(path), f"{path.stat().st_size:,}")
+    console.print(files)
+    console.print(f"run folder: [bold]{run}[/bold]")

@@ -1,0 +1,258 @@
+"""The per-layer probing atlas (PAPER.md, "Baselines"; the paper's Figure 1 / Figure 5).
+
+For every layer of every backbone: a linear probe on the cls token (prefix token 0, where the store keeps
+prefix tokens; DINOv2-with-registers stores cls first, then the registers) and on the mean of the patch
+tokens, and its accuracy on the protocol's evaluation split (train800 -> val200 for "dev").
+
+Cost: one pass over each split of the store pools ALL layers at once into [N, L, D] per pooling (the token
+array and, for cls, the small prefix array are each read once, every layer in the same read); the pooled
+features then stay in memory (or on the GPU) and one ``MultiLayerLinearProbe`` holds a head per
+(pooling, layer). Its loss is the sum of the heads' cross-entropies, so every head gets exactly the
+gradient and the AdamW trajectory it would get alone, on the same batches: one training run for the
+2 x L probes of a backbone, never one store read or one training run per layer.
+
+Recipe (the paper gives none for these probes, so ComBo's is reused): AdamW lr 1e-3, weight decay 1e-4 on
+the weights, batch 64, warm-up + cosine, the protocol's step count (1,300 dev / 1,600 final).
+Each pooled vector is standardised over its channels per (image, layer) without parameters
+(``normalise_maps`` with one token), as ComBo does for its maps: layers and backbones whose residual
+streams differ in scale by orders of magnitude then train with one learning rate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from store_schema import FeatureStore
+
+from .align import normalise_maps
+from .data import SplitSource, eval_batches
+from .linear import MultiLayerLinearProbe
+from .relevance import backbone_names
+from .results import VTAB_GROUPS, new_run_dir, sanitise_url, write_json, write_table
+from .run import PROTOCOL_STEPS, store_provenance
+from .stores import align_tasks, open_stores
+from .train import TrainConfig, evaluate_layers, ordered_batches, pick_device, seeded_batches, set_seed, train_steps
+
+__all__ = ["POOLINGS", "AtlasError", "AtlasRun", "best_per_task", "pool_split", "probe_layers", "run_atlas"]
+
+POOLINGS = ("cls", "mean")
+READ_BUDGET_BYTES = 256 * 2**20  # raw bytes held per read while pooling (a few reads are in flight)
+
+Log = Callable[[str], None] | None
+
+
+class AtlasError(ValueError):
+    """Options that cannot produce an atlas (unknown pooling, no task, nothing to probe)."""
+
+
+@dataclass
+class AtlasRun:
+    run_dir: Path
+    rows: list[dict[str, Any]]  # atlas.csv
+    best: list[dict[str, Any]]  # atlas_best.csv
+    figures: list[Path]
+
+
+def parse_poolings(poolings: Sequence[str] | str) -> tuple[str, ...]:
+    items = [p.strip().lower() for p in (poolings.split(",") if isinstance(poolings, str) else poolings) if p.strip()]
+    bad = [p for p in items if p not in POOLINGS]
+    if bad or not items:
+        raise AtlasError(f"--pooling {','.join(items) or '(empty)'}: choose from {', '.join(POOLINGS)}")
+    return tuple(dict.fromkeys(items))
+
+
+def _chunk_rows(source: SplitSource) -> int:
+    """Rows per read: within the byte budget, in whole shards (a read that straddles shards would decompress
+    the shards at its edges twice), at least one shard."""
+    shard = source.task.reference.rows_per_shard
+    rows = int(READ_BUDGET_BYTES // max(1, source.row_bytes()))
+    return max(shard, rows // shard * shard)
+
+
+def pool_split(store: FeatureStore, task: str, rows: np.ndarray, *, poolings: Sequence[str],
+               device: torch.device) -> dict[str, Tensor]:
+    """{pooling: [n, L, D] float32 standardised features} for the given rows, all layers from one pass.
+
+    "mean" reads the token array once (all layers per read) and averages the patch tokens; "cls" reads the
+    prefix array once and keeps prefix token 0. A pooling the store cannot give (cls without prefix
+    tokens) is left out of the result.
+    """
+    aligned = align_tasks([store], task)
+    out: dict[str, Tensor] = {}
+    wanted = [p for p in poolings if p != "cls" or store.num_prefix_tokens > 0]
+    for pooling in wanted:
+        source = SplitSource(aligned, np.asarray(rows, dtype=np.int64), layers=None, prefix=pooling == "cls")
+        pieces = []
+        for parts, _ in eval_batches(source, batch_size=_chunk_rows(source)):
+            x = parts[0].to(device, non_blocking=True)
+            v = x[:, :, 0, :].float() if pooling == "cls" else x.float().mean(dim=2)  # [b, L, D]
+            pieces.append(normalise_maps(v[:, :, None, :])[:, :, 0, :])
+        out[pooling] = torch.cat(pieces) if pieces else torch.zeros(0, store.num_layers, store.feature_dim, device=device)
+    return out
+
+
+def probe_layers(train: Tensor, train_labels: np.ndarray, evaluation: Tensor, eval_labels: np.ndarray, *,
+                 num_classes: int, cfg: TrainConfig, device: torch.device) -> tuple[np.ndarray, dict[str, Any]]:
+    """Train H independent linear heads on [n, H, D] features together; accuracy per head on ``evaluation``."""
+    set_seed(cfg.seed)
+    model = MultiLayerLinearProbe(train.shape[1], train.shape[2], num_classes)
+    y = torch.as_tensor(train_labels, dtype=torch.long, device=train.device)
+    history = train_steps(model, seeded_batches(train, y, batch_size=cfg.batch_size, seed=cfg.seed), cfg, device=device)
+    y_eval = torch.as_tensor(eval_labels, dtype=torch.long, device=evaluation.device)
+    accuracy, _, _ = evaluate_layers(model, ordered_batches(evaluation, y_eval, batch_size=1024), device=device)
+    return np.asarray(accuracy, dtype=np.float64), history
+
+
+def best_per_task(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Highest accuracy per task; ties go to the earliest (backbone, pooling, layer) in the table."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        current = best.get(row["task"])
+        if current is None or row["accuracy"] > current["accuracy"]:
+            best[row["task"]] = row
+    out = []
+    for task, row in best.items():
+        last = [r for r in rows if r["task"] == task and r["backbone"] == row["backbone"] and r["pooling"] == row["pooling"]]
+        last_row = max(last, key=lambda r: r["layer_position"])
+        out.append({
+            "task": task, "group": row.get("group"), "backbone": row["backbone"], "layer": row["layer"],
+            "pooling": row["pooling"], "accuracy": row["accuracy"], "split": row["split"], "n": row["n"],
+            "last_layer": last_row["layer"], "last_layer_accuracy": last_row["accuracy"],
+        })
+    return out
+
+
+def run_atlas(
+    stores: Sequence[str | Path],
+    *,
+    dataset: str = "vtab",
+    tasks: Sequence[str] | None = None,
+    protocol: str = "dev",
+    poolings: Sequence[str] | str = POOLINGS,
+    steps: int | None = None,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 42,
+    device: str | None = None,
+    out: str | Path = "runs",
+    store_root: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    figures: bool = True,
+    log: Log = None,
+    run_dir: Path | None = None,
+) -> AtlasRun:
+    """Per-layer linear probes of every backbone in ``stores`` on every task; writes a run folder (kind "atlas")
+    with atlas.csv (task, backbone, layer, pooling, accuracy, ...), atlas_best.csv and a PNG per task group.
+
+    A store without a requested task is skipped for that task (named in the log); a task in no store is an
+    error. ``steps`` None = the protocol's (1,300 dev, 1,600 final).
+    """
+    poolings = parse_poolings(poolings)
+    if protocol not in PROTOCOL_STEPS:
+        raise AtlasError(f"--protocol {protocol!r}: choose one of {', '.join(PROTOCOL_STEPS)}")
+    stores = [str(s) for s in stores]
+    if not stores:
+        raise AtlasError("--stores: give at least one store")
+    total_steps = int(steps or PROTOCOL_STEPS[protocol])
+    cfg = TrainConfig(steps=total_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
+    torch_device = pick_device(device)
+    opened = open_stores(stores, store_root=store_root, dataset=dataset, storage_options=storage_options)
+    names = backbone_names(opened)
+    task_list = _task_list(opened, tasks)
+    run_dir = run_dir or new_run_dir(out, "atlas-" + "+".join(names))
+    doc = {
+        "kind": "atlas", "stores": [store_provenance(s) for s in opened], "store_refs": [sanitise_url(str(r)) for r in stores],
+        "backbones": names, "dataset": dataset, "tasks": task_list, "protocol": protocol, "poolings": list(poolings),
+        "steps": total_steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+        "device": str(torch_device), "feature_normalisation": "per (image, layer) over channels, no parameters",
+    }
+    write_json(run_dir / "config.json", doc)
+    rows: list[dict[str, Any]] = []
+    for task in task_list:
+        for k, (store, name) in enumerate(zip(opened, names)):
+            if task not in store.tasks:
+                if log:
+                    log(f"{task}: {name} has no such task, skipped")
+                continue
+            rows += _atlas_one(store, name, k, task, poolings=poolings, protocol=protocol, cfg=cfg,
+                               device=torch_device, log=log)
+            write_table(rows, run_dir / "atlas")  # rewritten as it goes: a crash keeps what finished
+    if not rows:
+        raise AtlasError("nothing was probed: no store holds the requested tasks with the requested poolings")
+    best = best_per_task(rows)
+    write_table(best, run_dir / "atlas_best")
+    paths: list[Path] = []
+    if figures:
+        from .report import plot_atlas
+
+        paths = plot_atlas(rows, run_dir)
+    return AtlasRun(run_dir=run_dir, rows=rows, best=best, figures=paths)
+
+
+def _task_list(stores: Sequence[FeatureStore], wanted: Sequence[str] | None) -> list[str]:
+    held = list(dict.fromkeys(t for s in stores for t in s.tasks))
+    if wanted:
+        missing = [t for t in wanted if t not in held]
+        if missing:
+            raise AtlasError(f"--task {', '.join(missing)}: in none of the stores; they hold {', '.join(held) or 'nothing'}")
+        return list(dict.fromkeys(wanted))
+    if not held:
+        raise AtlasError("the stores hold no task")
+    return held
+
+
+def _atlas_one(store: FeatureStore, name: str, index: int, task: str, *, poolings: Sequence[str], protocol: str,
+               cfg: TrainConfig, device: torch.device, log: Log) -> list[dict[str, Any]]:
+    part = store.task(task)
+    part.require_complete()
+    if protocol not in part.protocols:
+        raise AtlasError(f"task {task} of {store.url}: no protocol {protocol!r} (it has {', '.join(part.protocols) or 'none'})")
+    train_split, eval_split = part.protocols[protocol]
+    train_rows, eval_rows = part.rows(train_split), part.rows(eval_split)
+    if train_rows.size == 0 or eval_rows.size == 0:
+        raise AtlasError(f"task {task} of {store.url}: split {train_split!r} or {eval_split!r} has no samples")
+    usable = [p for p in poolings if p != "cls" or store.num_prefix_tokens > 0]
+    if not usable:
+        if log:
+            log(f"{task}: {name} stores no cls token and only cls pooling was asked for, skipped")
+        return []
+    if log and len(usable) < len(poolings):
+        log(f"{task}: {name} stores no cls token; mean pooling only")
+    started = time.perf_counter()
+    train = pool_split(store, task, train_rows, poolings=usable, device=device)
+    evaluation = pool_split(store, task, eval_rows, poolings=usable, device=device)
+    read_seconds = time.perf_counter() - started
+    num_layers = store.num_layers
+    # heads ordered (pooling, layer): one probe for every layer of every pooling
+    x_train = torch.cat([train[p] for p in usable], dim=1)
+    x_eval = torch.cat([evaluation[p] for p in usable], dim=1)
+    labels = part.labels
+    num_classes = max(len(part.classes), int(labels.max()) + 1)
+    accuracy, history = probe_layers(x_train, labels[train_rows], x_eval, labels[eval_rows], num_classes=num_classes,
+                                     cfg=cfg, device=device)
+    layer_ids = [int(i) for i in (store.features.get("layers") or range(num_layers))]
+    group = part.attrs.get("group") or VTAB_GROUPS.get(task)
+    rows = []
+    for p_index, pooling in enumerate(usable):
+        for pos in range(num_layers):
+            rows.append({
+                "task": task, "group": group, "backbone": name, "store_index": index, "layer": layer_ids[pos],
+                "layer_position": pos, "pooling": pooling, "accuracy": float(accuracy[p_index * num_layers + pos]),
+                "split": eval_split, "n": int(eval_rows.size), "train_split": train_split, "n_train": int(train_rows.size),
+                "steps": cfg.steps, "final_loss_per_head": float(history["loss"][-1]) / len(accuracy),
+            })
+    if log:
+        top = max(rows, key=lambda r: r["accuracy"])
+        log(f"{task}: {name}: {len(accuracy)} probes ({', '.join(usable)} x {num_layers} layers) in "
+            f"{read_seconds:.1f} s read + {history['seconds']:.1f} s train; best layer {top['layer']} "
+            f"({top['pooling']}) {100 * top['accuracy']:.1f}%")
+    return rows

@@ -1,0 +1,343 @@
+"""Which backbones (and which of their layers) a task needs (PAPER.md, "Task relevance and backbone selection").
+
+Relevance: train ComBo once with loss = CE + lambda * sum_k s_k, where s_k = ||W[:, layers_of_k, :]||_F is the
+norm of the slice of Lambda's weight that reads backbone k (a group lasso over backbones). The penalty pushes
+whole slices of unhelpful backbones towards zero, so the s_k rank the backbones. The same slicing per layer,
+||W[:, l, :]||_F, shows where inside each backbone the useful features are.
+
+The ranking is only meaningful because every (image, layer) map is standardised before Lambda
+(``probe.align.normalise_maps``): a backbone whose raw features are 100x larger does not need a 100x smaller
+slice to contribute the same, so s_k compares contributions, not feature scales.
+
+Output tables: relevance.csv has one row per (task, backbone) with s_k, s_k / sum_j s_j and the rank (1 = most
+important); layer_relevance.csv one row per (task, backbone, layer) with ||W[:, l, :]||_F and its share of the
+sum over ALL layers of all backbones of that task (so layers of different backbones are comparable).
+
+Selective adaptation (``run_select``): relevance run, keep some backbones PER TASK, retrain ComBo on them
+without the penalty, evaluate. Backbone names are the stores' aliases; when two stores share an alias they
+are told apart by their position in ``--stores`` ("clip#0", "clip#1").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from store_schema import FeatureStore
+
+from .adapter import ComboAdapter
+from .results import markdown_table, new_run_dir, write_json, write_table
+from .run import ProbeConfig, TaskFit, fit_task, run_config, save_fit
+from .stores import AlignedTask, align_tasks, common_tasks, open_stores
+from .train import pick_device
+
+__all__ = [
+    "DEFAULT_LAMBDA",
+    "RelevanceRun",
+    "SelectRun",
+    "Selection",
+    "SelectionError",
+    "backbone_names",
+    "choose_backbones",
+    "importance_rows",
+    "layer_importance_rows",
+    "parse_select",
+    "relevance_penalty",
+    "run_relevance",
+    "run_select",
+]
+
+DEFAULT_LAMBDA = 0.01  # PAPER.md
+
+Log = Callable[[str], None] | None
+
+
+class SelectionError(ValueError):
+    """A --select value that names no valid choice of backbones."""
+
+
+# ------------------------------------------------------------------------------------------- naming, norms
+
+
+def backbone_names(stores: Sequence[FeatureStore]) -> list[str]:
+    """Store aliases in --stores order; an alias used twice gets '#<index in --stores>' on every use."""
+    aliases = [str(s.backbone.get("alias") or "store") for s in stores]
+    return [f"{a}#{i}" if aliases.count(a) > 1 else a for i, a in enumerate(aliases)]
+
+
+def relevance_penalty(model: ComboAdapter, group_lambda: float) -> torch.Tensor:
+    """lambda * sum_k s_k: the term relevance training adds to the cross-entropy (exactly 0 for lambda = 0)."""
+    if group_lambda < 0:
+        raise ValueError(f"--lambda must be >= 0, got {group_lambda}")
+    if group_lambda == 0:
+        return torch.zeros((), device=model.lambda_weight.device)
+    return group_lambda * model.backbone_norms().sum()
+
+
+def importance_rows(task: str, model: ComboAdapter, names: Sequence[str], *, group_lambda: float) -> list[dict[str, Any]]:
+    """One row per backbone: s_k, s_k / sum(s), rank (1 = most important; ties keep --stores order)."""
+    norms = model.backbone_norms().detach().float().cpu().tolist()
+    if len(norms) != len(names):
+        raise ValueError(f"task {task}: the model reads {len(norms)} backbones but {len(names)} names were given")
+    total = sum(norms)
+    order = sorted(range(len(norms)), key=lambda k: -norms[k])
+    rank = {k: r + 1 for r, k in enumerate(order)}
+    return [
+        {
+            "task": task,
+            "backbone": name,
+            "store_index": k,
+            "importance": float(norms[k]),
+            "importance_normalised": float(norms[k] / total) if total > 0 else 0.0,
+            "rank": rank[k],
+            "group_lambda": group_lambda,
+        }
+        for k, name in enumerate(names)
+    ]
+
+
+def layer_importance_rows(task: str, model: ComboAdapter, names: Sequence[str],
+                          layer_ids: Sequence[Sequence[int]]) -> list[dict[str, Any]]:
+    """One row per (backbone, layer): ||W[:, l, :]||_F; ``layer`` is the store's block index of that layer."""
+    norms = model.layer_norms().detach().float().cpu().tolist()
+    total = sum(norms)
+    rows = []
+    for k, (name, s) in enumerate(zip(names, model.cfg.backbone_slices)):
+        ids = list(layer_ids[k])
+        if len(ids) != s.stop - s.start:
+            raise ValueError(f"task {task}: backbone {name} has {s.stop - s.start} Lambda layers but {len(ids)} layer ids")
+        for pos, l in enumerate(range(s.start, s.stop)):
+            rows.append({
+                "task": task, "backbone": name, "store_index": k, "layer": int(ids[pos]), "layer_position": pos,
+                "importance": float(norms[l]), "importance_normalised": float(norms[l] / total) if total > 0 else 0.0,
+            })
+    return rows
+
+
+def _layer_ids(store: FeatureStore) -> list[int]:
+    ids = store.features.get("layers")
+    return [int(i) for i in ids] if ids else list(range(store.num_layers))
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How to pick backbones from their importances: the k highest, or normalised importance >= threshold."""
+
+    top_k: int | None = None
+    threshold: float | None = None
+
+    def describe(self) -> str:
+        return f"top-{self.top_k}" if self.top_k is not None else f"importance_normalised >= {self.threshold:g}"
+
+
+_TOP = re.compile(r"^top[-_ ]?(\d+)$")
+_THRESHOLD = re.compile(r"^(?:ge|>=)?\s*([0-9]*\.?[0-9]+(?:e-?\d+)?)$")
+
+
+def parse_select(text: str) -> Selection:
+    """'top-2' (also 'top2') keeps the 2 most important backbones of each task; '0.2', 'ge0.2' or '>=0.2' keeps
+    every backbone whose normalised importance (s_k / sum s) is >= 0.2 (a number in (0, 1])."""
+    raw = str(text).strip().lower()
+    if m := _TOP.match(raw):
+        k = int(m.group(1))
+        if k < 1:
+            raise SelectionError(f"--select {text!r}: top-k needs k >= 1")
+        return Selection(top_k=k)
+    if m := _THRESHOLD.match(raw):
+        t = float(m.group(1))
+        if not 0 < t <= 1:
+            raise SelectionError(f"--select {text!r}: a threshold on normalised importance must be in (0, 1]")
+        return Selection(threshold=t)
+    raise SelectionError(
+        f"--select {text!r}: use top-K (e.g. top-2) or a threshold on normalised importance (e.g. 0.2 or ge0.2)"
+    )
+
+
+def choose_backbones(rows: Sequence[dict[str, Any]], selection: Selection) -> list[int]:
+    """Store indices kept for one task, in --stores order. A threshold above every importance keeps the top one
+    (ComBo needs at least one backbone)."""
+    if not rows:
+        raise SelectionError("no importances to select from")
+    if selection.top_k is not None:
+        if selection.top_k > len(rows):
+            raise SelectionError(f"--select top-{selection.top_k}: only {len(rows)} backbone(s) were given")
+        kept = [r["store_index"] for r in rows if r["rank"] <= selection.top_k]
+    else:
+        kept = [r["store_index"] for r in rows if r["importance_normalised"] >= float(selection.threshold)]
+        if not kept:
+            kept = [min(rows, key=lambda r: r["rank"])["store_index"]]
+    return sorted(int(k) for k in kept)
+
+
+# --------------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class RelevanceRun:
+    run_dir: Path
+    backbones: list[str]
+    importances: list[dict[str, Any]]  # relevance.csv
+    layer_importances: list[dict[str, Any]]  # layer_relevance.csv
+    metrics: list[dict[str, Any]]  # the penalised model's accuracy per task
+    fits: list[TaskFit]
+
+
+@dataclass
+class SelectRun:
+    run_dir: Path
+    relevance: RelevanceRun
+    selection: Selection
+    chosen: dict[str, list[str]]  # task -> kept backbones
+    metrics: list[dict[str, Any]]  # the retrained subset's accuracy per task (metrics.csv)
+    fits: list[TaskFit]
+
+
+def _open(cfg: ProbeConfig) -> tuple[torch.device, list[FeatureStore], list[AlignedTask]]:
+    if cfg.method != "combo":
+        raise ValueError(f"relevance needs --method combo (the penalty is on ComBo's Lambda), not {cfg.method!r}")
+    device = pick_device(cfg.device)
+    stores = open_stores(cfg.stores, store_root=cfg.store_root, dataset=cfg.dataset, storage_options=cfg.storage_options)
+    tasks = common_tasks(stores, cfg.tasks)
+    return device, stores, [align_tasks(stores, t) for t in tasks]  # every task checked before anything trains
+
+
+def _relevance_pass(cfg: ProbeConfig, *, stores: Sequence[FeatureStore], aligned_tasks: Sequence[AlignedTask],
+                    device: torch.device, group_lambda: float, run_dir: Path, config_doc: dict[str, Any],
+                    metrics_stem: str, weights_prefix: str, log: Log) -> RelevanceRun:
+    names = backbone_names(stores)
+    layer_ids = [_layer_ids(s) for s in stores]
+    importances: list[dict[str, Any]] = []
+    layers: list[dict[str, Any]] = []
+    metrics: list[dict[str, Any]] = []
+    fits: list[TaskFit] = []
+    for aligned in aligned_tasks:
+        fit = fit_task(aligned, cfg, device=device, group_lambda=group_lambda, log=log)
+        model = fit.model
+        assert isinstance(model, ComboAdapter)
+        save_fit(run_dir, fit, aligned, prefix=weights_prefix)
+        rows = importance_rows(aligned.name, model, names, group_lambda=group_lambda)
+        importances += rows
+        layers += layer_importance_rows(aligned.name, model, names, layer_ids)
+        metrics.append({**fit.metrics, "group_lambda": group_lambda,
+                        "penalty": float(relevance_penalty(model, group_lambda).detach().cpu()),
+                        "backbones": "+".join(names)})
+        fits.append(fit)
+        config_doc.setdefault("tasks", {})[aligned.name] = {
+            "model": fit.model_config, "classes": aligned.classes, "grids": [list(g) for g in aligned.grids]}
+        write_json(run_dir / "config.json", config_doc)
+        # rewritten after each task: a crash keeps the finished ones
+        write_table(importances, run_dir / "relevance")
+        write_table(layers, run_dir / "layer_relevance")
+        write_table(metrics, run_dir / metrics_stem)
+        if log:
+            ranked = sorted(rows, key=lambda r: r["rank"])
+            log(f"{aligned.name}: " + ", ".join(f"{r['backbone']} {r['importance_normalised']:.2f}" for r in ranked))
+    return RelevanceRun(run_dir=run_dir, backbones=names, importances=importances, layer_importances=layers,
+                        metrics=metrics, fits=fits)
+
+
+def _config_doc(cfg: ProbeConfig, stores: Sequence[FeatureStore], device: torch.device, *, kind: str,
+                group_lambda: float) -> dict[str, Any]:
+    doc = run_config(cfg, stores, device=device)
+    doc["kind"] = kind
+    doc["group_lambda"] = group_lambda
+    doc["backbones"] = backbone_names(stores)
+    doc["train"] = asdict(cfg.train_config(group_lambda=group_lambda))
+    doc["tasks"] = {}
+    return doc
+
+
+def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log: Log = None,
+                  run_dir: Path | None = None) -> RelevanceRun:
+    """Train ComBo once per task with the group penalty and write relevance.csv, layer_relevance.csv and the
+    penalised model's metrics.csv (kind "relevance" in config.json)."""
+    if group_lambda < 0:
+        raise ValueError(f"--lambda must be >= 0, got {group_lambda}")
+    device, stores, aligned_tasks = _open(cfg)
+    names = backbone_names(stores)
+    run_dir = run_dir or new_run_dir(cfg.out, "relevance-" + "+".join(names))
+    doc = _config_doc(cfg, stores, device, kind="relevance", group_lambda=group_lambda)
+    write_json(run_dir / "config.json", doc)
+    run = _relevance_pass(cfg, stores=stores, aligned_tasks=aligned_tasks, device=device, group_lambda=group_lambda,
+                          run_dir=run_dir, config_doc=doc, metrics_stem="metrics", weights_prefix="", log=log)
+    title = f"ComBo with group penalty (lambda={group_lambda:g}) on {' + '.join(names)} ({cfg.dataset}, protocol {cfg.protocol})"
+    (run_dir / "results.md").write_text(markdown_table(run.metrics, title=title, vtab=_is_vtab(cfg, run.metrics)))
+    return run
+
+
+def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float = DEFAULT_LAMBDA, log: Log = None,
+               run_dir: Path | None = None) -> SelectRun:
+    """Relevance run, then per task keep the backbones ``select`` names and retrain ComBo on them without the
+    penalty. ``select``: "top-K" (e.g. "top-2") or a threshold on normalised importance ("0.2", "ge0.2", ">=0.2").
+
+    The run folder (kind "select") holds relevance.csv / layer_relevance.csv, penalised_metrics.csv (the
+    penalised model on all backbones), selection.csv (what was kept), metrics.csv (the retrained subset) and
+    comparison.csv (both accuracies per task).
+    """
+    selection = parse_select(select) if isinstance(select, str) else select
+    if group_lambda <= 0:
+        raise ValueError(f"--select needs a relevance run with --lambda > 0, got {group_lambda}")
+    device, stores, aligned_tasks = _open(cfg)
+    if selection.top_k is not None and selection.top_k > len(stores):
+        raise SelectionError(f"--select top-{selection.top_k}: only {len(stores)} store(s) in --stores")
+    names = backbone_names(stores)
+    run_dir = run_dir or new_run_dir(cfg.out, f"select-{selection.describe().replace(' ', '')}-" + "+".join(names))
+    doc = _config_doc(cfg, stores, device, kind="select", group_lambda=group_lambda)
+    doc["select"] = {"text": str(select) if isinstance(select, str) else selection.describe(), **asdict(selection)}
+    doc["selection"] = {}
+    write_json(run_dir / "config.json", doc)
+    relevance = _relevance_pass(cfg, stores=stores, aligned_tasks=aligned_tasks, device=device,
+                                group_lambda=group_lambda, run_dir=run_dir, config_doc=doc,
+                                metrics_stem="penalised_metrics", weights_prefix="penalised-", log=log)
+    chosen: dict[str, list[str]] = {}
+    selection_rows: list[dict[str, Any]] = []
+    metrics: list[dict[str, Any]] = []
+    comparison: list[dict[str, Any]] = []
+    fits: list[TaskFit] = []
+    penalised = {m["task"]: m for m in relevance.metrics}
+    for aligned in aligned_tasks:
+        rows = [r for r in relevance.importances if r["task"] == aligned.name]
+        keep = choose_backbones(rows, selection)
+        kept_names = [names[k] for k in keep]
+        chosen[aligned.name] = kept_names
+        for r in rows:
+            selection_rows.append({"task": aligned.name, "backbone": r["backbone"], "store_index": r["store_index"],
+                                   "importance_normalised": r["importance_normalised"], "rank": r["rank"],
+                                   "selected": r["store_index"] in keep})
+        subset_cfg = replace(cfg, stores=tuple(cfg.stores[k] for k in keep), group_lambda=0.0)
+        subset = align_tasks([stores[k] for k in keep], aligned.name)
+        if log:
+            log(f"{aligned.name}: retraining without the penalty on {', '.join(kept_names)} ({selection.describe()})")
+        fit = fit_task(subset, subset_cfg, device=device, group_lambda=0.0, log=log)
+        save_fit(run_dir, fit, subset)
+        metrics.append({**fit.metrics, "backbones": "+".join(kept_names), "num_backbones": len(keep)})
+        comparison.append({
+            "task": aligned.name, "group": fit.metrics.get("group"), "backbones_all": "+".join(names),
+            "accuracy_penalised_all": penalised[aligned.name]["accuracy"], "backbones_selected": "+".join(kept_names),
+            "accuracy_selected": fit.metrics["accuracy"],
+        })
+        fits.append(fit)
+        doc["selection"][aligned.name] = kept_names
+        doc["tasks"][aligned.name]["selected_model"] = fit.model_config
+        write_json(run_dir / "config.json", doc)
+        write_table(selection_rows, run_dir / "selection")
+        write_table(metrics, run_dir / "metrics")
+        write_table(comparison, run_dir / "comparison")
+    vtab = _is_vtab(cfg, metrics)
+    title = f"ComBo on the backbones chosen by relevance ({selection.describe()}) ({cfg.dataset}, protocol {cfg.protocol})"
+    text = markdown_table(metrics, title=title, vtab=vtab)
+    text += "\n" + markdown_table(relevance.metrics, title=f"Penalised ComBo on all of {' + '.join(names)} (lambda={group_lambda:g})", vtab=vtab)
+    (run_dir / "results.md").write_text(text)
+    return SelectRun(run_dir=run_dir, relevance=relevance, selection=selection, chosen=chosen, metrics=metrics, fits=fits)
+
+
+def _is_vtab(cfg: ProbeConfig, rows: Sequence[dict[str, Any]]) -> bool:
+    return cfg.dataset == "vtab" or any(r.get("group") for r in rows)
