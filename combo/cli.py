@@ -17,6 +17,16 @@ app = typer.Typer(
 )
 app.command("extract")(cli_extract.extract_command)
 app.add_typer(cli_store.app, name="store")
+from . import cli_study  # noqa: E402  (relevance, atlas, report)
+
+app.command("relevance")(cli_study.relevance_command)
+app.command("atlas")(cli_study.atlas_command)
+app.command("report")(cli_study.report_command)
+from . import cli_probe  # noqa: E402  (probe, predict, demo)
+
+app.command("probe")(cli_probe.probe_command)
+app.command("predict")(cli_probe.predict_command)
+app.command("demo")(cli_probe.demo_command)
 
 
 def main() -> None:

@@ -1,10 +1,25 @@
 """Feeding stored features to training: in RAM, on the GPU, or streamed with bounded memory.
 
-Every mode draws batches in the SAME order (`epoch_order`), so the cache mode changes speed
-and memory, never the result. The order shuffles whole shards, then rows within a window of
-shards: with a window that holds the whole split it is exactly `probe.train.epoch_permutation`
-(a uniform shuffle, what the paper's loader does); a streaming run whose budget holds fewer
-rows shuffles within windows instead, and records the window in the run config.
+Every mode draws batches in the SAME order (`epoch_order`), so the cache mode changes speed and
+memory, never the result. An epoch's order is a list of *shuffle windows*:
+
+- window >= the split (the default for `ram` / `device`): one window, a uniform shuffle, exactly
+  `probe.train.epoch_permutation` (what the paper's loader does);
+- smaller windows (`stream` when the split does not fit the budget): the split's shards are
+  shuffled, grouped into windows of at most `window_rows` rows (whole shards, so each window is
+  read with one request per shard), and rows are shuffled within each window.
+
+Batches are cut from the concatenated windows, `batch_size` at a time, the last batch of an epoch
+smaller (DataLoader's drop_last=False), so the step count per epoch is the same in every mode.
+A cached run given the same `shuffle_window` as a streamed one sees identical batches.
+
+Streaming keeps at most about six windows and two batches in RAM (the window being cut into
+batches and the next one while a batch straddles them, one read ahead, one being read plus the
+block zarr decodes it from and its compressed bytes; the batch being trained on and the one being
+assembled); `plan_cache` sizes the window so that those fit the budget. A window may be smaller
+than a batch: batches are cut across windows. benchmarks/probe_stream.py measures the data buffers
+at about 1.0x the budget; the process RSS grows a little more, as glibc keeps freed blocks in the
+reader thread's malloc arena (MALLOC_ARENA_MAX=2 trims that).
 """
 
 from __future__ import annotations
@@ -12,6 +27,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -23,17 +39,40 @@ from .stores import AlignedTask
 from .train import epoch_permutation
 
 CACHE_MODES = ("auto", "device", "ram", "stream")
+# current + next (a batch straddles them) + queued + being read (the output, zarr's decoded block and its
+# compressed bytes): measured with benchmarks/probe_stream.py, the data buffers peak near the budget
+STREAM_WINDOWS_IN_RAM = 6
+STREAM_BATCHES_IN_RAM = 2  # the batch being trained on + the one being assembled (batches are copies)
 Batch = tuple[list[Tensor], Tensor]
+
+
+class CachePlanError(ValueError):
+    """A cache mode / budget / window that cannot work for this split."""
 
 
 @dataclass
 class SplitSource:
-    """One split of one task across K stores: positions 0..n-1 map to stored rows."""
+    """One split of one task across K stores: positions 0..n-1 map to stored rows.
+
+    ``prefix`` reads the prefix-token arrays (cls, registers) instead of the patch tokens; one bool
+    for every store, or one per store (the linear probe takes the cls token where a store has one).
+    """
 
     task: AlignedTask
     rows: np.ndarray  # rows of the reference store, ascending
     layers: list[Sequence[int] | None] | None = None  # per store; None = every layer
-    prefix: bool = False  # read the prefix-token arrays instead of the patch tokens
+    prefix: bool | Sequence[bool] = False
+
+    def __post_init__(self) -> None:
+        self.rows = np.asarray(self.rows, dtype=np.int64)
+        k = len(self.task.parts)
+        if self.layers is not None and len(self.layers) != k:
+            raise ValueError(f"SplitSource: {len(self.layers)} layer selections for {k} stores")
+        if not isinstance(self.prefix, bool) and len(self.prefix) != k:
+            raise ValueError(f"SplitSource: {len(self.prefix)} prefix flags for {k} stores")
+        for j, part in enumerate(self.task.parts):
+            if self.prefix_of(j) and part.prefix is None:
+                raise ValueError(f"store {part.store.url} has no prefix (cls) tokens to read")
 
     @property
     def n(self) -> int:
@@ -43,54 +82,134 @@ class SplitSource:
     def labels(self) -> np.ndarray:
         return self.task.labels[self.rows]
 
+    def prefix_of(self, k: int) -> bool:
+        return bool(self.prefix) if isinstance(self.prefix, bool) else bool(self.prefix[k])
+
+    def layers_of(self, k: int) -> list[int] | None:
+        if not self.layers or self.layers[k] is None:
+            return None
+        return [int(v) for v in self.layers[k]]
+
     def shard_of(self) -> np.ndarray:
         return self.rows // self.task.reference.rows_per_shard
 
+    def _array(self, k: int):
+        part = self.task.parts[k]
+        return part.prefix if self.prefix_of(k) else part.tokens
+
     def row_bytes(self) -> int:
+        """Bytes of one sample as read (all stores, selected layers, stored dtype)."""
         total = 0
-        for k, part in enumerate(self.task.parts):
-            array = part.prefix if self.prefix else part.tokens
-            num_layers = array.shape[1] if not self.layers or self.layers[k] is None else len(self.layers[k])
+        for k in range(len(self.task.parts)):
+            array = self._array(k)
+            layers = self.layers_of(k)
+            num_layers = array.shape[1] if layers is None else len(layers)
             total += num_layers * int(np.prod(array.shape[2:])) * array.dtype.itemsize
         return total
 
     def read(self, positions: np.ndarray) -> list[np.ndarray]:
-        """Features of the given positions (any order), one array per store."""
-        out = []
-        for k, (part, row_map) in enumerate(zip(self.task.parts, self.task.row_maps)):
-            layers = None if not self.layers else self.layers[k]
-            out.append(part.read(row_map[self.rows[positions]], layers=layers, prefix=self.prefix))
+        """Features of the given positions (any order), one array per store, rows in `positions` order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return [
+            read_rows(self._array(k), row_map[self.rows[positions]], layers=self.layers_of(k),
+                      rows_per_shard=part.rows_per_shard, where=f"{part.store.url}/{part.name}")
+            for k, (part, row_map) in enumerate(zip(self.task.parts, self.task.row_maps))
+        ]
+
+
+SPAN_BYTES = 16 * 2**20  # most bytes one zarr call may decode (neighbouring shards merge up to this)
+
+
+def read_rows(array, rows: np.ndarray, *, layers: list[int] | None, rows_per_shard: int, where: str = "") -> np.ndarray:
+    """Rows (any order) of a [N, L, T, D] zarr array into one preallocated array.
+
+    Touched shards are read whole when mostly needed (else from their first to their last needed row),
+    neighbouring ones merged into one zarr call up to `SPAN_BYTES` (zarr then fetches and decodes their
+    chunks concurrently: one round trip per span, not per shard, on remote stores), and scattered
+    straight into the output: peak memory is the output plus one span, not the two or three copies a
+    read-concatenate-reorder costs. A layer selection is read with orthogonal indexing, so only those
+    layers' inner chunks are decoded.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    num_rows = int(array.shape[0])
+    shape = (rows.size, array.shape[1] if layers is None else len(layers), *array.shape[2:])
+    out = np.empty(shape, dtype=array.dtype)
+    if rows.size == 0:
         return out
+    if rows.min() < 0 or rows.max() >= num_rows:
+        raise IndexError(f"{where}: rows outside 0..{num_rows - 1}")
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    row_bytes = int(np.prod(shape[1:])) * out.dtype.itemsize
+    max_span = max(rows_per_shard, SPAN_BYTES // max(1, row_bytes))
+    spans: list[list[int]] = []  # [lo, hi, first index into sorted_rows, last]
+    shard_ids = sorted_rows // rows_per_shard
+    bounds = np.flatnonzero(np.diff(shard_ids)) + 1
+    start = 0
+    for group in np.split(sorted_rows, bounds):
+        shard = int(group[0]) // rows_per_shard
+        lo, hi = int(group[0]), int(group[-1]) + 1
+        shard_lo, shard_hi = shard * rows_per_shard, min((shard + 1) * rows_per_shard, num_rows)
+        if 2 * (hi - lo) >= shard_hi - shard_lo:
+            lo, hi = shard_lo, shard_hi
+        if spans and spans[-1][1] >= lo and hi - spans[-1][0] <= max_span:
+            spans[-1][1], spans[-1][3] = hi, start + group.size
+        else:
+            spans.append([lo, hi, start, start + group.size])
+        start += group.size
+    for lo, hi, first, last in spans:
+        block = array[lo:hi] if layers is None else array.oindex[lo:hi, layers]
+        wanted = sorted_rows[first:last] - lo
+        whole = wanted.size == block.shape[0] and np.array_equal(wanted, np.arange(wanted.size))
+        out[order[first:last]] = block if whole else block[wanted]  # no second copy of a wholly used span
+        del block
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- sample order
+
+
+def epoch_windows(source: SplitSource, *, epoch: int, seed: int, window_rows: int | None) -> list[np.ndarray]:
+    """The shuffle windows of one epoch (positions), in the order they are trained on (see module doc)."""
+    n = source.n
+    if window_rows is None or window_rows >= n:
+        return [epoch_permutation(n, epoch, seed)]
+    if window_rows < 1:
+        raise CachePlanError(f"shuffle window must hold at least one row, got {window_rows}")
+    shard = source.shard_of()
+    shards, first = np.unique(shard, return_index=True)
+    members = np.split(np.argsort(shard, kind="stable"), first[1:])  # positions of each shard, ascending
+    rng = np.random.default_rng([int(seed), int(epoch), 7919])
+    windows: list[np.ndarray] = []
+    current: list[np.ndarray] = []
+    count = 0
+    for s in rng.permutation(shards.size):
+        block = members[s]
+        if current and count + block.size > window_rows:
+            windows.append(np.concatenate(current))
+            current, count = [], 0
+        current.append(block)
+        count += block.size
+    if current:
+        windows.append(np.concatenate(current))
+    return [w[rng.permutation(w.size)].astype(np.int64) for w in windows]
 
 
 def epoch_order(source: SplitSource, *, epoch: int, seed: int, window_rows: int | None) -> np.ndarray:
-    """Positions of one epoch; shard-windowed shuffle when `window_rows` < n (see module doc)."""
-    n = source.n
-    if window_rows is None or window_rows >= n:
-        return epoch_permutation(n, epoch, seed)
-    shard = source.shard_of()
-    shards = np.unique(shard)
-    rng = np.random.default_rng([seed, epoch, 7919])
-    shards = shards[rng.permutation(shards.size)]
-    per_shard = {int(s): np.nonzero(shard == s)[0] for s in shards}
-    order: list[np.ndarray] = []
-    window: list[np.ndarray] = []
-    count = 0
-    for s in shards:
-        window.append(per_shard[int(s)])
-        count += per_shard[int(s)].size
-        if count >= window_rows:
-            members = np.concatenate(window)
-            order.append(members[rng.permutation(members.size)])
-            window, count = [], 0
-    if window:
-        members = np.concatenate(window)
-        order.append(members[rng.permutation(members.size)])
-    return np.concatenate(order).astype(np.int64)
+    """Positions of one epoch: its shuffle windows, concatenated."""
+    return np.concatenate(epoch_windows(source, epoch=epoch, seed=seed, window_rows=window_rows))
 
 
 def _epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[s : s + batch_size] for s in range(0, order.size, batch_size)]
+
+
+# ------------------------------------------------------------------------------------------------ in memory
+
+
+def read_all(source: SplitSource) -> list[np.ndarray]:
+    """The whole split, in position order."""
+    return source.read(np.arange(source.n))
 
 
 def cached_batches(source: SplitSource, *, batch_size: int, seed: int, device: torch.device | None = None,
@@ -109,90 +228,132 @@ def cached_batches(source: SplitSource, *, batch_size: int, seed: int, device: t
         epoch += 1
 
 
-def read_all(source: SplitSource, *, chunk_rows: int = 256) -> list[np.ndarray]:
-    """The whole split, in position order, read in shard-sized runs."""
-    pieces = [source.read(np.arange(s, min(s + chunk_rows, source.n))) for s in range(0, source.n, chunk_rows)]
-    return [np.concatenate([p[k] for p in pieces]) for k in range(len(source.task.parts))]
+# ------------------------------------------------------------------------------------------------ streaming
 
 
-class _Prefetcher:
-    """Runs `produce()` items in a background thread, at most `depth` ahead; re-raises its errors."""
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Prefetcher:
+    """Pulls items from an iterator in a background thread, at most `depth` ready ahead.
+
+    Errors in the thread are re-raised in the consumer. `close()` (also on garbage collection of
+    the consuming generator) stops the thread at its next hand-over and drops what it holds.
+    """
 
     _END = object()
 
-    def __init__(self, items: Iterator, depth: int = 1):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    def __init__(self, items: Iterator, *, depth: int = 1, name: str = "combo-prefetch"):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True, name="combo-prefetch")
+        self._items = items
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
         self._thread.start()
 
-    def _run(self, items: Iterator) -> None:
-        try:
-            for item in items:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-            self._queue.put(self._END)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            self._queue.put(err)
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-    def __iter__(self):
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            self._put(_Failure(err))
+
+    def __iter__(self) -> Iterator:
         while True:
             item = self._queue.get()
             if item is self._END:
                 return
-            if isinstance(item, BaseException):
-                raise item
+            if isinstance(item, _Failure):
+                raise item.error
             yield item
 
     def close(self) -> None:
         self._stop.set()
+        while True:  # free what is queued; the thread sees the flag at its next put
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+
+
+class _WindowBuffer:
+    """Windows of (positions, arrays) consumed front to back, `n` rows at a time."""
+
+    def __init__(self) -> None:
+        self.windows: deque[tuple[np.ndarray, list[np.ndarray]]] = deque()
+        self.offset = 0
+
+    @property
+    def rows(self) -> int:
+        return sum(p.size for p, _ in self.windows) - self.offset
+
+    def add(self, positions: np.ndarray, arrays: list[np.ndarray]) -> None:
+        self.windows.append((positions, arrays))
+
+    def take(self, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        pos_parts: list[np.ndarray] = []
+        arr_parts: list[list[np.ndarray]] = []
+        while n > 0:
+            positions, arrays = self.windows[0]
+            k = min(n, positions.size - self.offset)
+            pos_parts.append(positions[self.offset : self.offset + k])
+            arr_parts.append([a[self.offset : self.offset + k] for a in arrays])
+            self.offset += k
+            n -= k
+            if self.offset == positions.size:
+                self.windows.popleft()
+                self.offset = 0
+        # always a copy: a batch must not keep a consumed window alive (that would break the memory bound)
+        return np.concatenate(pos_parts), [np.concatenate(group) for group in zip(*arr_parts)]
 
 
 def stream_batches(source: SplitSource, *, batch_size: int, seed: int, window_rows: int,
                    device: torch.device | None = None) -> Iterator[Batch]:
-    """Shuffled batches read window by window in a background thread: RAM ~ 3 windows."""
-    if window_rows < batch_size:
-        raise ValueError(f"the stream window ({window_rows} rows) must hold at least one batch ({batch_size})")
+    """Shuffled batches read window by window in a background thread (RAM: a few windows)."""
+    if window_rows < 1 or batch_size < 1:
+        raise CachePlanError(f"stream window ({window_rows} rows) and batch size ({batch_size}) must be >= 1")
     labels_all = source.labels.astype(np.int64)
 
-    def windows() -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    def windows() -> Iterator[tuple[int, bool, np.ndarray, list[np.ndarray]]]:
         epoch = 0
         while True:
-            order = epoch_order(source, epoch=epoch, seed=seed, window_rows=window_rows)
-            for s in range(0, order.size, window_rows):
-                positions = order[s : s + window_rows]
-                yield positions, source.read(positions)
+            parts = epoch_windows(source, epoch=epoch, seed=seed, window_rows=window_rows)
+            for i, positions in enumerate(parts):
+                yield epoch, i == len(parts) - 1, positions, source.read(positions)
             epoch += 1
 
-    prefetch = _Prefetcher(windows(), depth=1)
-    buffered_pos = np.zeros(0, dtype=np.int64)
-    buffered: list[np.ndarray] | None = None
+    prefetch = Prefetcher(windows(), depth=1, name="combo-stream")
     feed = iter(prefetch)
-    epoch = 0
+    buffer = _WindowBuffer()
     try:
+        epoch_done = False
         while True:
-            order = epoch_order(source, epoch=epoch, seed=seed, window_rows=window_rows)
-            for idx in _epoch_batches(order, batch_size):
-                while buffered_pos.size < idx.size:
-                    pos, arrays = next(feed)
-                    buffered_pos = np.concatenate([buffered_pos, pos])
-                    buffered = arrays if buffered is None else [np.concatenate([b, a]) for b, a in zip(buffered, arrays)]
-                assert np.array_equal(buffered_pos[: idx.size], idx), "stream order diverged from epoch_order"
-                take = [torch.from_numpy(np.ascontiguousarray(b[: idx.size])) for b in buffered]
-                buffered_pos = buffered_pos[idx.size :]
-                buffered = [b[idx.size :] for b in buffered]
-                labels = torch.from_numpy(labels_all[idx])
-                if device is not None:
-                    take = [t.to(device, non_blocking=True) for t in take]
-                    labels = labels.to(device)
-                yield take, labels
-            epoch += 1
+            while buffer.rows < batch_size and not epoch_done:
+                _, last, positions, arrays = next(feed)
+                buffer.add(positions, arrays)
+                epoch_done = last
+            size = min(batch_size, buffer.rows)
+            idx, arrays = buffer.take(size)
+            if epoch_done and buffer.rows == 0:
+                epoch_done = False  # the epoch's last (possibly smaller) batch; the next one starts fresh
+            take = [torch.from_numpy(a) for a in arrays]
+            labels = torch.from_numpy(labels_all[idx])
+            if device is not None:
+                take = [t.to(device, non_blocking=True) for t in take]
+                labels = labels.to(device)
+            yield take, labels
     finally:
         prefetch.close()
 
@@ -200,17 +361,27 @@ def stream_batches(source: SplitSource, *, batch_size: int, seed: int, window_ro
 def eval_batches(source: SplitSource, *, batch_size: int) -> Iterator[Batch]:
     """The split in stored order, read ahead in a background thread (any split size)."""
     labels = source.labels.astype(np.int64)
-    rows_per_read = max(batch_size, source.task.reference.rows_per_shard)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # whole batches per read (at least a shard's worth), so only the split's last batch is smaller
+    rows_per_read = batch_size * max(1, -(-source.task.reference.rows_per_shard // batch_size))
 
     def reads() -> Iterator[tuple[int, list[np.ndarray]]]:
         for s in range(0, source.n, rows_per_read):
             yield s, source.read(np.arange(s, min(s + rows_per_read, source.n)))
 
-    for start, arrays in _Prefetcher(reads(), depth=2):
-        for b in range(0, arrays[0].shape[0], batch_size):
-            take = [torch.from_numpy(np.ascontiguousarray(a[b : b + batch_size])) for a in arrays]
-            lo = start + b
-            yield take, torch.from_numpy(labels[lo : lo + take[0].shape[0]])
+    prefetch = Prefetcher(reads(), depth=1, name="combo-eval")
+    try:
+        for start, arrays in prefetch:
+            for b in range(0, arrays[0].shape[0], batch_size):
+                take = [torch.from_numpy(np.ascontiguousarray(a[b : b + batch_size])) for a in arrays]
+                lo = start + b
+                yield take, torch.from_numpy(labels[lo : lo + take[0].shape[0]])
+    finally:
+        prefetch.close()
+
+
+# --------------------------------------------------------------------------------------------------- planning
 
 
 @dataclass(frozen=True)
@@ -218,23 +389,71 @@ class CachePlan:
     mode: str  # "device" | "ram" | "stream"
     window_rows: int | None  # rows per shuffle window (None: the whole split)
     split_bytes: int
+    budget_bytes: int | None = None
+    note: str = ""  # why the plan differs from what was asked, if it does
+
+    def describe(self) -> str:
+        window = "whole split" if self.window_rows is None else f"{self.window_rows} rows"
+        text = f"cache {self.mode} ({self.split_bytes / 2**20:.1f} MiB, shuffle window {window})"
+        return f"{text}; {self.note}" if self.note else text
 
 
-def plan_cache(source: SplitSource, *, mode: str, budget_bytes: int, device: torch.device, batch_size: int) -> CachePlan:
-    """Pick where the training split lives. `auto`: GPU if it fits the budget there, else RAM, else stream."""
+def _device_room(device: torch.device) -> int | None:
+    """Bytes we allow a cached split to take on a CUDA device: half of what is free now."""
+    if device.type != "cuda":
+        return None
+    try:
+        free, _total = torch.cuda.mem_get_info(device)
+    except Exception:  # noqa: BLE001
+        return None
+    return int(free // 2)
+
+
+def plan_cache(source: SplitSource, *, mode: str, budget_bytes: int, device: torch.device, batch_size: int,
+               shuffle_window: int | None = None) -> CachePlan:
+    """Pick where the training split lives.
+
+    `auto`: on the GPU when there is one and the split fits both the budget and half the free GPU
+    memory; else in RAM when it fits the budget; else streamed. `stream` sizes its shuffle window
+    so that `STREAM_WINDOWS_IN_RAM` windows and `STREAM_BATCHES_IN_RAM` batches fit the budget
+    (never below one shard: windows are whole shards). `shuffle_window` (rows) overrides the window
+    in every mode; `ram`/`device` default to the whole split.
+    """
     if mode not in CACHE_MODES:
-        raise ValueError(f"--cache {mode!r}: choose one of {', '.join(CACHE_MODES)}")
-    split_bytes = source.n * source.row_bytes()
+        raise CachePlanError(f"--cache {mode!r}: choose one of {', '.join(CACHE_MODES)}")
+    if budget_bytes <= 0:
+        raise CachePlanError(f"--cache-budget must be positive, got {budget_bytes} bytes")
+    if shuffle_window is not None and shuffle_window < 1:
+        raise CachePlanError(f"shuffle window must hold at least one row, got {shuffle_window}")
+    row_bytes = source.row_bytes()
+    split_bytes = source.n * row_bytes
     fits = split_bytes <= budget_bytes
+    note = ""
     if mode == "auto":
-        mode = ("device" if device.type == "cuda" else "ram") if fits else "stream"
+        room = _device_room(device)
+        if device.type == "cuda" and fits and room is not None and split_bytes <= room:
+            mode = "device"
+        else:
+            mode = "ram" if fits else "stream"
     if mode == "device" and device.type != "cuda":
-        mode = "ram"
-    window = None
+        mode, note = "ram", f"no CUDA device ({device}): cached in RAM"
+    window: int | None = None
     if mode == "stream":
-        window = max(batch_size, int(budget_bytes // max(1, 3 * source.row_bytes())))
-        window = min(window, source.n)
-    return CachePlan(mode=mode, window_rows=window, split_bytes=split_bytes)
+        if shuffle_window is not None:
+            window = shuffle_window
+        else:
+            budget_rows = int(budget_bytes // max(1, row_bytes))
+            window = (budget_rows - STREAM_BATCHES_IN_RAM * batch_size) // STREAM_WINDOWS_IN_RAM
+            floor = source.task.reference.rows_per_shard
+            if window < floor:
+                note = (f"budget {budget_bytes / 2**20:.1f} MiB leaves {max(window, 0)} rows per window; raised to "
+                        f"one shard ({floor} rows), so RAM use exceeds the budget")
+                window = floor
+    elif shuffle_window is not None:
+        window = shuffle_window
+    if window is not None and window >= source.n:
+        window = None
+    return CachePlan(mode=mode, window_rows=window, split_bytes=split_bytes, budget_bytes=budget_bytes, note=note)
 
 
 def training_batches(source: SplitSource, plan: CachePlan, *, batch_size: int, seed: int, device: torch.device) -> Iterator[Batch]:
@@ -245,17 +464,28 @@ def training_batches(source: SplitSource, plan: CachePlan, *, batch_size: int, s
                           device=device if plan.mode == "device" else None)
 
 
+_UNITS = {
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1,
+}  # fmt: skip
+
+
 def budget_from_text(text: str) -> int:
-    """'8GiB', '512MB', '1e9' -> bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}
-    raw = text.strip().lower().replace(" ", "")
-    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+    """'8GiB', '8G' (binary), '512MB' (decimal), '1e9' -> bytes."""
+    raw = str(text).strip().lower().replace(" ", "")
+    number, factor = raw, 1
+    for unit, size in sorted(_UNITS.items(), key=lambda kv: -len(kv[0])):
         if raw.endswith(unit):
-            return int(float(raw[: -len(unit)]) * factor)
+            number, factor = raw[: -len(unit)], size
+            break
     try:
-        return int(float(raw))
+        value = float(number) * factor
     except ValueError:
-        raise ValueError(f"--cache-budget {text!r}: expected a size like 8GiB or 500MB") from None
+        raise CachePlanError(f"--cache-budget {text!r}: expected a size like 8GiB, 500MB or 2e9") from None
+    if not value > 0 or value != value:
+        raise CachePlanError(f"--cache-budget {text!r}: must be a positive size")
+    return int(value)
 
 
 def default_budget() -> int:
@@ -270,14 +500,18 @@ def default_budget() -> int:
 __all__ = [
     "CACHE_MODES",
     "CachePlan",
+    "CachePlanError",
+    "Prefetcher",
     "SplitSource",
     "budget_from_text",
     "cached_batches",
     "default_budget",
     "epoch_order",
+    "epoch_windows",
     "eval_batches",
     "plan_cache",
     "read_all",
+    "read_rows",
     "stream_batches",
     "training_batches",
 ]

@@ -26,8 +26,13 @@ METRIC_COLUMNS = ("task", "split", "accuracy", "n")
 
 
 def sanitise_url(url: str) -> str:
-    """Drop any user:password@ part of a URL so no credential reaches a run folder."""
-    return re.sub(r"(?<=://)[^/@]+@", "", url)
+    """Drop any user:password@ part and any query string (pre-signed URLs carry signatures there) of a URL,
+    so no credential reaches a run folder. Local paths are returned unchanged."""
+    text = str(url)
+    if "://" not in text:
+        return text
+    text = re.sub(r"(?<=://)[^/@]+@", "", text)
+    return re.split(r"[?#]", text, maxsplit=1)[0]
 
 
 def new_run_dir(out: str | Path, label: str) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,9 @@ from store_schema import FeatureStore
 
 from .adapter import ComboAdapter, ComboConfig
 from .align import make_prepare, normalise_maps
-from .data import CachePlan, SplitSource, default_budget, eval_batches, plan_cache, training_batches
+from .data import CACHE_MODES, CachePlan, SplitSource, default_budget, eval_batches, plan_cache, training_batches
 from .linear import LinearProbe
-from .results import VTAB_GROUPS, markdown_table, new_run_dir, sanitise_url, write_json, write_table
+from .results import GROUP_ORDER, VTAB_GROUPS, markdown_table, new_run_dir, sanitise_url, write_json, write_table
 from .stores import AlignedTask, align_tasks, common_tasks, open_stores
 from .train import TrainConfig, evaluate, pick_device, set_seed, train_steps
 
@@ -32,6 +32,8 @@ METHODS = ("combo", "linear")
 
 @dataclass(frozen=True)
 class ProbeConfig:
+    """Everything one `combo probe` invocation needs; recorded (minus storage options) in config.json."""
+
     stores: tuple[str, ...]
     store_root: str | None = None
     dataset: str = "vtab"
@@ -55,14 +57,42 @@ class ProbeConfig:
     width: int = 128
     depth: int = 6
     num_heads: int = 2
+    # rows per shuffle window; None: the whole split when cached, what the budget allows when streamed
+    shuffle_window: int | None = None
 
     def __post_init__(self) -> None:
+        stores = (self.stores,) if isinstance(self.stores, str) else tuple(str(s) for s in self.stores)
+        object.__setattr__(self, "stores", stores)
+        if self.tasks is not None:
+            object.__setattr__(self, "tasks", (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks) or None)
+        grid = (self.grid, self.grid) if isinstance(self.grid, int) else tuple(int(v) for v in self.grid)
+        object.__setattr__(self, "grid", grid)
         if self.protocol not in PROTOCOL_STEPS:
             raise ValueError(f"--protocol {self.protocol!r}: choose one of {', '.join(PROTOCOL_STEPS)}")
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
         if not self.stores:
             raise ValueError("--stores: give at least one store (a short name, a path or a URL)")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"--cache {self.cache!r}: choose one of {', '.join(CACHE_MODES)}")
+        checks = [
+            (self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.group_lambda >= 0, f"--lambda must be >= 0, got {self.group_lambda}"),
+            (len(grid) == 2 and min(grid) >= 1, f"--grid must be two positive sizes (e.g. 14x14), got {self.grid}"),
+            (self.cache_budget > 0, f"--cache-budget must be positive, got {self.cache_budget}"),
+            (self.width >= 1 and self.depth >= 0 and self.num_heads >= 1 and self.width % self.num_heads == 0,
+             f"adapter width {self.width} / depth {self.depth} / heads {self.num_heads}: width must be a positive "
+             "multiple of heads"),
+            (self.shuffle_window is None or self.shuffle_window >= 1,
+             f"--shuffle-window must be >= 1 row, got {self.shuffle_window}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     @property
     def total_steps(self) -> int:
@@ -97,13 +127,19 @@ def _linear_layers(stores: Sequence[FeatureStore]) -> list[list[int]]:
 
 def linear_prepare(uses_prefix: Sequence[bool]) -> Callable[[Sequence[Tensor]], Tensor]:
     """Last-layer feature per backbone: the cls token where stored, else the mean of the patch tokens;
-    each normalised over channels (parameter-free, like ComBo's maps) and concatenated."""
+    each standardised over its channels (parameter-free, like ComBo's maps) and concatenated.
+
+    Input per backbone: [B, 1, P, D] prefix tokens (cls first) or [B, 1, T, D] patch tokens."""
+    flags = [bool(u) for u in uses_prefix]
 
     def prepare(parts: Sequence[Tensor]) -> Tensor:
+        parts = [parts] if isinstance(parts, Tensor) else list(parts)
+        if len(parts) != len(flags):
+            raise ValueError(f"linear probe: got {len(parts)} feature tensors for {len(flags)} backbones")
         pooled = []
-        for x, prefix in zip(parts, uses_prefix):
-            v = x[:, 0, 0, :] if prefix else x[:, 0].float().mean(dim=1)
-            pooled.append(normalise_maps(v.float()[:, None, None, :])[:, 0, 0, :])
+        for x, prefix in zip(parts, flags):
+            v = x[:, 0, 0, :].float() if prefix else x[:, 0].float().mean(dim=1)
+            pooled.append(normalise_maps(v[:, None, None, :])[:, 0, 0, :])
         return torch.cat(pooled, dim=1)
 
     return prepare
@@ -112,7 +148,8 @@ def linear_prepare(uses_prefix: Sequence[bool]) -> Callable[[Sequence[Tensor]], 
 def build_model(kind: str, model_config: dict[str, Any]) -> nn.Module:
     """Rebuild a trained model from the config a run folder records."""
     if kind == "combo":
-        cfg = dict(model_config)
+        names = {f.name for f in fields(ComboConfig)}
+        cfg = {k: v for k, v in model_config.items() if k in names}
         cfg["layers_per_backbone"] = tuple(cfg.get("layers_per_backbone", ()))
         return ComboAdapter(ComboConfig(**cfg))
     if kind == "linear":
@@ -121,22 +158,22 @@ def build_model(kind: str, model_config: dict[str, Any]) -> nn.Module:
 
 
 def sources_for(aligned: AlignedTask, rows: np.ndarray, method: str) -> SplitSource:
+    """What a method reads: ComBo every layer's patch tokens; the linear probe the last layer's cls token
+    where a store has one (else its patch tokens, mean-pooled in `linear_prepare`)."""
     stores = [p.store for p in aligned.parts]
     if method == "linear":
         uses_prefix = [s.num_prefix_tokens > 0 for s in stores]
-        if any(uses_prefix) and not all(uses_prefix):
-            # mixed: read tokens everywhere for one code path; the prefix reader would skip patch-only stores
-            return SplitSource(aligned, rows, layers=_linear_layers(stores), prefix=False)
-        return SplitSource(aligned, rows, layers=_linear_layers(stores), prefix=all(uses_prefix))
+        return SplitSource(aligned, rows, layers=_linear_layers(stores), prefix=uses_prefix)
     return SplitSource(aligned, rows)
 
 
 def model_and_prepare(aligned: AlignedTask, source: SplitSource, cfg: ProbeConfig) -> tuple[str, dict[str, Any], nn.Module, Callable]:
-    num_classes = len(aligned.classes)
+    num_classes = len(aligned.classes) or int(aligned.labels.max()) + 1
     if cfg.method == "linear":
-        dim = aligned.feature_dim * len(aligned.parts) if len({p.store.feature_dim for p in aligned.parts}) == 1 else sum(p.store.feature_dim for p in aligned.parts)
-        model_config = {"feature_dim": dim, "num_classes": num_classes, "uses_prefix": [source.prefix] * len(aligned.parts)}
-        return "linear", model_config, LinearProbe(dim, num_classes), linear_prepare([source.prefix] * len(aligned.parts))
+        uses_prefix = [source.prefix_of(k) for k in range(len(aligned.parts))]
+        dim = sum(p.store.feature_dim for p in aligned.parts)
+        model_config = {"feature_dim": dim, "num_classes": num_classes, "uses_prefix": uses_prefix}
+        return "linear", model_config, LinearProbe(dim, num_classes), linear_prepare(uses_prefix)
     combo = ComboConfig(
         num_layers=sum(aligned.layers_per_backbone), feature_dim=aligned.feature_dim,
         num_tokens=cfg.grid[0] * cfg.grid[1], num_classes=num_classes,
@@ -144,6 +181,7 @@ def model_and_prepare(aligned: AlignedTask, source: SplitSource, cfg: ProbeConfi
     )
     model_config = asdict(combo)
     model_config["layers_per_backbone"] = list(combo.layers_per_backbone)
+    model_config["grid"] = list(cfg.grid)
     return "combo", model_config, ComboAdapter(combo), make_prepare(aligned.grids, target=cfg.grid)
 
 
@@ -166,11 +204,11 @@ def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, gr
     eval_source = sources_for(aligned, eval_rows, cfg.method)
     set_seed(cfg.seed)
     kind, model_config, model, prepare = model_and_prepare(aligned, train_source, cfg)
-    plan: CachePlan = plan_cache(train_source, mode=cfg.cache, budget_bytes=cfg.cache_budget, device=device, batch_size=cfg.batch_size)
+    plan: CachePlan = plan_cache(train_source, mode=cfg.cache, budget_bytes=cfg.cache_budget, device=device,
+                                 batch_size=cfg.batch_size, shuffle_window=cfg.shuffle_window)
     if log:
-        window = "whole split" if plan.window_rows is None else f"{plan.window_rows} rows"
-        log(f"{aligned.name}: {train_rows.size} {train_split} -> {eval_rows.size} {eval_split}; "
-            f"cache {plan.mode} ({plan.split_bytes / 2**20:.0f} MiB, shuffle window {window})")
+        log(f"{aligned.name}: {kind} on {train_rows.size} {train_split} -> {eval_rows.size} {eval_split}, "
+            f"{cfg.total_steps} steps; {plan.describe()}")
     started = time.perf_counter()
     batches = training_batches(train_source, plan, batch_size=cfg.batch_size, seed=cfg.seed, device=device)
     history = train_steps(model, batches, cfg.train_config(group_lambda=group_lambda), device=device, prepare=prepare)
@@ -187,6 +225,7 @@ def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, gr
         "protocol": cfg.protocol,
         "steps": cfg.total_steps,
         "final_loss": float(history["loss"][-1]),
+        "train_seconds": round(float(history["seconds"]), 3),
         "cache": plan.mode,
         "shuffle_window": plan.window_rows,
         "seconds": round(time.perf_counter() - started, 3),
@@ -245,7 +284,8 @@ def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run
         rows.append(fit.metrics)
         write_table(rows, run_dir / "metrics")  # rewritten after each task: a crash keeps finished ones
     title = f"{cfg.method} on {' + '.join(s.backbone['alias'] for s in stores)} ({cfg.dataset}, protocol {cfg.protocol})"
-    (run_dir / "results.md").write_text(markdown_table(rows, title=title, vtab=cfg.dataset == "vtab" or any(r["group"] for r in rows)))
+    vtab = any(s.dataset == "vtab" for s in stores) or any(r.get("group") in GROUP_ORDER for r in rows)
+    (run_dir / "results.md").write_text(markdown_table(rows, title=title, vtab=vtab))
     return ProbeRun(run_dir=run_dir, metrics=rows, fits=fits)
 
 
@@ -254,6 +294,7 @@ def run_config(cfg: ProbeConfig, stores: Sequence[FeatureStore], *, device: torc
     doc.pop("storage_options", None)  # may hold endpoints or keys: never written
     doc["stores"] = [store_provenance(s) for s in stores]
     doc["store_refs"] = [sanitise_url(r) for r in cfg.stores]
+    doc["store_root"] = sanitise_url(cfg.store_root) if cfg.store_root else None
     doc["device"] = str(device)
     doc["train"] = asdict(cfg.train_config())
     doc["combo_version"] = _version()
@@ -269,4 +310,20 @@ def _version() -> str:
         return "unknown"
 
 
-__all__ = ["METHODS", "PROTOCOL_STEPS", "ProbeConfig", "ProbeRun", "TaskFit", "build_model", "fit_task", "run_probe", "save_fit", "replace"]
+__all__ = [
+    "METHODS",
+    "PROTOCOL_STEPS",
+    "ProbeConfig",
+    "ProbeRun",
+    "TaskFit",
+    "build_model",
+    "fit_task",
+    "linear_prepare",
+    "model_and_prepare",
+    "replace",
+    "run_config",
+    "run_probe",
+    "save_fit",
+    "sources_for",
+    "store_provenance",
+]

@@ -1,7 +1,14 @@
-"""Which stores a probe reads, and the check that they describe the same samples."""
+"""Which stores a probe reads, and the check that they describe the same samples.
+
+ComBo concatenates the layers of several backbones per image, so every store must hold the same
+images with the same labels and the same split memberships. Stores may list the samples in another
+order: they are joined by sample id (``AlignedTask.row_maps``). Anything else is refused before
+training starts, with a message naming the store and a few of the samples at fault.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,12 +18,26 @@ import numpy as np
 from store_schema import (
     FeatureStore,
     StoreMismatchError,
+    StoreNotFoundError,
     TaskStore,
     default_store_root,
     is_url,
     open_store,
     store_path,
 )
+from store_schema.samples import SPLIT_PREFIX
+
+__all__ = ["AlignedTask", "align_tasks", "common_tasks", "open_stores", "resolve_store_refs"]
+
+
+def _looks_like_path(ref: str) -> bool:
+    return (
+        is_url(ref)
+        or "/" in ref
+        or os.sep in ref
+        or ref.endswith((".zarr", ".zip"))
+        or ref.startswith(("." , "~"))
+    )
 
 
 def resolve_store_refs(refs: Sequence[str], *, store_root: str | None = None, dataset: str = "vtab") -> list[str]:
@@ -24,24 +45,40 @@ def resolve_store_refs(refs: Sequence[str], *, store_root: str | None = None, da
     root = store_root or default_store_root()
     out = []
     for ref in refs:
-        looks_like_path = is_url(ref) or "/" in ref or ref.endswith((".zarr", ".zip")) or ref.startswith(".")
-        out.append(ref if looks_like_path else store_path(root, ref, dataset))
+        ref = str(ref).strip()
+        if not ref:
+            raise ValueError("--stores: an empty store name")
+        out.append(os.path.expanduser(ref) if _looks_like_path(ref) else store_path(root, ref, dataset))
     return out
 
 
 def open_stores(refs: Sequence[str], *, store_root: str | None = None, dataset: str = "vtab",
                 storage_options: dict[str, Any] | None = None) -> list[FeatureStore]:
+    """Open every store of --stores read-only; they must hold the same dataset."""
+    if not refs:
+        raise ValueError("--stores: give at least one store (a short name, a path or a URL)")
     locations = resolve_store_refs(refs, store_root=store_root, dataset=dataset)
-    stores = [open_store(loc, storage_options=storage_options) for loc in locations]
-    names = [s.backbone["alias"] for s in stores]
-    if len(set(s.url for s in stores)) < len(stores):
-        raise StoreMismatchError(f"the same store is listed twice in --stores: {', '.join(s.url for s in stores)}")
+    stores = []
+    for ref, loc in zip(refs, locations):
+        try:
+            stores.append(open_store(loc, storage_options=storage_options))
+        except StoreNotFoundError as err:
+            if _looks_like_path(str(ref)):
+                raise
+            raise StoreNotFoundError(
+                f"{err}. The short name {ref!r} resolves to <store root>/{ref}/{dataset}.zarr with store root "
+                f"{store_root or default_store_root()!r}; pass --store-root (or set COMBO_STORE_ROOT), --dataset, "
+                "or a path"
+            ) from None
+    urls = [s.url for s in stores]
+    twice = sorted({u for u in urls if urls.count(u) > 1})
+    if twice:
+        raise StoreMismatchError(f"the same store is listed twice in --stores: {', '.join(twice)}")
     datasets = {s.dataset for s in stores}
     if len(datasets) > 1:
         raise StoreMismatchError(
             "stores hold different datasets: " + ", ".join(f"{s.url} ({s.dataset})" for s in stores)
         )
-    del names
     return stores
 
 
@@ -54,7 +91,7 @@ def common_tasks(stores: Sequence[FeatureStore], wanted: Sequence[str] | None = 
                 raise StoreMismatchError(
                     f"store {store.url} has no task {', '.join(missing)}; it holds: {', '.join(store.tasks) or 'none'}"
                 )
-        return list(wanted)
+        return list(dict.fromkeys(wanted))
     shared = [t for t in stores[0].tasks if all(t in s.tasks for s in stores[1:])]
     if not shared:
         raise StoreMismatchError("the stores have no task in common: " + "; ".join(f"{s.url}: {s.tasks}" for s in stores))
@@ -102,41 +139,61 @@ class AlignedTask:
         return rows
 
 
+def _examples(ids: Sequence[str], index: np.ndarray, limit: int = 3) -> str:
+    shown = ", ".join(str(ids[int(i)]) for i in index[:limit])
+    return shown + (f" (+{index.size - limit} more)" if index.size > limit else "")
+
+
 def align_tasks(stores: Sequence[FeatureStore], task: str) -> AlignedTask:
-    """Open `task` in every store and check they hold the same samples with the same labels."""
+    """Open `task` in every store and check they hold the same samples, labels, splits and classes."""
     parts = [s.task(task) for s in stores]
     for part in parts:
         part.require_complete()
     dims = {p.store.feature_dim for p in parts}
     if len(dims) > 1:
         raise StoreMismatchError(
-            "stores have different feature widths ("
+            f"task {task}: stores have different feature widths ("
             + ", ".join(f"{p.store.url}: D={p.store.feature_dim}" for p in parts)
-            + "); ComBo as in the paper concatenates backbones of equal width only"
+            + "); ComBo as in the paper stacks the layers of backbones of equal width only"
         )
     ref = parts[0]
     ref_ids = ref.sample_ids
+    ref_splits = {c for c in ref.samples.column_names if c.startswith(SPLIT_PREFIX)}
     row_maps = [np.arange(len(ref_ids), dtype=np.int64)]
     for part in parts[1:]:
+        where = f"task {task}: {part.store.url} (compared with {ref.store.url})"
         ids = part.sample_ids
         if ids == ref_ids:
             row_map = np.arange(len(ids), dtype=np.int64)
         else:
             index = {sid: i for i, sid in enumerate(ids)}
+            ref_set = set(ref_ids)
             missing = [sid for sid in ref_ids if sid not in index]
-            extra = [sid for sid in ids if sid not in set(ref_ids)]
+            extra = [sid for sid in ids if sid not in ref_set]
             if missing or extra:
                 raise StoreMismatchError(
-                    f"task {task}: {part.store.url} and {ref.store.url} hold different samples: "
-                    f"{len(missing)} only in the latter (e.g. {missing[:3]}), {len(extra)} only in the former (e.g. {extra[:3]})"
+                    f"{where} holds different samples: {len(missing)} missing from it (e.g. {missing[:3]}), "
+                    f"{len(extra)} only in it (e.g. {extra[:3]}). Extract both from the same dataset folder."
                 )
             row_map = np.array([index[sid] for sid in ref_ids], dtype=np.int64)
         labels = part.labels[row_map]
         wrong = np.nonzero(labels != ref.labels)[0]
         if wrong.size:
-            examples = ", ".join(f"{ref_ids[i]} ({ref.labels[i]} vs {labels[i]})" for i in wrong[:3])
+            examples = ", ".join(f"{ref_ids[i]} ({labels[i]} there vs {ref.labels[i]})" for i in wrong[:3])
+            raise StoreMismatchError(f"{where} labels {wrong.size} sample(s) differently: {examples}")
+        if part.classes and ref.classes and part.classes != ref.classes:
             raise StoreMismatchError(
-                f"task {task}: {part.store.url} labels {wrong.size} sample(s) differently from {ref.store.url}: {examples}"
+                f"{where} names the classes differently: {part.classes[:5]}... vs {ref.classes[:5]}..."
             )
+        splits = {c for c in part.samples.column_names if c.startswith(SPLIT_PREFIX)}
+        for column in sorted(ref_splits & splits):
+            a = ref.samples.column(column).to_numpy(zero_copy_only=False)
+            b = part.samples.column(column).to_numpy(zero_copy_only=False)[row_map]
+            differ = np.nonzero(a != b)[0]
+            if differ.size:
+                raise StoreMismatchError(
+                    f"{where} puts {differ.size} sample(s) in split {column[len(SPLIT_PREFIX):]!r} differently: "
+                    f"{_examples(ref_ids, differ)}"
+                )
         row_maps.append(row_map)
     return AlignedTask(name=task, parts=parts, row_maps=row_maps)

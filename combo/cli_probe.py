@@ -1,0 +1,228 @@
+"""`combo probe`, `combo predict`, `combo demo`: stage 2 from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from .clikit import console, err_console, friendly_errors, split_list
+
+STORES_HELP = "Comma-separated stores: short names (resolved as <store root>/<name>/<dataset>.zarr), paths or URLs."
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    """'14' or '14x14' (also '14,14') -> (14, 14)."""
+    parts = str(text).lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise ValueError(f"--grid {text!r}: expected a size such as 14 or 14x14") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise ValueError(f"--grid {text!r}: expected a size such as 14 or 14x14")
+    return values[0], values[1]
+
+
+def parse_weights(items: Optional[list[str]]) -> dict[str, str]:
+    """['dinov2=/ckpt/dinov2.safetensors'] -> {'dinov2': '/ckpt/dinov2.safetensors'}."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        alias, sep, path = item.partition("=")
+        if not sep or not alias.strip() or not path.strip():
+            raise ValueError(f"--weights {item!r}: expected ALIAS=PATH")
+        out[alias.strip()] = path.strip()
+    return out
+
+
+def _log(message: str) -> None:
+    err_console.print(f"[dim]{message}[/dim]", highlight=False)
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None or value == "" else f"{100 * float(value):.1f}"
+
+
+def results_table(rows: list[dict[str, Any]], *, title: str, vtab: bool) -> Table:
+    """Per-task accuracy; for VTAB also the group means and the overall mean (mean of the group means)."""
+    from probe.results import GROUP_ORDER, GROUP_TITLES, VTAB_GROUPS, group_means
+
+    table = Table(title=title)
+    for column, justify in (("task", "left"), ("group", "left"), ("split", "left"), ("n", "right"), ("accuracy (%)", "right")):
+        table.add_column(column, justify=justify)
+
+    def group_of(row: dict[str, Any]) -> str:
+        return str(row.get("group") or VTAB_GROUPS.get(str(row["task"])) or "")
+
+    def order(row: dict[str, Any]) -> tuple[int, str]:
+        g = group_of(row)
+        return (GROUP_ORDER.index(g) if g in GROUP_ORDER else len(GROUP_ORDER), str(row["task"]))
+
+    for row in sorted(rows, key=order):
+        table.add_row(str(row["task"]), group_of(row), str(row["split"]), str(row["n"]), _pct(row["accuracy"]))
+    if vtab:
+        means, overall = group_means(rows)
+        table.add_section()
+        for g in GROUP_ORDER:
+            table.add_row(f"[bold]{GROUP_TITLES[g]}[/bold] (mean)", g, "", "", _pct(means.get(g)))
+        table.add_row("[bold]Overall[/bold] (mean of group means)", "", "", "", f"[bold]{_pct(overall)}[/bold]")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------- probe
+
+
+@friendly_errors
+def probe_command(
+    stores: str = typer.Option(..., "--stores", "-s", help=STORES_HELP),
+    store_root: Optional[str] = typer.Option(None, "--store-root", help="Where short store names live (default $COMBO_STORE_ROOT or ./stores)."),
+    dataset: str = typer.Option("vtab", "--dataset", "-d", help="Dataset of the stores (for short names)."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Comma-separated tasks; default: every task all stores hold."),
+    protocol: str = typer.Option("final", "--protocol", help="final: train800val200 -> test (1,600 steps); dev: train800 -> val200 (1,300 steps)."),
+    method: str = typer.Option("combo", "--method", help="combo (the adapter over every layer) or linear (last-layer linear probe)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: the protocol's)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Training batch size (paper: 64)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (paper: 1e-3)."),
+    seed: int = typer.Option(42, "--seed", help="Seed for the adapter's init and the sample order (paper: 42)."),
+    grid: str = typer.Option("14x14", "--grid", help="Common token grid every backbone's maps are resized to: 14 or 14x14."),
+    cache: str = typer.Option("auto", "--cache", help="Where the training split lives: auto, device (GPU), ram, stream."),
+    cache_budget: Optional[str] = typer.Option(None, "--cache-budget", help="Memory for the training split, e.g. 8GiB (default: half the RAM)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu, mps; default: the best available."),
+    out: str = typer.Option("runs", "--out", "-o", help="Folder the run folder is created in."),
+    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE for remote stores (repeatable; never written anywhere)."),
+    select: Optional[str] = typer.Option(None, "--select", help="Backbone selection: train with the group penalty (--lambda), keep top-K (e.g. top-2) or those with normalised importance >= a threshold (e.g. 0.2) per task, retrain without it."),
+    group_lambda: float = typer.Option(0.01, "--lambda", help="Group-penalty weight for --select (paper: 0.01)."),
+    shuffle_window: Optional[int] = typer.Option(None, "--shuffle-window", help="Rows per shuffle window (default: the whole split when cached; what the budget allows when streamed)."),
+    width: int = typer.Option(128, "--width", hidden=True, help="Adapter width (paper: 128; smaller only for tests/demos)."),
+    depth: int = typer.Option(6, "--depth", hidden=True, help="Adapter depth (paper: 6)."),
+    heads: int = typer.Option(2, "--heads", hidden=True, help="Adapter heads (paper: 2)."),
+) -> None:
+    """Train ComBo (or the linear baseline) on feature stores and evaluate it; never reruns a backbone."""
+    from probe.data import budget_from_text
+    from probe.results import GROUP_ORDER
+    from probe.run import ProbeConfig, run_probe
+
+    from .cli_store import storage_options
+
+    refs = split_list(stores)
+    if not refs:
+        raise ValueError("--stores: give at least one store (short names, paths or URLs, comma-separated)")
+    options = storage_options(storage_option, *refs, store_root)
+    kwargs: dict[str, Any] = {}
+    if cache_budget:
+        kwargs["cache_budget"] = budget_from_text(cache_budget)
+    selection = None
+    if select:
+        if method != "combo":
+            raise ValueError("--select works with --method combo (the penalty is on ComBo's Lambda)")
+        from probe.relevance import parse_select
+
+        selection = parse_select(select)  # bad syntax fails before anything is opened
+    cfg = ProbeConfig(
+        stores=tuple(refs), store_root=store_root, dataset=dataset, tasks=tuple(split_list(task) or ()) or None,
+        protocol=protocol, method=method, steps=steps, batch_size=batch_size, lr=lr, seed=seed, grid=parse_grid(grid),
+        cache=cache, device=device, out=out, storage_options=options or None, width=width, depth=depth,
+        num_heads=heads, shuffle_window=shuffle_window, **kwargs,
+    )
+    if selection is not None:
+        from probe.relevance import run_select
+
+        result = run_select(cfg, select=selection, group_lambda=group_lambda, log=_log)
+        rows, run_dir = result.metrics, result.run_dir
+        title = f"ComBo on the backbones chosen per task ({selection.describe()}, lambda {group_lambda:g})"
+        chosen = Table(title="selected backbones")
+        chosen.add_column("task")
+        chosen.add_column("kept")
+        for name, kept in result.chosen.items():
+            chosen.add_row(name, ", ".join(kept))
+        console.print(chosen)
+    else:
+        run = run_probe(cfg, log=_log)
+        rows, run_dir = run.metrics, run.run_dir
+        names = ", ".join(Path(r).stem if "/" in r else r for r in refs)
+        title = f"{method} on {names} ({dataset}, protocol {protocol})"
+    vtab = any(r.get("group") in GROUP_ORDER for r in rows)  # VTAB stores record each task's group
+    console.print(results_table(rows, title=title, vtab=vtab))
+    console.print(f"run folder: [bold]{run_dir}[/bold]", soft_wrap=True)
+
+
+# -------------------------------------------------------------------------------------------------- predict
+
+
+@friendly_errors
+def predict_command(
+    probe: Path = typer.Option(..., "--probe", "-p", help="A run folder written by combo probe (or relevance / select)."),
+    images: Path = typer.Option(..., "--images", "-i", help="An image file, or a folder searched recursively."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV to write (path, task, prediction, class, confidence)."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Which task's model, when the run holds several."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu ...; default: the best available."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per forward pass."),
+    weights: Optional[list[str]] = typer.Option(None, "--weights", help="ALIAS=PATH: a local checkpoint for a backbone (repeatable); its sha256 must match the run's record."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="List undecodable images with their error instead of stopping."),
+    show: int = typer.Option(20, "--show", help="Rows of the table printed (all are written to --out)."),
+) -> None:
+    """Run the recorded backbones and the trained adapter on new images; print/write the predicted classes."""
+    from .predict import predict_images, write_predictions
+
+    result = predict_images(probe, images, task=task, device=device, batch_size=batch_size,
+                            weights=parse_weights(weights), skip_bad=skip_bad, log=_log)
+    console.print(f"{result.task}: {len(result.rows)} image(s), backbones {', '.join(result.backbones)}", soft_wrap=True)
+    base = images if images.is_dir() else images.parent
+    table = Table(title=f"predictions ({base})" if images.is_dir() else None)
+    for column, justify in (("image", "left"), ("class", "left"), ("index", "right"), ("confidence", "right")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for row in result.rows[: max(0, show)]:
+        shown = Path(row["path"]).relative_to(base).as_posix() if Path(row["path"]).is_relative_to(base) else row["path"]
+        if row["error"]:
+            table.add_row(shown, f"[red]{row['error']}[/red]", "-", "-")
+        else:
+            table.add_row(shown, row["class"], str(row["prediction"]), f"{row['confidence']:.3f}")
+    console.print(table)
+    if len(result.rows) > show:
+        console.print(f"... {len(result.rows) - show} more row(s)" + ("" if out else "; pass --out FILE.csv to keep them all"))
+    if out:
+        console.print(f"predictions: [bold]{write_predictions(result, out)}[/bold]", soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------------------------------- demo
+
+
+@friendly_errors
+def demo_command(
+    out: Path = typer.Option(Path("combo-demo"), "--out", "-o", help="Everything goes here: OUT/stores and OUT/runs."),
+    models: str = typer.Option("vit_tiny_patch16_224,deit_tiny_patch16_224", "--models", help="Comma-separated timm ViTs of equal width (random-init)."),
+    image_size: int = typer.Option(32, "--image-size", help="Input size of the backbones (patch 16 -> a 2x2 token grid at 32)."),
+    steps: int = typer.Option(300, "--steps", help="Training steps per method (the paper's protocol: 1,600)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    width: int = typer.Option(64, "--width", help="Adapter width (paper: 128)."),
+    depth: int = typer.Option(2, "--depth", help="Adapter depth (paper: 6)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu ...; default: the best available."),
+    seed: int = typer.Option(42, "--seed"),
+) -> None:
+    """The whole pipeline offline on sklearn's digits: extract two random-init ViTs, probe with ComBo and linear."""
+    from .demo import DemoConfig, REAL_WEIGHTS_HELP, run_demo
+
+    cfg = DemoConfig(out=str(out), models=tuple(split_list(models) or ()), image_size=image_size, steps=steps,
+                     batch_size=batch_size, width=width, depth=depth, device=device, seed=seed)
+    console.print(
+        "[bold yellow]Demo with RANDOMLY INITIALISED backbones[/bold yellow] (no weights can be downloaded offline): "
+        "the accuracies below only show that the pipeline runs end to end; they say nothing about the method.",
+        soft_wrap=True,
+    )
+    settings = Table(title="demo settings")
+    settings.add_column("setting")
+    settings.add_column("value")
+    for key, value in cfg.describe().items():
+        settings.add_row(key, str(value))
+    console.print(settings)
+    result = run_demo(cfg, log=_log)
+    for name, rows in result.metrics.items():
+        console.print(results_table(rows, title=f"{name} on {' + '.join(cfg.models)} (digits, train800val200 -> test)", vtab=False))
+    console.print(f"stores: [bold]{result.store_root}[/bold]", soft_wrap=True)
+    for name, path in result.run_dirs.items():
+        console.print(f"run folder ({name}): [bold]{path}[/bold]", soft_wrap=True)
+    console.print(f"took {result.seconds:.0f} s")
+    console.print(REAL_WEIGHTS_HELP, soft_wrap=True, highlight=False)

@@ -1,0 +1,349 @@
+"""`combo predict`: run the backbones a probe run was trained on, then its adapter, on new images.
+
+Composes both stages (so it lives here, not in `extract` or `probe`): every backbone recorded in
+the run's config.json is rebuilt exactly as `combo extract` built it (same architecture, image size
+and weights: random-init with the same seed, the same file, or timm's pretrained checkpoint, checked
+against the recorded sha256 when one was recorded), images are preprocessed exactly as at
+extraction (`extract.images.preprocess`), every block's tokens are taken, rounded to the store's
+dtype, aligned and normalised as in training, and fed to the saved adapter (or linear probe).
+
+Limit: a store written with custom timm `model_kwargs` (e.g. a shrunken test ViT) does not record
+them, so its backbone cannot be rebuilt; that is detected (layer count, width, grid) and refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from extract.backbones import Backbone, block_tokens, inference_context, load_backbone, pick_device
+from extract.datasets import IMAGE_EXTENSIONS, open_image_file
+from extract.images import preprocess
+from probe.align import make_prepare
+from probe.run import build_model, linear_prepare
+
+__all__ = [
+    "PredictError",
+    "PredictResult",
+    "RecordedBackbone",
+    "TrainedTask",
+    "list_images",
+    "load_trained",
+    "predict_images",
+    "rebuild_backbone",
+    "write_predictions",
+]
+
+RUN_KINDS = ("probe", "relevance", "select")
+
+
+class PredictError(ValueError):
+    """A run folder, image path or backbone that cannot be used for prediction; the message says which."""
+
+
+@dataclass(frozen=True)
+class RecordedBackbone:
+    """One store's backbone and preprocessing, as recorded in a run's config.json."""
+
+    alias: str
+    timm_name: str
+    pretrained_tag: str | None
+    weights_source: str
+    weights_sha256: str | None
+    seed: int | None
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    token_grid: tuple[int, int]
+    num_prefix_tokens: int
+    layers: tuple[int, ...]
+    num_layers: int
+    feature_dim: int
+    dtype: str
+    url: str
+
+    @classmethod
+    def from_provenance(cls, doc: dict[str, Any]) -> "RecordedBackbone":
+        try:
+            bb, pre, feats = doc["backbone"], doc["preprocessing"], doc["features"]
+            return cls(
+                alias=str(bb["alias"]), timm_name=str(bb["timm_name"]), pretrained_tag=bb.get("pretrained_tag"),
+                weights_source=str(bb["weights_source"]), weights_sha256=bb.get("weights_sha256"), seed=bb.get("seed"),
+                image_size=int(pre["image_size"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+                token_grid=tuple(int(v) for v in feats["token_grid"]), num_prefix_tokens=int(feats["num_prefix_tokens"]),
+                layers=tuple(int(v) for v in feats.get("layers") or range(int(feats["num_layers"]))),
+                num_layers=int(feats.get("num_layers") or len(feats["layers"])),
+                feature_dim=int(feats["feature_dim"]), dtype=str((doc.get("storage") or {}).get("dtype", "float16")),
+                url=str(doc.get("url", "")),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise PredictError(f"store record {doc.get('url', '?')} in config.json lacks backbone provenance ({err})") from None
+
+
+@dataclass
+class TrainedTask:
+    """Everything needed to rebuild one task's trained model."""
+
+    run_dir: Path
+    task: str
+    kind: str  # "combo" | "linear"
+    model_config: dict[str, Any]
+    classes: list[str]
+    backbones: list[RecordedBackbone]
+    grid: tuple[int, int]
+    weights: Path
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise PredictError(f"--probe {run_dir}: no such run folder")
+    if not path.is_file():
+        raise PredictError(f"--probe {run_dir}: no config.json (not a run folder written by combo probe)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PredictError(f"{path} is not valid JSON: {err}") from None
+
+
+def load_trained(run_dir: str | os.PathLike, task: str | None = None) -> TrainedTask:
+    """Read a probe (or relevance / select) run folder and pick one task's model."""
+    run_dir = Path(run_dir)
+    doc = _read_config(run_dir)
+    kind = doc.get("kind", "probe")
+    if kind not in RUN_KINDS:
+        raise PredictError(f"{run_dir} is a {kind!r} run; predict needs a probe, relevance or select run")
+    tasks = doc.get("tasks") or {}
+    if not tasks:
+        raise PredictError(f"{run_dir}: no trained task recorded in config.json (did the run finish a task?)")
+    if task is None:
+        if len(tasks) > 1:
+            raise PredictError(f"{run_dir} holds {len(tasks)} tasks ({', '.join(tasks)}); choose one with --task")
+        task = next(iter(tasks))
+    if task not in tasks:
+        raise PredictError(f"{run_dir}: no task {task!r}; it holds {', '.join(tasks)}")
+    entry = tasks[task]
+    stores = [RecordedBackbone.from_provenance(s) for s in doc.get("stores", [])]
+    model_config = dict(entry.get("model") or {})
+    if kind == "select":
+        names = list(doc.get("backbones") or [])
+        kept = list((doc.get("selection") or {}).get(task) or [])
+        if not kept or "selected_model" not in entry or any(n not in names for n in kept):
+            raise PredictError(f"{run_dir}: the selection for task {task} is not recorded completely")
+        stores = [stores[names.index(n)] for n in kept]
+        model_config = dict(entry["selected_model"])
+    model_kind = model_config.pop("kind", doc.get("method", "combo"))
+    weights = run_dir / f"adapter-{task}.safetensors"
+    if not weights.is_file():
+        raise PredictError(f"{run_dir}: the weights file {weights.name} is missing")
+    grid = tuple(model_config.get("grid") or doc.get("grid") or (14, 14))
+    classes = list(entry.get("classes") or [])
+    num_classes = int(model_config.get("num_classes", len(classes)))
+    if len(classes) < num_classes:
+        classes += [str(i) for i in range(len(classes), num_classes)]
+    return TrainedTask(run_dir=run_dir, task=task, kind=model_kind, model_config=model_config, classes=classes,
+                       backbones=stores, grid=(int(grid[0]), int(grid[1])), weights=weights)
+
+
+def load_model(trained: TrainedTask) -> torch.nn.Module:
+    model = build_model(trained.kind, trained.model_config)
+    try:
+        state = load_file(str(trained.weights))
+        model.load_state_dict(state, strict=True)
+    except Exception as err:  # noqa: BLE001 - safetensors / shape errors
+        raise PredictError(f"{trained.weights} does not fit the recorded {trained.kind} model: {err}") from None
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------- backbones
+
+
+def rebuild_backbone(record: RecordedBackbone, *, weights_override: str | None = None) -> Backbone:
+    """The backbone of one store, with the same weights; its structure is checked against the record."""
+    source = record.weights_source
+    name = record.alias
+    try:
+        if source == "random-init":
+            if weights_override:
+                raise PredictError(f"--weights {record.alias}=...: that store was extracted with random-init weights")
+            backbone = load_backbone(name, image_size=record.image_size, random_init=True, seed=int(record.seed or 0))
+        elif source.startswith("file:"):
+            path = weights_override or source[len("file:"):]
+            backbone = load_backbone(name, image_size=record.image_size, weights=path, expected_sha256=record.weights_sha256)
+        elif source.startswith("timm-pretrained:"):
+            backbone = load_backbone(name, image_size=record.image_size, weights=weights_override,
+                                     expected_sha256=record.weights_sha256)
+        else:
+            raise PredictError(f"store {record.url}: unknown weights source {source!r}")
+    except PredictError:
+        raise
+    except (ValueError, RuntimeError, OSError) as err:
+        raise PredictError(f"cannot rebuild backbone {record.alias} of store {record.url}: {err}") from None
+    # extraction stores every block, so the block count must match too (not just the recorded layer ids)
+    found = {
+        "blocks": backbone.num_layers, "token grid": tuple(backbone.token_grid),
+        "prefix tokens": backbone.num_prefix_tokens, "width D": backbone.embed_dim,
+    }
+    wanted = {
+        "blocks": record.num_layers, "token grid": record.token_grid, "prefix tokens": record.num_prefix_tokens,
+        "width D": record.feature_dim,
+    }
+    differ = [f"{k}: rebuilt {found[k]} vs recorded {wanted[k]}" for k in found if found[k] != wanted[k]]
+    if record.layers and max(record.layers) >= backbone.num_layers:
+        differ.append(f"layers: rebuilt {backbone.num_layers} blocks vs recorded layer ids up to {max(record.layers)}")
+    if differ:
+        raise PredictError(
+            f"backbone {record.alias} rebuilt from {source} does not match store {record.url} ({'; '.join(differ)}); "
+            "was it extracted with custom model kwargs? Those are not recorded, so predict cannot rebuild it"
+        )
+    return backbone
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def list_images(path: str | os.PathLike) -> list[Path]:
+    """A single file, or every image file under a folder (recursive, sorted, hidden entries skipped)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise PredictError(f"--images {path}: no such file or folder")
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    if not found:
+        raise PredictError(f"--images {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+    return sorted(found, key=lambda p: p.relative_to(path).as_posix())
+
+
+# ------------------------------------------------------------------------------------------------ predict
+
+
+@dataclass
+class PredictResult:
+    task: str
+    classes: list[str]
+    backbones: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)  # path, prediction, class, confidence, error
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return np.array([r["prediction"] if r["prediction"] is not None else -1 for r in self.rows], dtype=np.int64)
+
+
+_STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _features(backbones: Sequence[Backbone], records: Sequence[RecordedBackbone], images: Sequence[Any],
+              *, kind: str, uses_prefix: Sequence[bool], device: torch.device) -> list[Tensor]:
+    """Per backbone, what the store held for these images (rounded to its dtype) and the probe read."""
+    parts = []
+    for backbone, record, prefix in zip(backbones, records, uses_prefix):
+        x = torch.stack([preprocess(img, image_size=record.image_size, mean=record.mean, std=record.std) for img in images])
+        with inference_context(device):
+            patch, pre = block_tokens(backbone, x.to(device))
+        dtype = _STORE_DTYPES.get(record.dtype, torch.float16)
+        layers = list(record.layers)
+        if kind == "linear":
+            last = layers[-1]
+            parts.append((pre if prefix else patch)[:, last : last + 1].to(dtype).clone())
+        else:
+            if layers != list(range(patch.shape[1])):
+                patch = patch[:, layers]
+            parts.append(patch.to(dtype).clone())
+    return parts
+
+
+def predict_images(
+    run_dir: str | os.PathLike,
+    images: str | os.PathLike,
+    *,
+    task: str | None = None,
+    device: str | None = None,
+    batch_size: int = 32,
+    weights: dict[str, str] | None = None,
+    skip_bad: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> PredictResult:
+    """Predict a class for every image under `images` with the model a run folder recorded.
+
+    `weights` maps a backbone alias to a local checkpoint to use instead of the recorded location (its
+    sha256 is still checked when the run recorded one). Undecodable images stop with an error naming the
+    file, or with `skip_bad` get a row with the error and no prediction.
+    """
+    if batch_size < 1:
+        raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
+    trained = load_trained(run_dir, task)
+    files = list_images(images)
+    torch_device = pick_device(device)
+    weights = dict(weights or {})
+    unknown = [a for a in weights if a not in {b.alias for b in trained.backbones}]
+    if unknown:
+        raise PredictError(f"--weights {', '.join(unknown)}: no such backbone in the run "
+                           f"({', '.join(b.alias for b in trained.backbones)})")
+    model = load_model(trained).to(torch_device)
+    backbones = []
+    for record in trained.backbones:
+        if log:
+            log(f"rebuilding {record.alias} ({record.weights_source}) at {record.image_size}px")
+        backbones.append(rebuild_backbone(record, weights_override=weights.get(record.alias)))
+        backbones[-1].model.to(torch_device)
+    if trained.kind == "linear":
+        uses_prefix = list(trained.model_config.get("uses_prefix") or [b.num_prefix_tokens > 0 for b in trained.backbones])
+        prepare = linear_prepare(uses_prefix)
+    else:
+        uses_prefix = [False] * len(trained.backbones)
+        prepare = make_prepare([b.token_grid for b in trained.backbones], target=trained.grid)
+    result = PredictResult(task=trained.task, classes=trained.classes, backbones=[b.alias for b in trained.backbones])
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        decoded, kept = [], []
+        for path in chunk:
+            try:
+                decoded.append(open_image_file(path))
+                kept.append(path)
+            except Exception as err:  # noqa: BLE001 - PIL raises many types
+                if not skip_bad:
+                    raise PredictError(f"cannot decode image {path}: {type(err).__name__}: {err}") from None
+                result.rows.append({"path": str(path), "prediction": None, "class": None, "confidence": None,
+                                    "error": f"{type(err).__name__}: {err}"})
+        if not decoded:
+            continue
+        parts = _features(backbones, trained.backbones, decoded, kind=trained.kind, uses_prefix=uses_prefix,
+                          device=torch_device)
+        with torch.no_grad():
+            x = prepare(parts)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
+                logits = model(x)
+            probs = torch.softmax(logits.float(), dim=-1).cpu()
+        confidence, index = probs.max(dim=-1)
+        for path, k, p in zip(kept, index.tolist(), confidence.tolist()):
+            name = trained.classes[k] if k < len(trained.classes) else str(k)
+            result.rows.append({"path": str(path), "prediction": int(k), "class": name, "confidence": float(p), "error": None})
+    return result
+
+
+def write_predictions(result: PredictResult, path: str | os.PathLike) -> Path:
+    """CSV with one row per image: path, task, prediction (class index), class (name), confidence, error."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "task", "prediction", "class", "confidence", "error"])
+        writer.writeheader()
+        for row in result.rows:
+            writer.writerow({"task": result.task, **{k: ("" if v is None else v) for k, v in row.items()}})
+    return path
