@@ -12,7 +12,6 @@ from torch import nn
 from probe.adapter import AdapterConfigError, ComboAdapter, ComboConfig, expected_num_params
 from probe.align import FeatureShapeError, align_grid, make_prepare, normalise_maps, prepare_features
 
-torch.set_num_threads(2)
 
 
 def _count(module: nn.Module) -> int:

@@ -18,7 +18,6 @@ from probe.report import read_csv
 from store_schema import StoreLayout, open_store
 from tests.storefactory import vtab_like_splits, write_store
 
-torch.set_num_threads(2)
 
 N_TRAIN, N_VAL, CLASSES, DIM, GRID = 64, 32, 4, 16, (2, 2)
 FAST = dict(dataset="synthetic", steps=100, batch_size=32, lr=1e-2, device="cpu")

@@ -29,14 +29,6 @@ TINY_SAM = dict(depth=3, embed_dim=32, num_heads=2, window_size=2, global_attn_i
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture
 def no_network_env(monkeypatch, tmp_path):
     """An empty HF cache; proxies removed so the connectivity probe is meaningful."""

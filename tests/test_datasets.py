@@ -70,7 +70,7 @@ def test_split_file_tolerates_crlf_bom_blanks_and_tabs(tmp_path):
 def test_split_file_bad_line_names_file_and_line(tmp_path, bad):
     f = tmp_path / "val200.txt"
     f.write_text(f"images/ok.jpg 1\n\n{bad}\n")
-    with pytest.raises(DatasetError, match=rf"val200\.txt:3\b"):
+    with pytest.raises(DatasetError, match=r"val200\.txt:3\b"):
         read_split_file(f)
 
 

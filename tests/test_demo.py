@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from typer.testing import CliRunner
 
 from combo.cli import app
@@ -12,7 +11,6 @@ from combo.demo import DemoConfig
 from probe.results import read_metrics
 from store_schema import open_store
 
-torch.set_num_threads(1)
 runner = CliRunner()
 
 

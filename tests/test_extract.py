@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,7 +18,7 @@ from combo.cli import app
 from extract.backbones import load_backbone
 from extract.datasets import plan_dataset
 from extract.images import preprocess
-from fakedata import ODD_MODES, make_vtab_tree, odd_mode_image, write_corrupt
+from fakedata import ODD_MODES, make_vtab_tree, odd_mode_image
 from store_schema import StoreWriter, open_store, validate_store
 
 MODEL = "vit_tiny_patch16_224"

@@ -27,7 +27,6 @@ from fakedata import write_corrupt
 from probe.relevance import run_select
 from probe.run import ProbeConfig, run_probe
 
-torch.set_num_threads(1)
 
 MODELS = ("vit_tiny_patch16_224", "deit_tiny_patch16_224")
 TASK = "clevr_count"

@@ -50,7 +50,6 @@ from servers import static_http_server
 from store_schema import StoreError, StoreLayout, StoreMismatchError
 from storefactory import vtab_like_splits, write_store
 
-torch.set_num_threads(1)  # the CI box has 2 shared cores; 2 threads under contention are 100x slower here
 
 MODELS = ("vit_tiny_patch16_224", "deit_tiny_patch16_224")
 TASK = "clevr_count"

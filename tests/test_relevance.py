@@ -37,7 +37,6 @@ from probe.train import set_seed
 from store_schema import StoreLayout
 from tests.storefactory import vtab_like_splits, write_store
 
-torch.set_num_threads(2)
 
 N_TRAIN, N_VAL, CLASSES, DIM, GRID = 64, 32, 4, 16, (2, 2)
 LAMBDA, LR, STEPS = 0.05, 3e-3, 60

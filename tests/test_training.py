@@ -32,7 +32,6 @@ from probe.train import (
     train_steps,
 )
 
-torch.set_num_threads(2)
 CPU = torch.device("cpu")
 
 
