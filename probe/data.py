@@ -111,59 +111,9 @@ class SplitSource:
         """Features of the given positions (any order), one array per store, rows in `positions` order."""
         positions = np.asarray(positions, dtype=np.int64)
         return [
-            read_rows(self._array(k), row_map[self.rows[positions]], layers=self.layers_of(k),
-                      rows_per_shard=part.rows_per_shard, where=f"{part.store.url}/{part.name}")
+            part.read(row_map[self.rows[positions]], layers=self.layers_of(k), prefix=self.prefix_of(k))
             for k, (part, row_map) in enumerate(zip(self.task.parts, self.task.row_maps))
         ]
-
-
-SPAN_BYTES = 16 * 2**20  # most bytes one zarr call may decode (neighbouring shards merge up to this)
-
-
-def read_rows(array, rows: np.ndarray, *, layers: list[int] | None, rows_per_shard: int, where: str = "") -> np.ndarray:
-    """Rows (any order) of a [N, L, T, D] zarr array into one preallocated array.
-
-    Touched shards are read whole when mostly needed (else from their first to their last needed row),
-    neighbouring ones merged into one zarr call up to `SPAN_BYTES` (zarr then fetches and decodes their
-    chunks concurrently: one round trip per span, not per shard, on remote stores), and scattered
-    straight into the output: peak memory is the output plus one span, not the two or three copies a
-    read-concatenate-reorder costs. A layer selection is read with orthogonal indexing, so only those
-    layers' inner chunks are decoded.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    num_rows = int(array.shape[0])
-    shape = (rows.size, array.shape[1] if layers is None else len(layers), *array.shape[2:])
-    out = np.empty(shape, dtype=array.dtype)
-    if rows.size == 0:
-        return out
-    if rows.min() < 0 or rows.max() >= num_rows:
-        raise IndexError(f"{where}: rows outside 0..{num_rows - 1}")
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    row_bytes = int(np.prod(shape[1:])) * out.dtype.itemsize
-    max_span = max(rows_per_shard, SPAN_BYTES // max(1, row_bytes))
-    spans: list[list[int]] = []  # [lo, hi, first index into sorted_rows, last]
-    shard_ids = sorted_rows // rows_per_shard
-    bounds = np.flatnonzero(np.diff(shard_ids)) + 1
-    start = 0
-    for group in np.split(sorted_rows, bounds):
-        shard = int(group[0]) // rows_per_shard
-        lo, hi = int(group[0]), int(group[-1]) + 1
-        shard_lo, shard_hi = shard * rows_per_shard, min((shard + 1) * rows_per_shard, num_rows)
-        if 2 * (hi - lo) >= shard_hi - shard_lo:
-            lo, hi = shard_lo, shard_hi
-        if spans and spans[-1][1] >= lo and hi - spans[-1][0] <= max_span:
-            spans[-1][1], spans[-1][3] = hi, start + group.size
-        else:
-            spans.append([lo, hi, start, start + group.size])
-        start += group.size
-    for lo, hi, first, last in spans:
-        block = array[lo:hi] if layers is None else array.oindex[lo:hi, layers]
-        wanted = sorted_rows[first:last] - lo
-        whole = wanted.size == block.shape[0] and np.array_equal(wanted, np.arange(wanted.size))
-        out[order[first:last]] = block if whole else block[wanted]  # no second copy of a wholly used span
-        del block
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- sample order
@@ -511,7 +461,6 @@ __all__ = [
     "eval_batches",
     "plan_cache",
     "read_all",
-    "read_rows",
     "stream_batches",
     "training_batches",
 ]

@@ -113,13 +113,16 @@ class FeatureStore:
         return f"FeatureStore({self.url!r}, backbone={self.backbone['alias']!r}, tasks={self.tasks})"
 
 
-def read_spans(sorted_rows: np.ndarray, *, rows_per_shard: int, num_rows: int) -> list[tuple[int, int]]:
+SPAN_BYTES = 16 * 2**20  # most bytes one zarr call may decode (neighbouring shards merge up to this)
+
+
+def read_spans(sorted_rows: np.ndarray, *, rows_per_shard: int, num_rows: int, max_rows: int | None = None) -> list[tuple[int, int]]:
     """Row ranges to read for `sorted_rows`: one zarr call per run of touched shards, not per run of rows.
 
     Each call to zarr costs a round trip per inner chunk it touches, while a call covering a whole
     shard is one request for the whole object. So a shard that is mostly needed is read whole
     (remote stores: 1 request instead of dozens; local disk: one read), a sparsely used one from its
-    first to its last needed row; neighbouring spans merge into one call.
+    first to its last needed row; neighbouring spans merge into one call of at most `max_rows` rows.
     """
     spans: list[tuple[int, int]] = []
     shard_ids = sorted_rows // rows_per_shard
@@ -130,11 +133,43 @@ def read_spans(sorted_rows: np.ndarray, *, rows_per_shard: int, num_rows: int) -
         shard_lo, shard_hi = shard * rows_per_shard, min((shard + 1) * rows_per_shard, num_rows)
         if 2 * (hi - lo) >= shard_hi - shard_lo:
             lo, hi = shard_lo, shard_hi
-        if spans and spans[-1][1] >= lo:
+        if spans and spans[-1][1] >= lo and (max_rows is None or hi - spans[-1][0] <= max_rows):
             spans[-1] = (spans[-1][0], max(spans[-1][1], hi))
         else:
             spans.append((lo, hi))
     return spans
+
+
+def read_rows(array: zarr.Array, rows: Sequence[int] | np.ndarray, *, layers: Sequence[int] | None, rows_per_shard: int,
+              where: str = "") -> np.ndarray:
+    """Rows (any order, repeats allowed) of a [N, L, ...] zarr array into one preallocated array.
+
+    Spans come from `read_spans` (capped at `SPAN_BYTES` per call, so zarr fetches and decodes
+    their chunks concurrently: one round trip per span on remote stores) and are scattered
+    straight into the output: peak memory is the output plus one span. A layer selection is read
+    with orthogonal indexing, so only those layers' inner chunks are decoded.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    num_rows = int(array.shape[0])
+    layer_list = None if layers is None else [int(l) for l in layers]
+    shape = (rows.size, array.shape[1] if layer_list is None else len(layer_list), *array.shape[2:])
+    out = np.empty(shape, dtype=array.dtype)
+    if rows.size == 0:
+        return out
+    if rows.min() < 0 or rows.max() >= num_rows:
+        raise IndexError(f"{where}: rows outside 0..{num_rows - 1}")
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    row_bytes = int(np.prod(shape[1:])) * out.dtype.itemsize
+    max_rows = max(rows_per_shard, SPAN_BYTES // max(1, row_bytes))
+    for lo, hi in read_spans(sorted_rows, rows_per_shard=rows_per_shard, num_rows=num_rows, max_rows=max_rows):
+        first, last = np.searchsorted(sorted_rows, [lo, hi])
+        block = array[lo:hi] if layer_list is None else array.oindex[lo:hi, layer_list]
+        wanted = sorted_rows[first:last] - lo
+        whole = wanted.size == block.shape[0] and np.array_equal(wanted, np.arange(wanted.size))
+        out[order[first:last]] = block if whole else block[wanted]  # no second copy of a wholly used span
+        del block
+    return out
 
 
 class TaskStore:
@@ -216,34 +251,15 @@ class TaskStore:
 
     # -- data ---------------------------------------------------------------------------------
     def read(self, rows: Sequence[int] | np.ndarray | slice, *, layers: Sequence[int] | None = None, prefix: bool = False) -> np.ndarray:
-        """Rows (any order) of the token (or prefix) array as numpy, reading contiguous runs at once."""
+        """Rows (any order) of the token (or prefix) array as numpy; see `read_rows`."""
         array = self.prefix if prefix else self.tokens
         if array is None:
             raise StoreError(f"store {self.store.url} has no prefix tokens (the backbone has none)")
-        layer_sel = slice(None) if layers is None else np.asarray(layers, dtype=np.int64)
         if isinstance(rows, slice):
             data = array[rows]
-            return data if layers is None else data[:, layer_sel]
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size == 0:
-            shape = list(array.shape)
-            shape[0] = 0
-            if layers is not None:
-                shape[1] = len(layer_sel)
-            return np.zeros(shape, dtype=array.dtype)
-        if rows.min() < 0 or rows.max() >= array.shape[0]:
-            raise IndexError(f"task {self.name} of {self.store.url}: rows outside 0..{array.shape[0] - 1}")
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        pieces = []
-        for start, stop in read_spans(sorted_rows, rows_per_shard=self.rows_per_shard, num_rows=int(array.shape[0])):
-            first, last = np.searchsorted(sorted_rows, [start, stop])
-            block = array[start:stop][sorted_rows[first:last] - start]
-            pieces.append(block if layers is None else block[:, layer_sel])
-        data = np.concatenate(pieces, axis=0)
-        out = np.empty_like(data)
-        out[order] = data
-        return out
+            return data if layers is None else data[:, np.asarray(layers, dtype=np.int64)]
+        return read_rows(array, rows, layers=layers, rows_per_shard=self.rows_per_shard,
+                         where=f"task {self.name} of {self.store.url}")
 
     def to_dask(self, *, split: str | None = None, layer: int | None = None, prefix: bool = False) -> da.Array:
         """Lazy view; chunks follow the shards (dask's from_zarr would use the inner chunks)."""

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import probe.data
+import store_schema.reader
 from combo.cli import app
 from combo.cli_probe import parse_grid, results_table
 from countdata import count_tree
@@ -39,7 +40,6 @@ from probe.data import (
     epoch_windows,
     eval_batches,
     plan_cache,
-    read_rows,
     stream_batches,
 )
 from probe.results import group_means, markdown_table, read_metrics, sanitise_url
@@ -48,6 +48,7 @@ from probe.stores import align_tasks, open_stores
 from probe.train import epoch_permutation, evaluate
 from servers import static_http_server
 from store_schema import StoreError, StoreLayout, StoreMismatchError
+from store_schema.reader import read_rows
 from storefactory import vtab_like_splits, write_store
 
 
@@ -301,7 +302,7 @@ def test_short_names_resolve_under_the_store_root(store_root, tmp_path):
 @pytest.mark.parametrize("span_bytes", [1, 10**9])  # one zarr call per shard / neighbouring shards merged
 def test_read_rows_gives_exactly_the_requested_rows(tmp_path, monkeypatch, span_bytes):
     path = synthetic(tmp_path / "s.zarr", n=(30, 5, 6), layers=3, rows_per_shard=8)
-    monkeypatch.setattr(probe.data, "SPAN_BYTES", span_bytes)
+    monkeypatch.setattr(store_schema.reader, "SPAN_BYTES", span_bytes)
     tokens = open_stores([str(path)])[0].task("task").tokens
     full = tokens[:]
     picks = [np.random.default_rng(0).permutation(41)[:17], np.array([40, 0, 3, 3, 9]), np.arange(41)[::-1], np.array([0, 0, 2, 3, 4, 5, 6, 7]),
@@ -309,7 +310,7 @@ def test_read_rows_gives_exactly_the_requested_rows(tmp_path, monkeypatch, span_
     for rows in picks:
         assert np.array_equal(read_rows(tokens, rows, layers=None, rows_per_shard=8), full[rows])
         assert np.array_equal(read_rows(tokens, rows, layers=[2, 0], rows_per_shard=8), full[rows][:, [2, 0]])
-    with pytest.raises(IndexError, match="rows outside 0..40"):
+    with pytest.raises(IndexError, match="s.zarr: rows outside 0..40"):
         read_rows(tokens, np.array([41]), layers=None, rows_per_shard=8, where="s.zarr")
 
 
