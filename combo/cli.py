@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import cli_extract, cli_store
+from . import cli_extract, cli_probe, cli_store, cli_study
 
 app = typer.Typer(
     name="combo",
@@ -16,17 +16,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("extract")(cli_extract.extract_command)
-app.add_typer(cli_store.app, name="store")
-from . import cli_study  # noqa: E402  (relevance, atlas, report)
-
+app.command("probe")(cli_probe.probe_command)
+app.command("predict")(cli_probe.predict_command)
 app.command("relevance")(cli_study.relevance_command)
 app.command("atlas")(cli_study.atlas_command)
 app.command("report")(cli_study.report_command)
-from . import cli_probe  # noqa: E402  (probe, predict, demo)
-
-app.command("probe")(cli_probe.probe_command)
-app.command("predict")(cli_probe.predict_command)
 app.command("demo")(cli_probe.demo_command)
+app.add_typer(cli_store.app, name="store")
 
 
 def main() -> None:
