@@ -8,23 +8,9 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .clikit import console, err_console, friendly_errors, split_list
+from .clikit import console, err_console, friendly_errors, parse_grid, split_list
 
 STORES_HELP = "Comma-separated stores: short names (resolved as <store root>/<name>/<dataset>.zarr), paths or URLs."
-
-
-def parse_grid(text: str) -> tuple[int, int]:
-    """'14' or '14x14' (also '14,14') -> (14, 14)."""
-    parts = str(text).lower().replace("x", ",").split(",")
-    try:
-        values = [int(p) for p in parts if p.strip()]
-    except ValueError:
-        raise ValueError(f"--grid {text!r}: expected a size such as 14 or 14x14") from None
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or min(values) < 1:
-        raise ValueError(f"--grid {text!r}: expected a size such as 14 or 14x14")
-    return values[0], values[1]
 
 
 def parse_weights(items: Optional[list[str]]) -> dict[str, str]:

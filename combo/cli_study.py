@@ -8,26 +8,13 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .clikit import console, err_console, friendly_errors, split_list
+from .clikit import console, err_console, friendly_errors, parse_grid, split_list
 
 SELECT_HELP = (
     "Also pick backbones per task and retrain ComBo on them WITHOUT the penalty: 'top-K' keeps the K most "
     "important (e.g. top-2); a number such as 0.2 (or ge0.2, >=0.2) keeps every backbone whose normalised "
     "importance s_k/sum(s) is >= 0.2 (the top one is always kept)."
 )
-
-
-def _grid(text: str) -> tuple[int, int]:
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        values = [int(p) for p in parts if p.strip()]
-    except ValueError:
-        raise ValueError(f"--grid {text!r}: expected HxW such as 14x14") from None
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or min(values) < 1:
-        raise ValueError(f"--grid {text!r}: expected HxW such as 14x14")
-    return values[0], values[1]
 
 
 def _stores(text: str) -> tuple[str, ...]:
@@ -88,7 +75,7 @@ def relevance_command(
         kwargs["cache_budget"] = budget_from_text(cache_budget)
     cfg = ProbeConfig(
         stores=_stores(stores), store_root=store_root, dataset=dataset, tasks=tuple(split_list(task) or ()) or None,
-        protocol=protocol, method="combo", steps=steps, batch_size=batch_size, lr=lr, seed=seed, grid=_grid(grid),
+        protocol=protocol, method="combo", steps=steps, batch_size=batch_size, lr=lr, seed=seed, grid=parse_grid(grid),
         cache=cache, device=device, out=out, storage_options=_storage_options(storage_option),
         width=width, depth=depth, num_heads=heads, **kwargs,
     )

@@ -42,6 +42,20 @@ def friendly_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def parse_grid(text: str) -> tuple[int, int]:
+    """'14' or '14x14' (also '14,14') -> (14, 14)."""
+    parts = str(text).lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise ValueError(f"--grid {text!r}: expected a size such as 14 or 14x14") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise ValueError(f"--grid {text!r}: expected a size such as 14 or 14x14")
+    return values[0], values[1]
+
+
 def split_list(value: str | None) -> list[str] | None:
     """'a,b, c' -> ['a', 'b', 'c']; None or '' -> None."""
     if not value:

@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 import probe.data
 import store_schema.reader
 from combo.cli import app
-from combo.cli_probe import parse_grid, results_table
+from combo.cli_probe import results_table
+from combo.clikit import parse_grid
 from countdata import count_tree
 from extract.pipeline import ExtractConfig, extract
 from probe.align import normalise_maps
