@@ -23,7 +23,6 @@ from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import probe.data
 import store_schema.reader
 from combo.cli import app
 from combo.cli_probe import results_table
