@@ -470,14 +470,23 @@ def _plan_vtab_task(root: str, task: str, *, dedup: bool, num_workers: int) -> T
     samples = tuple(r.freeze() for r in rows)
     max_label = max(s.label for s in samples)
     num_classes = max(VTAB_NUM_CLASSES.get(task, 0), max_label + 1)
+    return _vtab_split_plan(
+        dataset="vtab", task=task, root=root, samples=samples, classes=tuple(str(k) for k in range(num_classes))
+    )
+
+
+def _vtab_split_plan(*, dataset: str, task: str, root: str | None, samples: tuple[Sample, ...],
+                     classes: tuple[str, ...], reader=None) -> TaskPlan:
+    """A plan whose samples use the VTAB split names, so the VTAB protocols apply unchanged."""
     return TaskPlan(
-        dataset="vtab",
+        dataset=dataset,
         task=task,
         root=root,
         samples=samples,
         splits={s: sum(s in x.splits for x in samples) for s in VTAB_SPLITS},
         protocols=dict(VTAB_PROTOCOLS),
-        classes=tuple(str(k) for k in range(num_classes)),
+        classes=classes,
+        reader=reader,
     )
 
 
@@ -961,16 +970,7 @@ def plan_parquet(
         order = sorted(range(num_rows), key=lambda k: VTAB_SPLITS.index(given[k]))  # stable
         samples = tuple(Sample(ids[k], labels[k], (given[k],), k) for k in order)
         return [
-            TaskPlan(
-                dataset="parquet",
-                task="default",
-                root=where,
-                samples=samples,
-                splits={s: sum(s in x.splits for x in samples) for s in VTAB_SPLITS},
-                protocols=dict(VTAB_PROTOCOLS),
-                classes=classes,
-                reader=reader,
-            )
+            _vtab_split_plan(dataset="parquet", task="default", root=where, samples=samples, classes=classes, reader=reader)
         ]
     unknown = sorted({s for s in present if s.lower() not in _SPLIT_ALIASES})
     if unknown:
@@ -1009,15 +1009,9 @@ def plan_digits() -> list[TaskPlan]:
         Sample(f"digits/{k:04d}", int(targets[k]), splits, k) for idx, splits in parts for k in idx
     )
     return [
-        TaskPlan(
-            dataset="digits",
-            task="digits",
-            root=None,
-            samples=samples,
-            splits={s: sum(s in x.splits for x in samples) for s in VTAB_SPLITS},
-            protocols=dict(VTAB_PROTOCOLS),
-            classes=tuple(str(c) for c in range(10)),
-            reader=DigitsReader(),
+        _vtab_split_plan(
+            dataset="digits", task="digits", root=None, samples=samples,
+            classes=tuple(str(c) for c in range(10)), reader=DigitsReader(),
         )
     ]
 

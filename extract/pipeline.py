@@ -35,7 +35,7 @@ from store_schema import (
 
 from .backbones import Backbone, block_tokens, inference_context, load_backbone, pick_device
 from .datasets import TaskPlan, plan_dataset, vtab_group
-from .images import ImageDecodeError, PlanImages
+from .images import ImageDecodeError, PlanImages, collate_plan_images
 
 
 @dataclass(frozen=True)
@@ -158,11 +158,6 @@ def _task_writer(cfg: ExtractConfig, writer: StoreWriter, backbone: Backbone, pl
     )
 
 
-def _collate(batch: list[tuple[torch.Tensor, int, str | None]]) -> tuple[torch.Tensor, list[int], list[str | None]]:
-    images, rows, errors = zip(*batch)
-    return torch.stack(images), list(rows), list(errors)
-
-
 class _BlockBuffer:
     """Collects one shard's rows from batches that need not align with shard boundaries."""
 
@@ -202,7 +197,7 @@ def _extract_task(
         shuffle=False,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
-        collate_fn=_collate,
+        collate_fn=collate_plan_images,
     )
     num_tokens = backbone.token_grid[0] * backbone.token_grid[1]
     tokens_shape = (backbone.num_layers, num_tokens, backbone.embed_dim)
