@@ -59,7 +59,7 @@ def human_bytes(n: float) -> str:
 
 @friendly_errors
 def extract_command(
-    model: str = typer.Option(..., "--model", "-m", help="Alias (sam, clip, dfn-clip, siglip, dinov2, in21k, mae) or any timm ViT name."),
+    model: str = typer.Option(..., "--model", "-m", help="Alias (sam, clip, dfn-clip, siglip, dinov2, in21k, in21k-augreg, mae) or any timm ViT name."),
     dataset: str = typer.Option("digits", "--dataset", "-d", help="vtab | folder | parquet | digits (bundled, offline)."),
     root: Optional[str] = typer.Option(None, "--root", help="Dataset root folder (vtab, folder) or Parquet file/folder."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Comma-separated tasks (vtab); default: every task under --root."),

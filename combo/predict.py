@@ -7,8 +7,10 @@ against the recorded sha256 when one was recorded), images are preprocessed exac
 extraction (`extract.images.preprocess`), every block's tokens are taken, rounded to the store's
 dtype, aligned and normalised as in training, and fed to the saved adapter (or linear probe).
 
-Limit: a store written with custom timm `model_kwargs` (e.g. a shrunken test ViT) does not record
-them, so its backbone cannot be rebuilt; that is detected (layer count, width, grid) and refused.
+Custom timm `model_kwargs` used at extraction (e.g. a shrunken test ViT) are recorded in the store's
+`backbone.model_kwargs` and passed again. The rebuilt backbone is still checked against the recorded
+shapes (layer count, width, grid): a mismatch, e.g. a store written with kwargs before combo recorded
+them, is refused.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class RecordedBackbone:
     feature_dim: int
     dtype: str
     url: str
+    model_kwargs: dict[str, Any] | None = None  # absent in the store = none
 
     @classmethod
     def from_provenance(cls, doc: dict[str, Any]) -> "RecordedBackbone":
@@ -84,7 +87,7 @@ class RecordedBackbone:
                 layers=tuple(int(v) for v in feats.get("layers") or range(int(feats["num_layers"]))),
                 num_layers=int(feats.get("num_layers") or len(feats["layers"])),
                 feature_dim=int(feats["feature_dim"]), dtype=str((doc.get("storage") or {}).get("dtype", "float16")),
-                url=str(doc.get("url", "")),
+                url=str(doc.get("url", "")), model_kwargs=dict(bb.get("model_kwargs") or {}) or None,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise PredictError(f"store record {doc.get('url', '?')} in config.json lacks backbone provenance ({err})") from None
@@ -171,18 +174,19 @@ def load_model(trained: TrainedTask) -> torch.nn.Module:
 def rebuild_backbone(record: RecordedBackbone, *, weights_override: str | None = None) -> Backbone:
     """The backbone of one store, with the same weights; its structure is checked against the record."""
     source = record.weights_source
-    name = record.alias
+    # by the recorded checkpoint, not the alias: an alias can be re-pointed at other weights (in21k was)
+    name = f"{record.timm_name}.{record.pretrained_tag}" if record.pretrained_tag else record.timm_name
+    common = {"image_size": record.image_size, "model_kwargs": record.model_kwargs}
     try:
         if source == "random-init":
             if weights_override:
                 raise PredictError(f"--weights {record.alias}=...: that store was extracted with random-init weights")
-            backbone = load_backbone(name, image_size=record.image_size, random_init=True, seed=int(record.seed or 0))
+            backbone = load_backbone(name, random_init=True, seed=int(record.seed or 0), **common)
         elif source.startswith("file:"):
             path = weights_override or source[len("file:"):]
-            backbone = load_backbone(name, image_size=record.image_size, weights=path, expected_sha256=record.weights_sha256)
+            backbone = load_backbone(name, weights=path, expected_sha256=record.weights_sha256, **common)
         elif source.startswith("timm-pretrained:"):
-            backbone = load_backbone(name, image_size=record.image_size, weights=weights_override,
-                                     expected_sha256=record.weights_sha256)
+            backbone = load_backbone(name, weights=weights_override, expected_sha256=record.weights_sha256, **common)
         else:
             raise PredictError(f"store {record.url}: unknown weights source {source!r}")
     except PredictError:
@@ -202,9 +206,11 @@ def rebuild_backbone(record: RecordedBackbone, *, weights_override: str | None =
     if record.layers and max(record.layers) >= backbone.num_layers:
         differ.append(f"layers: rebuilt {backbone.num_layers} blocks vs recorded layer ids up to {max(record.layers)}")
     if differ:
+        kwargs = f"model_kwargs {record.model_kwargs}" if record.model_kwargs else "no model_kwargs"
         raise PredictError(
-            f"backbone {record.alias} rebuilt from {source} does not match store {record.url} ({'; '.join(differ)}); "
-            "was it extracted with custom model kwargs? Those are not recorded, so predict cannot rebuild it"
+            f"backbone {record.alias} rebuilt from {source} with {kwargs} does not match store {record.url} "
+            f"({'; '.join(differ)}); was the store extracted with custom timm model_kwargs before combo recorded "
+            "them (backbone.model_kwargs)? Extract it again to predict with it"
         )
     return backbone
 

@@ -25,7 +25,7 @@ import os
 import re
 import socket
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
@@ -94,7 +94,8 @@ class BackboneSpec:
         return f"{self.timm_name}.{self.pretrained_tag}" if self.pretrained_tag else self.timm_name
 
 
-# The paper's backbones (PAPER.md, "Backbones"). in21k follows the table's first column.
+# The paper's backbones (PAPER.md, "Backbones"). in21k is what the authors ran (orig_in21k);
+# augreg_in21k is other weights, kept under its own alias so stores of the two never mix.
 ALIASES: dict[str, BackboneSpec] = {
     spec.alias: spec
     for spec in (
@@ -103,7 +104,8 @@ ALIASES: dict[str, BackboneSpec] = {
         BackboneSpec("dfn-clip", "vit_base_patch16_clip_224", "dfn2b"),
         BackboneSpec("siglip", "vit_base_patch16_siglip_224", "webli"),
         BackboneSpec("dinov2", "vit_base_patch14_reg4_dinov2", "lvd142m"),
-        BackboneSpec("in21k", "vit_base_patch16_224", "augreg_in21k"),
+        BackboneSpec("in21k", "vit_base_patch16_224", "orig_in21k"),
+        BackboneSpec("in21k-augreg", "vit_base_patch16_224", "augreg_in21k"),
         BackboneSpec("mae", "vit_base_patch16_224", "mae"),
     )
 }
@@ -126,6 +128,8 @@ class Backbone:
     num_prefix_tokens: int  # cls + distillation + register tokens (0 for SAM / SigLIP)
     num_layers: int  # number of blocks
     embed_dim: int  # D of the block outputs
+    # extra timm create_model kwargs it was built with; recorded so the same model can be rebuilt
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------
@@ -135,7 +139,7 @@ class Backbone:
 def _unknown_model_message(name: str, why: str) -> str:
     aliases = ", ".join(f"{a} ({s.model_name})" for a, s in ALIASES.items())
     return (
-        f"Unknown backbone {name!r}: {why}. Use one of the aliases [{aliases}], or any timm "
+        f"Unknown backbone {name!r}: {why}. Use an alias, one of: {aliases}; or any timm "
         f"ViT-family name 'arch' or 'arch.tag' from the timm modules {list(SUPPORTED_TIMM_MODULES)} "
         f"(e.g. vit_small_patch16_224.augreg_in21k, eva02_base_patch14_224.mim_in22k; "
         f"see timm.list_models(module=...) and timm.list_pretrained())."
@@ -616,6 +620,7 @@ def load_backbone(
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0) or 0),
         num_layers=len(model.blocks),
         embed_dim=int(model.embed_dim),
+        model_kwargs=kwargs,
     )
 
 

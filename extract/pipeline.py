@@ -93,6 +93,7 @@ def store_info(backbone: Backbone, *, dataset: str, root: str | None) -> StoreIn
             weights_source=backbone.weights_source,
             weights_sha256=backbone.weights_sha256,
             seed=backbone.seed,
+            model_kwargs=dict(backbone.model_kwargs) or None,  # recorded so `combo predict` can rebuild it
         ),
         preprocessing=Preprocessing(
             image_size=backbone.image_size,

@@ -4,7 +4,8 @@ Root group attribute ``combo`` (one per store)::
 
     schema_version   int      bumped on any incompatible change; readers refuse newer ones
     format           "combo-feature-store"
-    backbone         {alias, timm_name, pretrained_tag, weights_source, weights_sha256, seed}
+    backbone         {alias, timm_name, pretrained_tag, weights_source, weights_sha256, seed,
+                      model_kwargs (only when non-empty: the extra timm create_model kwargs)}
     preprocessing    {image_size, resize, interpolation, crop, mean, std}
     features         {kind, token_grid, num_tokens, num_prefix_tokens, layers, num_layers, feature_dim}
     storage          {dtype, codec, rows_per_shard, rows_per_chunk, layers_per_chunk, chunk_checksum}
@@ -12,6 +13,9 @@ Root group attribute ``combo`` (one per store)::
     tasks            [task names]
     library_versions {python, torch, timm, zarr, numpy, pyarrow, combo}
     created          ISO-8601 UTC
+
+``backbone.model_kwargs`` is optional and absent means none, so stores written before it
+existed keep the same identity (no schema version bump: the change is additive).
 
 Task group attribute ``combo_task`` (one per task group)::
 
@@ -22,6 +26,7 @@ Task group attribute ``combo_task`` (one per task group)::
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import platform
 from dataclasses import asdict, dataclass, field
 from importlib import metadata as _importlib_metadata
@@ -60,6 +65,37 @@ class BackboneInfo:
     weights_source: str  # "timm-pretrained:<id>" | "file:<path>" | "random-init"
     weights_sha256: str | None
     seed: int | None = None
+    # Extra timm create_model kwargs (e.g. {"depth": 2}); part of identity, since they change
+    # the features, and what `combo predict` needs to rebuild the model. Plain JSON only.
+    model_kwargs: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        for key, value in (self.model_kwargs or {}).items():
+            if not isinstance(key, str) or not _plain_json(value):
+                raise ValueError(
+                    f"model_kwargs[{key!r}] = {value!r} cannot be recorded in the store's metadata: "
+                    "only plain JSON values (str, int, float, bool, None, lists, str-keyed dicts) are; "
+                    "pass e.g. a timm layer's name instead of the object"
+                )
+
+    def to_attrs(self) -> dict[str, Any]:
+        doc = asdict(self)
+        if not self.model_kwargs:
+            del doc["model_kwargs"]  # absent = none: older stores compare identical
+        return doc
+
+
+def _plain_json(value: Any) -> bool:
+    """True if `value` survives a JSON round trip unchanged (tuples become lists)."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_plain_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_json(v) for k, v in value.items())
+    return False
 
 
 @dataclass(frozen=True)
@@ -107,7 +143,7 @@ class StoreInfo:
         return {
             "schema_version": SCHEMA_VERSION,
             "format": FORMAT_NAME,
-            "backbone": asdict(self.backbone),
+            "backbone": self.backbone.to_attrs(),
             "preprocessing": pre,
             "features": feats,
             "storage": storage,

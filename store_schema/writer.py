@@ -50,6 +50,28 @@ def _json_normal(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+def _checkpoint(backbone: Any) -> str | None:
+    """timm's "arch.tag" name of a recorded backbone section (None when it records none)."""
+    name = backbone.get("timm_name") if isinstance(backbone, dict) else None
+    if not name:
+        return None
+    tag = backbone.get("pretrained_tag")
+    return f"{name}.{tag}" if tag else f"{name} (timm's default tag)"
+
+
+def _mismatch_message(path: Path, old: dict[str, Any], new: dict[str, Any], diff: list[str]) -> str:
+    """Why an existing store cannot be resumed or extended: a sentence first, then every differing field."""
+    fix = "Use --overwrite to replace it, or --out for another store root"
+    was, now = _checkpoint(old.get("backbone")), _checkpoint(new.get("backbone"))
+    if was and now and was != now:
+        # other weights: tokens from both could never be read as one backbone's
+        head = (f"store {path} was made with checkpoint {was}, while this run uses {now}, so it cannot be "
+                f"resumed or extended with this run's features. {fix}")
+    else:
+        head = f"store {path} was made with other settings than this run's. {fix}"
+    return head + ".\nDiffering settings:\n  " + "\n  ".join(diff)
+
+
 @dataclass(frozen=True)
 class Skipped:
     row: int
@@ -124,10 +146,7 @@ class StoreWriter:
             if not diff and not overwrite:
                 return group
             if diff and not overwrite:
-                raise StoreMismatchError(
-                    f"store {self.path} was made with other settings:\n  " + "\n  ".join(diff)
-                    + "\nUse --overwrite to replace it, or --out for another store root"
-                )
+                raise StoreMismatchError(_mismatch_message(self.path, old, attrs, diff))
             if diff:  # overwrite with other settings: the whole store goes
                 self._wipe()
             else:

@@ -58,8 +58,10 @@ def _spatial_ref(maps: list[torch.Tensor]) -> torch.Tensor:
 # ---------------------------------------------------------------------------- names
 
 def test_aliases_resolve_to_registered_pretrained_checkpoints():
-    assert set(ALIASES) == {"sam", "clip", "dfn-clip", "siglip", "dinov2", "in21k", "mae"}
-    assert resolve_model("in21k").model_name == "vit_base_patch16_224.augreg_in21k"
+    assert set(ALIASES) == {"sam", "clip", "dfn-clip", "siglip", "dinov2", "in21k", "in21k-augreg", "mae"}
+    # the paper's IN-21k rows are the original weights; augreg_in21k is another checkpoint
+    assert resolve_model("in21k").model_name == "vit_base_patch16_224.orig_in21k"
+    assert resolve_model("in21k-augreg").model_name == "vit_base_patch16_224.augreg_in21k"
     assert resolve_model("SAM").timm_name == "samvit_base_patch16"
     for alias, spec in ALIASES.items():
         assert resolve_model(alias) == spec
@@ -81,6 +83,7 @@ def test_unknown_names_raise_with_alias_list(name):
     msg = str(info.value)
     assert isinstance(info.value, ValueError)
     assert "sam" in msg and "dinov2" in msg and "in21k" in msg and "timm" in msg
+    assert "in21k (vit_base_patch16_224.orig_in21k)" in msg and "in21k-augreg (vit_base_patch16_224.augreg_in21k)" in msg
     with pytest.raises(UnknownModelError):
         load_backbone(name, random_init=True)
 
@@ -173,6 +176,12 @@ def test_paper_geometry_full_size_random_init():
     patch, prefix = _tokens(sam, _images(1, 224))
     assert patch.shape == (1, 12, 196, 768) and prefix.shape == (1, 12, 0, 768)
     assert torch.isfinite(patch).all()
+
+
+def test_model_kwargs_are_kept_on_the_backbone():
+    """What the store records so `combo predict` can build the same model again."""
+    assert load_backbone("vit_tiny_patch16_224", image_size=32, random_init=True, model_kwargs=TINY).model_kwargs == TINY
+    assert load_backbone("vit_tiny_patch16_224", image_size=32, random_init=True).model_kwargs == {}
 
 
 def test_block_tokens_rejects_wrong_input():

@@ -117,14 +117,24 @@ def test_predict_from_a_weights_file_checks_its_hash(tmp_path):
     assert result.exit_code == 2 and "sha256 mismatch" in result.output and "Traceback" not in result.output
 
 
-def test_backbones_extracted_with_custom_kwargs_are_refused(tmp_path):
+def test_backbones_extracted_with_custom_kwargs_are_rebuilt_from_the_record(tmp_path):
     count_tree(tmp_path / "vtab", TASK, n_train=8, n_val=4, n_test=6)
     store = extract(ExtractConfig(model="vit_tiny_patch16_224", dataset="vtab", root=str(tmp_path / "vtab"),
                                   out=str(tmp_path / "stores"), image_size=32, random_init=True, num_workers=0,
                                   model_kwargs={"depth": 2})).store
     run = run_probe(probe_config([store], tmp_path / "runs", steps=3, batch_size=8))
-    with pytest.raises(PredictError, match=r"blocks: rebuilt 12 vs recorded 2.*custom model kwargs"):
-        predict_images(run.run_dir, tmp_path / "vtab" / TASK / "images" / "test", device="cpu")
+    doc = json.loads((run.run_dir / "config.json").read_text())
+    assert doc["stores"][0]["backbone"]["model_kwargs"] == {"depth": 2}
+    images = tmp_path / "vtab" / TASK / "images" / "test"
+    result = predict_images(run.run_dir, images, device="cpu")
+    assert len(result.rows) == 6 and by_sample_id(result, tmp_path / "vtab") == stored_predictions(run.run_dir)
+    # a store written before combo recorded model_kwargs: the rebuilt shapes still differ, and that is refused
+    del doc["stores"][0]["backbone"]["model_kwargs"]
+    old = tmp_path / "old-run"
+    shutil.copytree(run.run_dir, old)
+    (old / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(PredictError, match=r"no model_kwargs.*blocks: rebuilt 12 vs recorded 2.*model_kwargs"):
+        predict_images(old, images, device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -229,6 +229,65 @@ def test_other_settings_refused_unless_overwrite(tmp_path):
         assert w.attrs["storage"]["dtype"] == "float32"
 
 
+def _with_backbone(info, **changes):
+    from dataclasses import replace
+
+    return replace(info, backbone=replace(info.backbone, **changes))
+
+
+def test_store_of_another_checkpoint_refused_naming_both(tmp_path):
+    """in21k used to name augreg_in21k: a store made with it must not take orig_in21k features."""
+    info, _ = _info_and_table()
+    augreg = _with_backbone(info, alias="in21k", timm_name="vit_base_patch16_224", pretrained_tag="augreg_in21k")
+    layout = StoreLayout(rows_per_shard=8, rows_per_chunk=4)
+    path = tmp_path / "s.zarr"
+    with StoreWriter(path, augreg, layout):
+        pass
+    with pytest.raises(StoreMismatchError) as err:
+        StoreWriter(path, _with_backbone(augreg, pretrained_tag="orig_in21k"), layout)
+    msg = str(err.value)
+    assert (f"store {path} was made with checkpoint vit_base_patch16_224.augreg_in21k, while this run uses "
+            "vit_base_patch16_224.orig_in21k") in msg
+    assert "--overwrite" in msg and "--out" in msg and "backbone.pretrained_tag" in msg
+    # any other architecture or tag reads the same way, untagged names included
+    with StoreWriter(tmp_path / "t.zarr", info, layout):
+        pass
+    with pytest.raises(StoreMismatchError, match=r"checkpoint vit_x \(timm's default tag\), while this run uses vit_y "):
+        StoreWriter(tmp_path / "t.zarr", _with_backbone(info, timm_name="vit_y"), layout)
+    with StoreWriter(path, _with_backbone(augreg, pretrained_tag="orig_in21k"), layout, overwrite=True) as w:
+        assert w.attrs["backbone"]["pretrained_tag"] == "orig_in21k"
+
+
+def test_model_kwargs_recorded_only_when_given_and_part_of_identity(tmp_path):
+    info, _ = _info_and_table()
+    layout = StoreLayout(rows_per_shard=8, rows_per_chunk=4)
+    old = tmp_path / "old.zarr"
+    with StoreWriter(old, info, layout):
+        pass
+    # a store written before model_kwargs were recorded has no key, and no key means none
+    assert "model_kwargs" not in json.loads((old / "zarr.json").read_text())["attributes"]["combo"]["backbone"]
+    for none in (None, {}):
+        with StoreWriter(old, _with_backbone(info, model_kwargs=none), layout):
+            pass
+    with pytest.raises(StoreMismatchError, match=r"(?s)other settings.*backbone.model_kwargs: store has None, asked for \{'depth': 2\}"):
+        StoreWriter(old, _with_backbone(info, model_kwargs={"depth": 2}), layout)
+    custom = _with_backbone(info, model_kwargs={"depth": 2, "global_attn_indexes": (1,), "act_layer": "gelu"})
+    with StoreWriter(tmp_path / "new.zarr", custom, layout) as w:
+        assert w.attrs["backbone"]["model_kwargs"] == {"depth": 2, "global_attn_indexes": [1], "act_layer": "gelu"}
+    with StoreWriter(tmp_path / "new.zarr", custom, layout):  # resumable: tuples and lists compare equal
+        pass
+    for other in (None, {"depth": 3, "global_attn_indexes": [1], "act_layer": "gelu"}):
+        with pytest.raises(StoreMismatchError, match="backbone.model_kwargs"):
+            StoreWriter(tmp_path / "new.zarr", _with_backbone(info, model_kwargs=other), layout)
+
+
+@pytest.mark.parametrize("value", [object(), float("nan"), {1: 2}, [b"x"]])
+def test_model_kwargs_must_be_plain_json(value):
+    info, _ = _info_and_table()
+    with pytest.raises(ValueError, match=r"model_kwargs\['norm_layer'\] = .* plain JSON"):
+        _with_backbone(info, model_kwargs={"depth": 2, "norm_layer": value})
+
+
 def test_changed_sample_plan_refused(tmp_path):
     info, table = _info_and_table()
     layout = StoreLayout(rows_per_shard=8, rows_per_chunk=4)
