@@ -26,6 +26,7 @@ from store_schema import (
     Skipped,
     StoreInfo,
     StoreLayout,
+    StoreMismatchError,
     StoreWriter,
     TaskWriter,
     build_sample_table,
@@ -36,6 +37,7 @@ from store_schema import (
 from .backbones import Backbone, block_tokens, inference_context, load_backbone, pick_device
 from .datasets import TaskPlan, plan_dataset, vtab_group
 from .images import ImageDecodeError, PlanImages, collate_plan_images
+from .order import RowOrder, natural_order, row_order
 
 
 @dataclass(frozen=True)
@@ -136,18 +138,22 @@ def extract(cfg: ExtractConfig, *, progress: ProgressFactory | None = None) -> E
     return ExtractResult(store=path, tasks=results, bytes_on_disk=size, seconds=time.perf_counter() - started)
 
 
-def _task_writer(cfg: ExtractConfig, writer: StoreWriter, backbone: Backbone, plan: TaskPlan) -> TaskWriter:
-    split_names = list(plan.splits)
-    table = build_sample_table(
+def _sample_table(order: RowOrder):
+    plan = order.plan
+    return build_sample_table(
         sample_ids=[s.sample_id for s in plan.samples],
         labels=[s.label for s in plan.samples],
         splits=[s.splits for s in plan.samples],
-        split_names=split_names,
+        split_names=list(plan.splits),
         aliases=[s.aliases for s in plan.samples],
+        source_index=order.source_index,
     )
-    return writer.task(
-        plan.task,
-        samples=table,
+
+
+def _task_writer(cfg: ExtractConfig, writer: StoreWriter, backbone: Backbone, plan: TaskPlan) -> tuple[TaskWriter, TaskPlan]:
+    """Open (create or resume) the task; returns it with the plan in the store's row order (extract/order.py)."""
+    order = row_order(plan)
+    task_kwargs = dict(
         num_layers=backbone.num_layers,
         num_tokens=backbone.token_grid[0] * backbone.token_grid[1],
         feature_dim=backbone.embed_dim,
@@ -157,6 +163,23 @@ def _task_writer(cfg: ExtractConfig, writer: StoreWriter, backbone: Backbone, pl
         group=vtab_group(plan.task) if plan.dataset == "vtab" else None,
         overwrite=cfg.overwrite,
     )
+    try:
+        task_writer = writer.task(plan.task, samples=_sample_table(order), row_order=order.attrs, **task_kwargs)
+    except StoreMismatchError:
+        # Begun by a combo that stored rows in natural order (no source_index column)? A finished
+        # one is a valid store and stays as it is; an unfinished one must not be finished in another order.
+        legacy = natural_order(plan)
+        # raises the writer's own mismatch error when the dataset itself changed
+        task_writer = writer.task(plan.task, samples=_sample_table(legacy), **task_kwargs)
+        if not task_writer.complete:
+            raise StoreMismatchError(
+                f"task {plan.task!r} in {writer.path} was begun by an older combo, which stored the rows in the "
+                "dataset's natural (e.g. class by class) order; this combo stores training rows shuffled "
+                "(store_schema/README.md, 'Row order') and will not finish a task in a mix of both orders. "
+                "Use --overwrite to extract it again"
+            ) from None
+        return task_writer, legacy.plan
+    return task_writer, order.plan
 
 
 class _BlockBuffer:
@@ -184,7 +207,7 @@ def _extract_task(
     progress: ProgressFactory | None,
 ) -> TaskResult:
     started = time.perf_counter()
-    task_writer = _task_writer(cfg, writer, backbone, plan)
+    task_writer, plan = _task_writer(cfg, writer, backbone, plan)  # plan: samples in store row order
     if task_writer.complete:
         return TaskResult(plan.task, 0, 0.0, "already complete", [task_writer.skipped[r] for r in sorted(task_writer.skipped)])
     pending = task_writer.pending()

@@ -5,9 +5,15 @@ memory, never the result. An epoch's order is a list of *shuffle windows*:
 
 - window >= the split (the default for `ram` / `device`): one window, a uniform shuffle, exactly
   `probe.train.epoch_permutation` (what the paper's loader does);
-- smaller windows (`stream` when the split does not fit the budget): the split's shards are
-  shuffled, grouped into windows of at most `window_rows` rows (whole shards, so each window is
-  read with one request per shard), and rows are shuffled within each window.
+- smaller windows (`stream` when the split does not fit the budget): the split's *pieces* are
+  shuffled, grouped into windows of at most `window_rows` rows, and rows are shuffled within each
+  window. A piece is a whole shard (each window is read with one request per shard): stores
+  written by `combo extract` hold training rows in a seeded shuffled order (extract/order.py), so
+  a shard is already a random sample of its split. When the split's stored order is class-clustered
+  instead (stores from before that change, in the dataset's natural order, e.g. an image folder
+  class by class; see `label_clustered`), a piece is one inner chunk (`rows_per_chunk` rows), so a
+  window mixes rows from many places of the split; that costs one request per layer per piece
+  instead of one per shard (benchmarks/stream_order.py measures it).
 
 Batches are cut from the concatenated windows, `batch_size` at a time, the last batch of an epoch
 smaller (DataLoader's drop_last=False), so the step count per epoch is the same in every mode.
@@ -119,6 +125,28 @@ class SplitSource:
 # ----------------------------------------------------------------------------------------------- sample order
 
 
+def label_clustered(labels: np.ndarray) -> bool:
+    """Whether neighbouring rows share a label far more often than in a uniform shuffle: the rate of
+    equal neighbours is more than halfway from a shuffle's expected rate to 1 (classes one after another)."""
+    labels = np.asarray(labels)
+    n = labels.size
+    if n < 3:
+        return False
+    same = float(np.mean(labels[1:] == labels[:-1]))
+    counts = np.unique(labels, return_counts=True)[1].astype(np.float64)
+    expected = float((counts * (counts - 1)).sum() / (n * (n - 1)))  # a random neighbour pair, without replacement
+    return same > (1.0 + expected) / 2
+
+
+def piece_rows(source: SplitSource) -> int:
+    """Rows per piece of the shuffle windows: a shard, or an inner chunk when the stored order is
+    class-clustered (see module doc). Depends on the split only, so every cache mode agrees."""
+    store = source.task.reference
+    if label_clustered(source.labels):
+        return max(1, int(store.store.layout.rows_per_chunk))
+    return store.rows_per_shard
+
+
 def epoch_windows(source: SplitSource, *, epoch: int, seed: int, window_rows: int | None) -> list[np.ndarray]:
     """The shuffle windows of one epoch (positions), in the order they are trained on (see module doc)."""
     n = source.n
@@ -126,14 +154,14 @@ def epoch_windows(source: SplitSource, *, epoch: int, seed: int, window_rows: in
         return [epoch_permutation(n, epoch, seed)]
     if window_rows < 1:
         raise CachePlanError(f"shuffle window must hold at least one row, got {window_rows}")
-    shard = source.shard_of()
-    shards, first = np.unique(shard, return_index=True)
-    members = np.split(np.argsort(shard, kind="stable"), first[1:])  # positions of each shard, ascending
+    piece = source.rows // piece_rows(source)
+    pieces, first = np.unique(piece, return_index=True)
+    members = np.split(np.argsort(piece, kind="stable"), first[1:])  # positions of each piece, ascending
     rng = np.random.default_rng([int(seed), int(epoch), 7919])
     windows: list[np.ndarray] = []
     current: list[np.ndarray] = []
     count = 0
-    for s in rng.permutation(shards.size):
+    for s in rng.permutation(pieces.size):
         block = members[s]
         if current and count + block.size > window_rows:
             windows.append(np.concatenate(current))
@@ -366,7 +394,7 @@ def plan_cache(source: SplitSource, *, mode: str, budget_bytes: int, device: tor
     `auto`: on the GPU when there is one and the split fits both the budget and half the free GPU
     memory; else in RAM when it fits the budget; else streamed. `stream` sizes its shuffle window
     so that `STREAM_WINDOWS_IN_RAM` windows and `STREAM_BATCHES_IN_RAM` batches fit the budget
-    (never below one shard: windows are whole shards). `shuffle_window` (rows) overrides the window
+    (never below one shard: pieces are whole shards unless the store is class-clustered). `shuffle_window` (rows) overrides the window
     in every mode; `ram`/`device` default to the whole split.
     """
     if mode not in CACHE_MODES:
@@ -403,6 +431,11 @@ def plan_cache(source: SplitSource, *, mode: str, budget_bytes: int, device: tor
         window = shuffle_window
     if window is not None and window >= source.n:
         window = None
+    if window is not None and piece_rows(source) < source.task.reference.rows_per_shard:
+        clustered = ("the split is stored class by class (a store written before combo shuffled training rows): "
+                     f"windows are built from {piece_rows(source)}-row pieces, more reads per window; "
+                     "extract it again for whole-shard reads")
+        note = f"{note}; {clustered}" if note else clustered
     return CachePlan(mode=mode, window_rows=window, split_bytes=split_bytes, budget_bytes=budget_bytes, note=note)
 
 
@@ -459,6 +492,8 @@ __all__ = [
     "epoch_order",
     "epoch_windows",
     "eval_batches",
+    "label_clustered",
+    "piece_rows",
     "plan_cache",
     "read_all",
     "stream_batches",

@@ -3,7 +3,12 @@
 Columns: ``row`` (int64, index into the arrays), ``sample_id`` (path relative to the dataset
 root: stable across machines), ``label`` (int64), ``valid`` (false for images skipped with
 --skip-bad: their rows hold zeros), ``aliases`` (other ids of the same image, e.g. the
-train800val200 copy), and one boolean ``in_<split>`` column per split.
+train800val200 copy), ``source_index`` (int64, optional: the sample's position in the dataset's
+natural order; the rows of training splits are stored shuffled, see README.md "Row order"), and
+one boolean ``in_<split>`` column per split.
+
+``source_index`` was added without a schema version bump: stores written before it lack the
+column and are in natural order, so readers must treat it as optional (`source_index()` does).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import pyarrow.parquet as pq
 
 SPLIT_PREFIX = "in_"
 REQUIRED_COLUMNS = ("row", "sample_id", "label", "valid")
+SOURCE_INDEX = "source_index"
 
 
 def build_table(
@@ -26,6 +32,7 @@ def build_table(
     splits: Sequence[Sequence[str]],
     split_names: Sequence[str],
     aliases: Sequence[Sequence[str]] | None = None,
+    source_index: Sequence[int] | None = None,
 ) -> pa.Table:
     n = len(sample_ids)
     if not (len(labels) == len(splits) == n):
@@ -40,6 +47,11 @@ def build_table(
         "valid": pa.array(np.ones(n, dtype=bool)),
         "aliases": pa.array([list(a) for a in (aliases or [()] * n)], type=pa.list_(pa.string())),
     }
+    if source_index is not None:
+        index = np.asarray(source_index, dtype=np.int64)
+        if index.shape != (n,) or not np.array_equal(np.sort(index), np.arange(n)):
+            raise ValueError(f"sample table: source_index must be a permutation of 0..{n - 1}")
+        columns[SOURCE_INDEX] = pa.array(index)
     for name in split_names:
         columns[SPLIT_PREFIX + name] = pa.array([name in s for s in splits], type=pa.bool_())
     return pa.table(columns)
@@ -47,6 +59,15 @@ def build_table(
 
 def split_names(table: pa.Table) -> list[str]:
     return [c[len(SPLIT_PREFIX):] for c in table.column_names if c.startswith(SPLIT_PREFIX)]
+
+
+def source_index(table: pa.Table) -> np.ndarray:
+    """Each row's position in the dataset's natural order; rows themselves for tables without the
+    column (written before rows were shuffled, in natural order). `np.argsort` of it gives the rows
+    in natural order."""
+    if SOURCE_INDEX in table.column_names:
+        return table.column(SOURCE_INDEX).to_numpy().astype(np.int64, copy=False)
+    return np.arange(table.num_rows, dtype=np.int64)
 
 
 def with_invalid(table: pa.Table, rows: Sequence[int]) -> pa.Table:

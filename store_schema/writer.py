@@ -182,8 +182,13 @@ class StoreWriter:
         classes: Sequence[str],
         group: str | None = None,
         overwrite: bool = False,
+        row_order: dict[str, Any] | None = None,
     ) -> "TaskWriter":
-        """Create the task group, or reopen it to resume; refuses a different sample plan."""
+        """Create the task group, or reopen it to resume; refuses a different sample plan.
+
+        ``row_order`` (how rows were permuted from the dataset's natural order, see README "Row order") is
+        recorded in the task document; a resumed task missing it (killed right after creation) gets it.
+        """
         if "/" in name or name.startswith("."):
             raise StoreError(f"task name {name!r} must be a plain folder name")
         task_dir = self.path / name
@@ -198,7 +203,10 @@ class StoreWriter:
                     f"task {name!r} in {self.path} holds other samples than the dataset now lists "
                     "(files added, removed or relabelled?); use --overwrite to extract it again"
                 )
-            return TaskWriter(self, name)
+            writer = TaskWriter(self, name)
+            if row_order is not None and "row_order" not in writer.attrs:
+                writer.group.attrs[TASK_ATTR] = {**writer.attrs, "row_order": _json_normal(row_order)}
+            return writer
         n = samples.num_rows
         shape = (n, num_layers, num_tokens, feature_dim)
         task_group = self.group.create_group(name, overwrite=True)
@@ -218,6 +226,7 @@ class StoreWriter:
             "classes": list(classes),
             "complete": False,
             "skipped": [],
+            **({"row_order": _json_normal(row_order)} if row_order is not None else {}),
         }
         root_attrs = self.attrs
         if name not in root_attrs["tasks"]:

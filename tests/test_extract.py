@@ -15,9 +15,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from combo.cli import app
-from extract.backbones import load_backbone
+from extract.backbones import ALIASES, BackboneSpec, load_backbone
 from extract.datasets import plan_dataset
 from extract.images import preprocess
+from extract.order import row_order
 from fakedata import ODD_MODES, make_vtab_tree, odd_mode_image
 from store_schema import StoreWriter, open_store, validate_store
 
@@ -64,9 +65,10 @@ def test_store_shapes_metadata_and_dedup(extracted):
     assert task.prefix.shape == (28, 12, 1, 192)
     assert task.attrs["splits"] == {"train800": 10, "val200": 5, "train800val200": 15, "test": 12}
     assert task.attrs["group"] == "natural" and store.task("eurosat").attrs["group"] == "specialised"
-    assert task.samples.column("sample_id")[0].as_py() == "dtd/images/train800/000000.png"
+    first = int(np.argmin(task.samples.column("source_index").to_numpy()))  # training rows are stored shuffled
+    assert task.samples.column("sample_id")[first].as_py() == "dtd/images/train800/000000.png"
     aliases = task.samples.column("aliases").to_pylist()
-    assert aliases[0] == ["dtd/images/train800val200/000000.png"]
+    assert aliases[first] == ["dtd/images/train800val200/000000.png"]
     assert validate_store(extracted).ok
     for key in ("torch", "timm", "zarr"):
         assert key in store.attrs["library_versions"]
@@ -100,7 +102,10 @@ def test_sample_order_is_deterministic(vtab, extracted):
     plan_a = plan_dataset("vtab", root=vtab)
     plan_b = plan_dataset("vtab", root=vtab, num_workers=1)
     assert [s.sample_id for s in plan_a[0].samples] == [s.sample_id for s in plan_b[0].samples]
-    assert open_store(extracted).task("dtd").sample_ids == [s.sample_id for s in plan_a[0].samples]
+    stored = open_store(extracted).task("dtd")  # rows in the seeded order of extract/order.py
+    assert stored.sample_ids == [s.sample_id for s in row_order(plan_a[0]).plan.samples]
+    natural = np.argsort(stored.samples.column("source_index").to_numpy())
+    assert [stored.sample_ids[r] for r in natural] == [s.sample_id for s in plan_a[0].samples]
 
 
 def test_finished_store_is_not_recomputed_without_overwrite(vtab, tmp_path):
@@ -117,6 +122,27 @@ def test_finished_store_is_not_recomputed_without_overwrite(vtab, tmp_path):
     # adding a task to the same store keeps the first
     assert run_cli(*extract_args(vtab, tmp_path, "--task", "eurosat")).exit_code == 0
     assert open_store(tmp_path / MODEL / "vtab.zarr").tasks == ["dtd", "eurosat"]
+
+
+def test_store_of_another_checkpoint_is_not_extended(vtab, tmp_path, monkeypatch):
+    """An alias re-pointed at other weights (in21k: augreg_in21k -> orig_in21k) must not add tasks to its old store.
+
+    Tiny stand-ins for the two vit_base checkpoints; random-init stores record the tag too.
+    """
+    def extract_in21k(tag: str, task: str):
+        monkeypatch.setitem(ALIASES, "in21k", BackboneSpec("in21k", MODEL, tag))
+        args = extract_args(vtab, tmp_path, "--task", task)
+        args[args.index(MODEL)] = "in21k"
+        return runner.invoke(app, args)
+
+    assert extract_in21k("augreg_in21k", "dtd").exit_code == 0
+    result = extract_in21k("augreg_in21k_ft_in1k", "eurosat")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"was made with checkpoint {MODEL}.augreg_in21k, while this run uses {MODEL}.augreg_in21k_ft_in1k"
+            in result.output)
+    assert "--overwrite" in result.output and "--out" in result.output
+    assert open_store(tmp_path / "in21k" / "vtab.zarr").tasks == ["dtd"]
+    assert extract_in21k("augreg_in21k", "eurosat").exit_code == 0  # its own checkpoint still extends it
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -237,6 +263,7 @@ def test_unknown_model_is_a_clean_error(tmp_path):
     result = run_cli("extract", "--model", "resnet_does_not_exist", "--dataset", "digits", "--out", str(tmp_path))
     assert result.exit_code == 2
     assert "error" in result.output and "resnet_does_not_exist" in result.output
+    assert "in21k (vit_base_patch16_224.orig_in21k), in21k-augreg (vit_base_patch16_224.augreg_in21k)" in result.output
     assert "Traceback" not in result.output
 
 
