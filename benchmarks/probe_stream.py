@@ -94,7 +94,7 @@ def child(args: argparse.Namespace) -> None:
 
     def model() -> torch.nn.Module:
         set_seed(0)
-        return ComboAdapter(ComboConfig(num_layers=aligned.layers_per_backbone[0], feature_dim=aligned.feature_dim,
+        return ComboAdapter(ComboConfig(num_layers=aligned.layers_per_backbone[0], feature_dim=aligned.feature_dims[0],
                                         num_tokens=source.task.grids[0][0] * source.task.grids[0][1], num_classes=10))
 
     def run(mode: str, steps: int) -> tuple[float, object]:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .clikit import console, err_console, friendly_errors, parse_grid, split_list
+from .clikit import GRID_HELP, console, err_console, friendly_errors, parse_grid, split_list
 
 STORES_HELP = "Comma-separated stores: short names (resolved as <store root>/<name>/<dataset>.zarr), paths or URLs."
 
@@ -69,11 +69,12 @@ def probe_command(
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Comma-separated tasks; default: every task all stores hold."),
     protocol: str = typer.Option("final", "--protocol", help="final: train800val200 -> test (1,600 steps); dev: train800 -> val200 (1,300 steps)."),
     method: str = typer.Option("combo", "--method", help="combo (the adapter over every layer) or linear (last-layer linear probe)."),
+    pool: str = typer.Option("mean", "--pool", help="--method linear: mean (the last layer's patch tokens, each map normalised, mean-pooled: the authors' linear probe) or cls (the cls token where a store has one)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: the protocol's)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Training batch size (paper: 64)."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (paper: 1e-3)."),
     seed: int = typer.Option(42, "--seed", help="Seed for the adapter's init and the sample order (paper: 42)."),
-    grid: str = typer.Option("14x14", "--grid", help="Common token grid every backbone's maps are resized to: 14 or 14x14."),
+    grid: Optional[str] = typer.Option(None, "--grid", help=GRID_HELP),
     cache: str = typer.Option("auto", "--cache", help="Where the training split lives: auto, device (GPU), ram, stream."),
     cache_budget: Optional[str] = typer.Option(None, "--cache-budget", help="Memory for the training split, e.g. 8GiB (default: half the RAM)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu, mps; default: the best available."),
@@ -85,8 +86,15 @@ def probe_command(
     width: int = typer.Option(128, "--width", hidden=True, help="Adapter width (paper: 128; smaller only for tests/demos)."),
     depth: int = typer.Option(6, "--depth", hidden=True, help="Adapter depth (paper: 6)."),
     heads: int = typer.Option(2, "--heads", hidden=True, help="Adapter heads (paper: 2)."),
+    init: str = typer.Option("timm", "--init", help="Init of the adapter's Linear layers: timm (trunc-normal 0.02, the authors') or torch (PyTorch's default; leaves chance level sooner in short runs, see the README)."),
 ) -> None:
-    """Train ComBo (or the linear baseline) on feature stores and evaluate it; never reruns a backbone."""
+    """Train ComBo (or the linear baseline) on feature stores and evaluate it; never reruns a backbone.
+
+    Every default is the authors' recipe (PAPER.md): each (image, layer) map normalised, the grid rule of
+    --grid, Lambda [128, L, D] (a slice per backbone when widths differ), a 6-block pre-norm ViT of width 128
+    with 2 heads, MLP 512 and LayerNorm eps 1e-5, AdamW lr 1e-3 / weight decay 1e-4, batch 64, 10% warm-up
+    then cosine, 1,600 (final) or 1,300 (dev) steps, seed 42.
+    """
     from probe.data import budget_from_text
     from probe.results import GROUP_ORDER
     from probe.run import ProbeConfig, run_probe
@@ -111,7 +119,7 @@ def probe_command(
         stores=tuple(refs), store_root=store_root, dataset=dataset, tasks=tuple(split_list(task) or ()) or None,
         protocol=protocol, method=method, steps=steps, batch_size=batch_size, lr=lr, seed=seed, grid=parse_grid(grid),
         cache=cache, device=device, out=out, storage_options=options or None, width=width, depth=depth,
-        num_heads=heads, shuffle_window=shuffle_window, **kwargs,
+        num_heads=heads, shuffle_window=shuffle_window, pool=pool, init=init, **kwargs,
     )
     if selection is not None:
         from probe.relevance import run_select

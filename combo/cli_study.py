@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .clikit import console, err_console, friendly_errors, parse_grid, split_list
+from .clikit import GRID_HELP, console, err_console, friendly_errors, parse_grid, split_list
 
 SELECT_HELP = (
     "Also pick backbones per task and retrain ComBo on them WITHOUT the penalty: 'top-K' keeps the K most "
@@ -53,7 +53,7 @@ def relevance_command(
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
     lr: float = typer.Option(1e-3, "--lr", min=0.0),
     seed: int = typer.Option(42, "--seed"),
-    grid: str = typer.Option("14x14", "--grid", help="Common token grid the maps are resized to."),
+    grid: Optional[str] = typer.Option(None, "--grid", help=GRID_HELP),
     cache: str = typer.Option("auto", "--cache", help="Where the training split lives: auto, device, ram, stream."),
     cache_budget: Optional[str] = typer.Option(None, "--cache-budget", help="Memory for the cached split, e.g. 8GiB (default: half the RAM)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu, mps; default: the best available."),
@@ -63,6 +63,7 @@ def relevance_command(
     width: int = typer.Option(128, "--width", hidden=True, help="Adapter width (paper: 128; smaller only for tests/demos)."),
     depth: int = typer.Option(6, "--depth", hidden=True, help="Adapter depth (paper: 6)."),
     heads: int = typer.Option(2, "--heads", hidden=True, help="Adapter heads (paper: 2)."),
+    init: str = typer.Option("timm", "--init", help="Init of the adapter's Linear layers: timm (the authors') or torch (PyTorch's default)."),
 ) -> None:
     """Rank backbones per task by the norm of ComBo's Lambda slices after training with a group penalty."""
     from probe.data import budget_from_text
@@ -77,7 +78,7 @@ def relevance_command(
         stores=_stores(stores), store_root=store_root, dataset=dataset, tasks=tuple(split_list(task) or ()) or None,
         protocol=protocol, method="combo", steps=steps, batch_size=batch_size, lr=lr, seed=seed, grid=parse_grid(grid),
         cache=cache, device=device, out=out, storage_options=_storage_options(storage_option),
-        width=width, depth=depth, num_heads=heads, **kwargs,
+        width=width, depth=depth, num_heads=heads, init=init, **kwargs,
     )
     if selection is None:
         run = run_relevance(cfg, group_lambda=group_lambda, log=_log)

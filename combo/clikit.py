@@ -42,8 +42,15 @@ def friendly_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def parse_grid(text: str) -> tuple[int, int]:
-    """'14' or '14x14' (also '14,14') -> (14, 14)."""
+GRID_HELP = ("Common token grid every backbone's maps are resized to (14 or 14x14). Default: the stores' own grid "
+             "when they all share one, else the smallest among them (14x14 for every combination in the paper), "
+             "as the authors ran it.")
+
+
+def parse_grid(text: str | None) -> tuple[int, int] | None:
+    """'14' or '14x14' (also '14,14') -> (14, 14); None, '' or 'auto' -> None (the authors' default grid)."""
+    if text is None or str(text).strip().lower() in ("", "auto"):
+        return None
     parts = str(text).lower().replace("x", ",").split(",")
     try:
         values = [int(p) for p in parts if p.strip()]

@@ -16,7 +16,6 @@ from typing import Any
 
 from extract.pipeline import ExtractConfig, extract
 from probe.run import ProbeConfig, run_probe
-from store_schema import open_store
 
 __all__ = ["DemoConfig", "DemoResult", "REAL_WEIGHTS_HELP", "run_demo"]
 
@@ -58,7 +57,7 @@ class DemoConfig:
             "image size": f"{self.image_size}px (paper: 224)",
             "adapter": f"width {self.width}, depth {self.depth}, {self.num_heads} heads (paper: 128, 6, 2)",
             "steps": f"{self.steps}, batch {self.batch_size} (paper: 1,600, batch 64)",
-            "common grid": "the stores' own token grid",
+            "common grid": "the stores' shared token grid (else the smallest), as the authors ran it",
             "output": f"{self.out}/stores, {self.out}/runs",
         }
 
@@ -78,7 +77,6 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] | None = None) -> De
     out = Path(cfg.out)
     store_root = out / "stores"
     stores: list[Path] = []
-    grids = set()
     for seed, model in enumerate(cfg.models):
         if log:
             log(f"extracting {model} (random-init, seed {seed}) on digits at {cfg.image_size}px")
@@ -87,12 +85,10 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] | None = None) -> De
                                        random_init=True, seed=seed, device=cfg.device, num_workers=0, batch_size=64,
                                        overwrite=True))  # a rerun with other settings must not trip over old stores
         stores.append(result.store)
-        grids.add(open_store(result.store).token_grid)
-    grid = max(grids)  # the finest grid among the stores: coarser ones are interpolated up to it
     demo = DemoResult(store_root=store_root, stores=stores)
     for method in cfg.methods:
         probe_cfg = ProbeConfig(stores=tuple(str(s) for s in stores), dataset="digits", method=method, steps=cfg.steps,
-                                batch_size=cfg.batch_size, seed=cfg.seed, grid=grid, device=cfg.device,
+                                batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
                                 out=str(out / "runs"), width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads)
         run = run_probe(probe_cfg, log=log)
         demo.run_dirs[method] = run.run_dir

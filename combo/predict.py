@@ -309,7 +309,8 @@ def predict_images(
         backbones[-1].model.to(torch_device)
     if trained.kind == "linear":
         uses_prefix = list(trained.model_config.get("uses_prefix") or [b.num_prefix_tokens > 0 for b in trained.backbones])
-        prepare = linear_prepare(uses_prefix)
+        # runs from before the pooling was recorded standardised the pooled vector instead of each map
+        prepare = linear_prepare(uses_prefix, legacy="normalise" not in trained.model_config)
     else:
         uses_prefix = [False] * len(trained.backbones)
         prepare = make_prepare([b.token_grid for b in trained.backbones], target=trained.grid)

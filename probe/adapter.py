@@ -1,18 +1,28 @@
 """The ComBo adapter (PAPER.md, "The adapter"): Lambda (token-wise affine over all layers) -> F (small ViT) -> head.
 
-Choices the paper leaves open, made here so results are reproducible:
-- LayerNorm eps is 1e-6, as in timm's VisionTransformer (the paper only says "LayerNorm").
-- Initialisation follows timm's VisionTransformer ("" mode): position embedding trunc-normal std 0.02,
-  cls token normal std 1e-6, every Linear in F and the head trunc-normal std 0.02 with zero bias, LayerNorm
-  ones/zeros. Lambda keeps PyTorch's default Conv2d init (kaiming-uniform a=sqrt(5), i.e. U(+-1/sqrt(L*D))
-  for weight and bias), which is what the authors' Conv2d(L, 128, (1, D)) gets.
+As the authors' code builds it:
+- LayerNorm eps 1e-5 (``torch.nn.LayerNorm``'s default, which their F uses; timm's ViT would use 1e-6).
+- Initialisation ``init="timm"`` (the default, the authors'): timm's VisionTransformer scheme, i.e. position
+  embedding trunc-normal std 0.02, cls token normal std 1e-6, every Linear in F and the head trunc-normal
+  std 0.02 with zero bias, LayerNorm ones/zeros. Lambda keeps PyTorch's default Conv2d init
+  (kaiming-uniform a=sqrt(5), i.e. U(+-1/sqrt(L*D)) for weight and bias), which is what the authors'
+  Conv2d(L, 128, (1, D)) gets. ``init="torch"`` gives F's and the head's Linears PyTorch's default init
+  instead (everything else unchanged): it leaves the long plateau at chance that the authors' init shows on
+  spatial tasks in short runs (benchmarks/init_plateau.py).
 - F's blocks are timm's ``Block`` (pre-norm, fused attention when available), so the architecture is the
   ViT one exactly: x + attn(norm1(x)); x + mlp(norm2(x)).
+
+Backbones of different widths (this project's extension, PAPER.md "Aligning several backbones"): Lambda is
+Σ_k Σ_l W_{k,l} x_{k,l} + b with one slice W_k [width, L_k, D_k] per backbone. Its weight is kept as one flat
+parameter [width, Σ_k L_k·D_k] (the "Linear over the flattened L*D" form of the paper), initialised as one
+tensor with fan-in Σ_k L_k·D_k, so with equal widths it is the paper's [width, L, D] Lambda exactly, value
+for value and init for init; ``lambda_slices()`` gives the per-backbone views.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -24,7 +34,8 @@ from .align import FeatureShapeError
 
 __all__ = ["AdapterConfigError", "ComboConfig", "ComboAdapter", "expected_num_params"]
 
-LAYER_NORM_EPS = 1e-6
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm default, as in the authors' F
+INITS = ("timm", "torch")
 
 
 class AdapterConfigError(ValueError):
@@ -42,6 +53,9 @@ class ComboConfig:
     num_heads: int = 2
     mlp_ratio: float = 4.0
     layers_per_backbone: tuple[int, ...] = ()  # e.g. (12, 12); () = one backbone with all L layers
+    # D_k per backbone when widths differ, e.g. (1024, 768); () = every backbone has feature_dim
+    feature_dims: tuple[int, ...] = ()
+    init: str = "timm"  # "timm" (the authors') or "torch" (PyTorch's default Linear init in F and the head)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "feature_dim", "num_tokens", "num_classes", "width", "num_heads"):
@@ -56,6 +70,16 @@ class ComboConfig:
         if self.mlp_ratio <= 0:
             raise AdapterConfigError(f"ComboConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
         object.__setattr__(self, "layers_per_backbone", tuple(int(n) for n in self.layers_per_backbone))
+        object.__setattr__(self, "feature_dims", tuple(int(n) for n in self.feature_dims))
+        if self.init not in INITS:
+            raise AdapterConfigError(f"ComboConfig.init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.feature_dims:
+            backbones = len(self.layers_per_backbone) or 1
+            if len(self.feature_dims) != backbones or min(self.feature_dims) < 1:
+                raise AdapterConfigError(
+                    f"ComboConfig.feature_dims={self.feature_dims} must give one positive width per backbone "
+                    f"({backbones} backbone(s) from layers_per_backbone={self.layers_per_backbone})"
+                )
         if self.layers_per_backbone:
             if min(self.layers_per_backbone) < 1 or sum(self.layers_per_backbone) != self.num_layers:
                 raise AdapterConfigError(
@@ -69,6 +93,21 @@ class ComboConfig:
         return int(self.width * self.mlp_ratio)
 
     @property
+    def dims(self) -> tuple[int, ...]:
+        """D_k of every backbone, in order."""
+        return self.feature_dims or (self.feature_dim,) * (len(self.layers_per_backbone) or 1)
+
+    @property
+    def mixed_widths(self) -> bool:
+        return len(set(self.dims)) > 1
+
+    @property
+    def lambda_fan_in(self) -> int:
+        """Σ_k L_k·D_k: the length of one token's concatenated layer embeddings."""
+        counts = self.layers_per_backbone or (self.num_layers,)
+        return sum(n * d for n, d in zip(counts, self.dims))
+
+    @property
     def backbone_slices(self) -> list[slice]:
         """Which Lambda layer indices read each backbone, in order."""
         counts = self.layers_per_backbone or (self.num_layers,)
@@ -79,7 +118,7 @@ class ComboConfig:
 def expected_num_params(cfg: ComboConfig) -> int:
     """Trainable parameters of ``ComboAdapter(cfg)``, counted by hand (w = width, h = mlp hidden).
 
-    Lambda:          w*L*D + w                      (weight [w, L, D] + bias)
+    Lambda:          w*Σ_k L_k*D_k + w              (weight [w, L, D] when all D_k = D, + bias)
     cls token:       w
     pos embed:       (T + 1) * w
     per block:       norm1 2w
@@ -96,7 +135,7 @@ def expected_num_params(cfg: ComboConfig) -> int:
     encoder (cls + pos + 6 blocks + norm) is 1,215,232 (the paper's "about 1.2M for F").
     """
     w, h = cfg.width, cfg.mlp_hidden
-    lam = w * cfg.num_layers * cfg.feature_dim + w
+    lam = w * cfg.lambda_fan_in + w
     cls_token = w
     pos_embed = (cfg.num_tokens + 1) * w
     block = (2 * w) + (3 * w * w + 3 * w) + (w * w + w) + (2 * w) + (w * h + h) + (h * w + w)
@@ -113,14 +152,18 @@ def _init_vit_linear(module: nn.Module) -> None:
 
 
 class ComboAdapter(nn.Module):
-    """[B, L, T, D] normalised layer maps -> logits [B, C]."""
+    """Normalised layer maps -> logits [B, C].
+
+    Input: one tensor [B, L, T, D] when every backbone has the same width (the paper's stacked x), or a
+    sequence of per-backbone tensors [B, L_k, T, D_k] (any widths), in ``layers_per_backbone`` order.
+    """
 
     def __init__(self, cfg: ComboConfig):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
-        # Lambda, laid out as the authors' Conv2d weight [w, L, 1, D] without the unit axis.
-        self.lambda_weight = nn.Parameter(torch.empty(w, cfg.num_layers, cfg.feature_dim))
+        # Lambda: all backbones' slices side by side, [w, Σ L_k·D_k] (see the module doc).
+        self.lambda_weight = nn.Parameter(torch.empty(w, cfg.lambda_fan_in))
         self.lambda_bias = nn.Parameter(torch.empty(w))
         # F: a pre-norm ViT encoder over the T projected tokens.
         self.cls_token = nn.Parameter(torch.empty(1, 1, w))
@@ -148,31 +191,87 @@ class ComboAdapter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Lambda: PyTorch's Conv2d default (kaiming_uniform a=sqrt(5) == U(+-1/sqrt(fan_in))).
-        bound = 1.0 / math.sqrt(self.cfg.num_layers * self.cfg.feature_dim)
+        # Lambda: PyTorch's Conv2d default (kaiming_uniform a=sqrt(5) == U(+-1/sqrt(fan_in))), one draw for all
+        # slices, so equal widths give the paper's init exactly.
+        bound = 1.0 / math.sqrt(self.cfg.lambda_fan_in)
         nn.init.uniform_(self.lambda_weight, -bound, bound)
         nn.init.uniform_(self.lambda_bias, -bound, bound)
-        # F + head: timm VisionTransformer init.
+        # F + head: timm VisionTransformer init (the authors'), or PyTorch's Linear default.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
-        self.blocks.apply(_init_vit_linear)
-        _init_vit_linear(self.head)
+        if self.cfg.init == "timm":
+            self.blocks.apply(_init_vit_linear)
+            _init_vit_linear(self.head)
+        else:
+            for m in [*self.blocks.modules(), self.head]:
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()
         for m in self.modules():
             if isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def project(self, x: Tensor) -> Tensor:
-        """Lambda: [B, L, T, D] -> [B, T, width], one affine map shared by every token."""
-        cfg = self.cfg
-        if x.ndim != 4 or tuple(x.shape[1:]) != (cfg.num_layers, cfg.num_tokens, cfg.feature_dim):
-            raise FeatureShapeError(
-                f"ComboAdapter expects [B, L={cfg.num_layers}, T={cfg.num_tokens}, D={cfg.feature_dim}] "
-                f"features, got shape {tuple(x.shape)}"
-            )
-        return torch.einsum("bltd,cld->btc", x, self.lambda_weight) + self.lambda_bias
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch's signature
+        # Run folders written before per-backbone widths stored Lambda as [w, L, D]: same values, flat here.
+        key = prefix + "lambda_weight"
+        old = state_dict.get(key)
+        if old is not None and old.ndim == 3 and tuple(old.shape[:1]) == (self.cfg.width,):
+            state_dict[key] = old.reshape(old.shape[0], -1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def lambda_slices(self) -> list[Tensor]:
+        """W_k as views [width, L_k, D_k], one per backbone (writes go to the parameter)."""
+        counts = self.cfg.layers_per_backbone or (self.cfg.num_layers,)
+        out, start = [], 0
+        for n, d in zip(counts, self.cfg.dims):
+            out.append(self.lambda_weight[:, start : start + n * d].view(self.cfg.width, n, d))
+            start += n * d
+        return out
+
+    @property
+    def lambda_map(self) -> Tensor:
+        """The paper's Lambda weight [width, L, D] (a view); only when every backbone has the same width."""
+        if self.cfg.mixed_widths:
+            raise AdapterConfigError(f"backbones have different widths {self.cfg.dims}: use lambda_slices()")
+        return self.lambda_weight.view(self.cfg.width, self.cfg.num_layers, self.cfg.feature_dim)
+
+    def _split_input(self, x: Tensor | Sequence[Tensor]) -> list[Tensor]:
+        cfg = self.cfg
+        counts = cfg.layers_per_backbone or (cfg.num_layers,)
+        if isinstance(x, Tensor):
+            if cfg.mixed_widths:
+                raise FeatureShapeError(
+                    f"ComboAdapter: backbones have widths {cfg.dims}; pass one [B, L_k, T, D_k] tensor per backbone"
+                )
+            if x.ndim != 4 or tuple(x.shape[1:]) != (cfg.num_layers, cfg.num_tokens, cfg.feature_dim):
+                raise FeatureShapeError(
+                    f"ComboAdapter expects [B, L={cfg.num_layers}, T={cfg.num_tokens}, D={cfg.feature_dim}] "
+                    f"features, got shape {tuple(x.shape)}"
+                )
+            return [x]
+        parts = list(x)
+        if len(parts) != len(counts):
+            raise FeatureShapeError(f"ComboAdapter: got {len(parts)} feature tensors for {len(counts)} backbones")
+        for k, (part, n, d) in enumerate(zip(parts, counts, cfg.dims)):
+            if part.ndim != 4 or tuple(part.shape[1:]) != (n, cfg.num_tokens, d):
+                raise FeatureShapeError(
+                    f"ComboAdapter: backbone {k} expects [B, L={n}, T={cfg.num_tokens}, D={d}] features, "
+                    f"got shape {tuple(part.shape)}"
+                )
+        return parts
+
+    def project(self, x: Tensor | Sequence[Tensor]) -> Tensor:
+        """Lambda: layer maps -> [B, T, width], one affine map shared by every token."""
+        parts = self._split_input(x)
+        if len(parts) == 1 and not self.cfg.mixed_widths:
+            out = torch.einsum("bltd,cld->btc", parts[0], self.lambda_map)
+        elif not self.cfg.mixed_widths:
+            out = torch.einsum("bltd,cld->btc", torch.cat(parts, dim=1), self.lambda_map)
+        else:
+            out = sum(torch.einsum("bltd,cld->btc", p, w) for p, w in zip(parts, self.lambda_slices()))
+        return out + self.lambda_bias
+
+    def forward_features(self, x: Tensor | Sequence[Tensor]) -> Tensor:
         """Normalised cls output [B, width]."""
         tokens = self.project(x)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
@@ -180,14 +279,13 @@ class ComboAdapter(nn.Module):
         tokens = self.blocks(tokens)
         return self.norm(tokens)[:, 0]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
         return self.head(self.forward_features(x))
 
     def layer_norms(self) -> Tensor:
         """||W[:, l, :]||_F for each of the L layers -> [L] ("where to find" features inside a model)."""
-        return torch.linalg.vector_norm(self.lambda_weight, dim=(0, 2))
+        return torch.cat([torch.linalg.vector_norm(w, dim=(0, 2)) for w in self.lambda_slices()])
 
     def backbone_norms(self) -> Tensor:
-        """s_k = ||W[:, layers_of_k, :]||_F for each backbone k -> [K] (task relevance)."""
-        w = self.lambda_weight
-        return torch.stack([torch.linalg.vector_norm(w[:, s, :]) for s in self.cfg.backbone_slices])
+        """s_k = ||W_k||_F for each backbone k -> [K] (task relevance); any widths."""
+        return torch.stack([torch.linalg.vector_norm(w) for w in self.lambda_slices()])

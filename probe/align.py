@@ -1,8 +1,10 @@
 """Parameter-free alignment of several backbones' token maps (PAPER.md, "Aligning several backbones").
 
-Every layer map is resized to a common grid (bilinear, align_corners=False; 14x14 in the paper) and then
-standardised per (image, layer) over all tokens and channels together, so that backbones whose residual
-streams have very different scales can be concatenated on the layer axis and read by one Lambda.
+Every layer map is resized to a common grid (bilinear, align_corners=False) and then standardised per
+(image, layer) over all tokens and channels together, so that backbones whose residual streams have very
+different scales can be concatenated on the layer axis and read by one Lambda. The common grid is, as the
+authors ran it (``default_grid``): a backbone's own grid when it is alone or when all share one, else the
+smallest grid among them (14x14 for every combination in the paper).
 Everything here runs in float32: stores may hold float16/bfloat16, but interpolation and variance in half
 precision lose too much.
 """
@@ -18,6 +20,7 @@ from torch import Tensor
 __all__ = [
     "FeatureShapeError",
     "align_grid",
+    "default_grid",
     "normalise_maps",
     "prepare_features",
     "make_prepare",
@@ -26,6 +29,20 @@ __all__ = [
 
 class FeatureShapeError(ValueError):
     """A feature tensor does not have the shape the caller said it has."""
+
+
+def default_grid(grids: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The authors' common grid: the shared one when every backbone has it, else the smallest (fewest tokens).
+
+    DINOv2-B/14 alone keeps 16x16 (T = 256); with ViT-B/16 backbones (14x14) everything goes to 14x14; stores of
+    64-pixel images (4x4) stay 4x4 instead of being upsampled to 196 tokens.
+    """
+    grids = [(int(g[0]), int(g[1])) for g in grids]
+    if not grids:
+        raise FeatureShapeError("default_grid needs at least one backbone grid")
+    if len(set(grids)) == 1:
+        return grids[0]
+    return min(grids, key=lambda g: (g[0] * g[1], g))
 
 
 def _check_maps(x: Tensor, name: str = "features") -> None:
@@ -70,26 +87,25 @@ def prepare_features(
     parts: Sequence[tuple[Tensor, tuple[int, int]]],
     target: tuple[int, int] = (14, 14),
     eps: float = 1e-5,
-) -> Tensor:
-    """Align, normalise and stack several backbones' maps on the layer axis -> [B, sum L_k, T, D] float32.
+) -> Tensor | list[Tensor]:
+    """Align and normalise several backbones' maps -> float32 on the common grid.
 
-    ``parts`` is a sequence of ``(maps [B, L_k, T_k, D], grid_k)`` in backbone order; that order fixes which
-    Lambda slices read which backbone (``ComboConfig.layers_per_backbone``).
+    ``parts`` is a sequence of ``(maps [B, L_k, T_k, D_k], grid_k)`` in backbone order; that order fixes which
+    Lambda slices read which backbone (``ComboConfig.layers_per_backbone``). Equal widths give the paper's
+    stacked x, one tensor [B, Σ L_k, T, D]; different widths give a list of [B, L_k, T, D_k], which
+    ``ComboAdapter`` reads slice by slice.
     """
     if len(parts) == 0:
         raise FeatureShapeError("prepare_features needs at least one backbone's features")
     for k, (x, _) in enumerate(parts):
         _check_maps(x, name=f"backbone {k}")
     widths = [int(x.shape[-1]) for x, _ in parts]
-    if len(set(widths)) > 1:
-        raise FeatureShapeError(
-            f"backbones have different feature widths D={widths}; ComBo (as in the paper) "
-            "concatenates layers of equal width only"
-        )
     batches = [int(x.shape[0]) for x, _ in parts]
     if len(set(batches)) > 1:
         raise FeatureShapeError(f"backbones have different batch sizes {batches}; they must hold the same images")
     aligned = [normalise_maps(align_grid(x, grid, target), eps=eps) for x, grid in parts]
+    if len(set(widths)) > 1:
+        return aligned
     return aligned[0] if len(aligned) == 1 else torch.cat(aligned, dim=1)
 
 
@@ -97,7 +113,7 @@ def make_prepare(
     grids: Sequence[tuple[int, int]],
     target: tuple[int, int] = (14, 14),
     eps: float = 1e-5,
-) -> Callable[[Tensor | Sequence[Tensor]], Tensor]:
+) -> Callable[[Tensor | Sequence[Tensor]], Tensor | list[Tensor]]:
     """Build the ``prepare`` callable for ``train_steps``/``evaluate`` from the backbones' grids.
 
     The callable takes one tensor (one backbone) or a sequence of tensors in the same order as ``grids``.
@@ -106,7 +122,7 @@ def make_prepare(
     if len(grids) == 0:
         raise FeatureShapeError("make_prepare needs at least one grid")
 
-    def prepare(features: Tensor | Sequence[Tensor]) -> Tensor:
+    def prepare(features: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
         tensors = [features] if isinstance(features, Tensor) else list(features)
         if len(tensors) != len(grids):
             raise FeatureShapeError(f"got {len(tensors)} feature tensors for {len(grids)} backbone grids")

@@ -311,6 +311,52 @@ def _is_vtab(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> bo
     return config.get("dataset") == "vtab" or any(r.get("group") for r in rows)
 
 
+def _setup_section(config: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """What was read and how: per backbone its layers, width and native grid; the grid and adapter size used.
+
+    Covers backbones of different widths: Lambda's slice of backbone k has width * L_k * D_k weights."""
+    stores = [s for s in config.get("stores", []) if isinstance(s, Mapping)]
+    if not stores:
+        return []
+    method = config.get("method", "combo")
+    width = int(config.get("width") or 128)
+    md = ["## Setup", "", "| backbone | checkpoint | layers | width D | native grid | "
+          + ("Lambda weights |" if method == "combo" else "feature read |"), "|---|---|---|---|---|---|"]
+    for name, store in zip(names, stores):
+        feats = store.get("features") or {}
+        bb = store.get("backbone") or {}
+        checkpoint = ".".join(str(v) for v in (bb.get("timm_name"), bb.get("pretrained_tag")) if v) or "?"
+        if bb.get("weights_source") == "random-init":
+            checkpoint += " (random init)"
+        layers, dim = feats.get("num_layers"), feats.get("feature_dim")
+        grid = "x".join(str(v) for v in feats.get("token_grid") or []) or "?"
+        if method == "combo":
+            last = f"{width * int(layers) * int(dim):,}" if layers and dim else "?"
+        else:
+            last = f"last layer, {config.get('pool', 'mean')}-pooled"
+        md.append(f"| {name} | {checkpoint} | {layers} | {dim} | {grid} | {last} |")
+    md.append("")
+    if method == "combo":
+        grid = config.get("grid")
+        asked = config.get("grid_requested")
+        used = "x".join(str(v) for v in grid) if grid else "per task (see config.json)"
+        how = "forced by --grid" if isinstance(asked, list) else "the authors' rule: the stores' common grid, else the smallest"
+        md.append(f"Common grid: **{used}** ({how}). Adapter: width {width}, depth {config.get('depth')}, "
+                  f"{config.get('num_heads')} heads, init {config.get('init', 'timm')}.")
+        models = [t.get("model") for t in (config.get("tasks") or {}).values() if isinstance(t, Mapping)]
+        models = [m for m in models if isinstance(m, Mapping) and m.get("kind") == "combo"]
+        if models:
+            from .adapter import ComboConfig, expected_num_params
+
+            fields = set(ComboConfig.__dataclass_fields__)
+            cfg = {k: v for k, v in models[0].items() if k in fields}
+            cfg["layers_per_backbone"] = tuple(cfg.get("layers_per_backbone", ()))
+            cfg["feature_dims"] = tuple(cfg.get("feature_dims", ()))
+            md.append(f"Trainable parameters (first task): {expected_num_params(ComboConfig(**cfg)):,}.")
+        md.append("")
+    return md
+
+
 def _importance_table(rows: Sequence[Mapping[str, Any]], selected: Mapping[str, Sequence[str]] | None = None) -> list[str]:
     names = _backbones(rows)
     lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -369,6 +415,7 @@ def render_report(run_dir: str | Path) -> list[Path]:
     figures: list[Path] = []
     md: list[str] = []
     where = f"dataset {config.get('dataset', '?')}, protocol {config.get('protocol', '?')}"
+    setup = _setup_section(config, names) if kind != "atlas" else []
     if kind == "probe":
         metrics = read_csv(run_dir / "metrics.csv")
         title = f"{config.get('method', 'probe')} on {' + '.join(names) or '?'} ({where})"
@@ -433,6 +480,7 @@ def render_report(run_dir: str | Path) -> list[Path]:
         for path in plot_atlas(rows, run_dir):
             figures.append(path)
             md += _image(path, path.stem)
+    md[1:1] = setup  # after the headline table
     report = run_dir / "report.md"
     report.write_text("\n".join(md).rstrip() + "\n")
     return [report, *figures]

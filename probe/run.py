@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from store_schema import FeatureStore
 
-from .adapter import ComboAdapter, ComboConfig
-from .align import make_prepare, normalise_maps
+from .adapter import INITS, ComboAdapter, ComboConfig
+from .align import default_grid, make_prepare, normalise_maps
 from .data import CACHE_MODES, CachePlan, SplitSource, default_budget, eval_batches, plan_cache, training_batches
 from .linear import LinearProbe
 from .results import GROUP_ORDER, VTAB_GROUPS, markdown_table, new_run_dir, sanitise_url, write_json, write_table
@@ -28,6 +28,7 @@ from .train import TrainConfig, evaluate, pick_device, set_seed, train_steps
 
 PROTOCOL_STEPS = {"final": 1600, "dev": 1300}  # PAPER.md: VTAB-1k protocol
 METHODS = ("combo", "linear")
+POOLS = ("mean", "cls")  # the linear probe's feature: mean of the normalised patch tokens (the authors'), or cls
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class ProbeConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 42
-    grid: tuple[int, int] = (14, 14)
+    # common token grid; None: the authors' rule (align.default_grid: the stores' shared grid, else the smallest)
+    grid: tuple[int, int] | None = None
     cache: str = "auto"
     cache_budget: int = field(default_factory=default_budget)
     device: str | None = None
@@ -59,20 +61,28 @@ class ProbeConfig:
     num_heads: int = 2
     # rows per shuffle window; None: the whole split when cached, what the budget allows when streamed
     shuffle_window: int | None = None
+    pool: str = "mean"  # linear probe: "mean" (normalised last-layer patch tokens, mean-pooled) or "cls"
+    init: str = "timm"  # ComBo's F/head init: "timm" (the authors') or "torch" (PyTorch's Linear default)
 
     def __post_init__(self) -> None:
         stores = (self.stores,) if isinstance(self.stores, str) else tuple(str(s) for s in self.stores)
         object.__setattr__(self, "stores", stores)
         if self.tasks is not None:
             object.__setattr__(self, "tasks", (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks) or None)
-        grid = (self.grid, self.grid) if isinstance(self.grid, int) else tuple(int(v) for v in self.grid)
-        object.__setattr__(self, "grid", grid)
+        if self.grid is not None:
+            grid = (self.grid, self.grid) if isinstance(self.grid, int) else tuple(int(v) for v in self.grid)
+            object.__setattr__(self, "grid", grid)
+        grid = self.grid or (1, 1)
         if self.protocol not in PROTOCOL_STEPS:
             raise ValueError(f"--protocol {self.protocol!r}: choose one of {', '.join(PROTOCOL_STEPS)}")
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
         if not self.stores:
             raise ValueError("--stores: give at least one store (a short name, a path or a URL)")
+        if self.pool not in POOLS:
+            raise ValueError(f"--pool {self.pool!r}: choose one of {', '.join(POOLS)}")
+        if self.init not in INITS:
+            raise ValueError(f"--init {self.init!r}: choose one of {', '.join(INITS)}")
         if self.cache not in CACHE_MODES:
             raise ValueError(f"--cache {self.cache!r}: choose one of {', '.join(CACHE_MODES)}")
         checks = [
@@ -125,11 +135,13 @@ def _linear_layers(stores: Sequence[FeatureStore]) -> list[list[int]]:
     return [[s.num_layers - 1] for s in stores]
 
 
-def linear_prepare(uses_prefix: Sequence[bool]) -> Callable[[Sequence[Tensor]], Tensor]:
-    """Last-layer feature per backbone: the cls token where stored, else the mean of the patch tokens;
-    each standardised over its channels (parameter-free, like ComBo's maps) and concatenated.
+def linear_prepare(uses_prefix: Sequence[bool], *, legacy: bool = False) -> Callable[[Sequence[Tensor]], Tensor]:
+    """Last-layer feature per backbone, concatenated: the map read (the patch tokens [B, 1, T, D], or the
+    prefix tokens [B, 1, P, D] whose first is cls) is normalised like ComBo's maps, then mean-pooled over
+    its tokens (cls: just that token). The patch-token mean is what the authors' linear probe measures.
 
-    Input per backbone: [B, 1, P, D] prefix tokens (cls first) or [B, 1, T, D] patch tokens."""
+    ``legacy``: run folders written before combo recorded the pooling pooled first and then standardised
+    over channels; kept so `combo predict` reproduces them."""
     flags = [bool(u) for u in uses_prefix]
 
     def prepare(parts: Sequence[Tensor]) -> Tensor:
@@ -138,8 +150,12 @@ def linear_prepare(uses_prefix: Sequence[bool]) -> Callable[[Sequence[Tensor]], 
             raise ValueError(f"linear probe: got {len(parts)} feature tensors for {len(flags)} backbones")
         pooled = []
         for x, prefix in zip(parts, flags):
-            v = x[:, 0, 0, :].float() if prefix else x[:, 0].float().mean(dim=1)
-            pooled.append(normalise_maps(v[:, None, None, :])[:, 0, 0, :])
+            x = x[:, :1, :1] if prefix else x[:, :1]  # cls alone, or every patch token, of the last layer
+            if legacy:
+                v = x[:, 0].float().mean(dim=1)
+                pooled.append(normalise_maps(v[:, None, None, :])[:, 0, 0, :])
+            else:
+                pooled.append(normalise_maps(x)[:, 0].mean(dim=1))
         return torch.cat(pooled, dim=1)
 
     return prepare
@@ -151,20 +167,27 @@ def build_model(kind: str, model_config: dict[str, Any]) -> nn.Module:
         names = {f.name for f in fields(ComboConfig)}
         cfg = {k: v for k, v in model_config.items() if k in names}
         cfg["layers_per_backbone"] = tuple(cfg.get("layers_per_backbone", ()))
+        cfg["feature_dims"] = tuple(cfg.get("feature_dims", ()))
         return ComboAdapter(ComboConfig(**cfg))
     if kind == "linear":
         return LinearProbe(model_config["feature_dim"], model_config["num_classes"])
     raise ValueError(f"unknown model kind {kind!r}")
 
 
-def sources_for(aligned: AlignedTask, rows: np.ndarray, method: str) -> SplitSource:
-    """What a method reads: ComBo every layer's patch tokens; the linear probe the last layer's cls token
-    where a store has one (else its patch tokens, mean-pooled in `linear_prepare`)."""
+def sources_for(aligned: AlignedTask, rows: np.ndarray, method: str, *, pool: str = "mean") -> SplitSource:
+    """What a method reads: ComBo every layer's patch tokens; the linear probe the last layer's patch tokens
+    (``pool="mean"``, the authors') or its cls token where a store has one (``pool="cls"``; else the patch
+    tokens)."""
     stores = [p.store for p in aligned.parts]
     if method == "linear":
-        uses_prefix = [s.num_prefix_tokens > 0 for s in stores]
+        uses_prefix = [pool == "cls" and s.num_prefix_tokens > 0 for s in stores]
         return SplitSource(aligned, rows, layers=_linear_layers(stores), prefix=uses_prefix)
     return SplitSource(aligned, rows)
+
+
+def probe_grid(aligned: AlignedTask, cfg: ProbeConfig) -> tuple[int, int]:
+    """The grid ComBo runs on for this task: --grid when given, else the authors' rule (align.default_grid)."""
+    return tuple(cfg.grid) if cfg.grid is not None else default_grid(aligned.grids)
 
 
 def model_and_prepare(aligned: AlignedTask, source: SplitSource, cfg: ProbeConfig) -> tuple[str, dict[str, Any], nn.Module, Callable]:
@@ -172,17 +195,22 @@ def model_and_prepare(aligned: AlignedTask, source: SplitSource, cfg: ProbeConfi
     if cfg.method == "linear":
         uses_prefix = [source.prefix_of(k) for k in range(len(aligned.parts))]
         dim = sum(p.store.feature_dim for p in aligned.parts)
-        model_config = {"feature_dim": dim, "num_classes": num_classes, "uses_prefix": uses_prefix}
+        model_config = {"feature_dim": dim, "num_classes": num_classes, "uses_prefix": uses_prefix, "pool": cfg.pool,
+                        "pooled": ["cls" if u else "mean" for u in uses_prefix], "normalise": "map, then pool"}
         return "linear", model_config, LinearProbe(dim, num_classes), linear_prepare(uses_prefix)
+    grid = probe_grid(aligned, cfg)
+    dims = aligned.feature_dims
     combo = ComboConfig(
-        num_layers=sum(aligned.layers_per_backbone), feature_dim=aligned.feature_dim,
-        num_tokens=cfg.grid[0] * cfg.grid[1], num_classes=num_classes,
+        num_layers=sum(aligned.layers_per_backbone), feature_dim=dims[0],
+        num_tokens=grid[0] * grid[1], num_classes=num_classes,
         width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads, layers_per_backbone=aligned.layers_per_backbone,
+        feature_dims=dims if len(set(dims)) > 1 else (), init=cfg.init,
     )
     model_config = asdict(combo)
     model_config["layers_per_backbone"] = list(combo.layers_per_backbone)
-    model_config["grid"] = list(cfg.grid)
-    return "combo", model_config, ComboAdapter(combo), make_prepare(aligned.grids, target=cfg.grid)
+    model_config["feature_dims"] = list(combo.feature_dims)
+    model_config["grid"] = list(grid)
+    return "combo", model_config, ComboAdapter(combo), make_prepare(aligned.grids, target=grid)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -200,15 +228,17 @@ def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, gr
     train_rows, eval_rows = aligned.rows(train_split), aligned.rows(eval_split)
     if train_rows.size == 0 or eval_rows.size == 0:
         raise ValueError(f"task {aligned.name}: split {train_split!r} or {eval_split!r} has no samples")
-    train_source = sources_for(aligned, train_rows, cfg.method)
-    eval_source = sources_for(aligned, eval_rows, cfg.method)
+    train_source = sources_for(aligned, train_rows, cfg.method, pool=cfg.pool)
+    eval_source = sources_for(aligned, eval_rows, cfg.method, pool=cfg.pool)
     set_seed(cfg.seed)
     kind, model_config, model, prepare = model_and_prepare(aligned, train_source, cfg)
     plan: CachePlan = plan_cache(train_source, mode=cfg.cache, budget_bytes=cfg.cache_budget, device=device,
                                  batch_size=cfg.batch_size, shuffle_window=cfg.shuffle_window)
     if log:
+        shape = (f"grid {'x'.join(str(v) for v in model_config['grid'])}" if kind == "combo"
+                 else f"{cfg.pool}-pooled last layer")
         log(f"{aligned.name}: {kind} on {train_rows.size} {train_split} -> {eval_rows.size} {eval_split}, "
-            f"{cfg.total_steps} steps; {plan.describe()}")
+            f"{cfg.total_steps} steps, {shape}; {plan.describe()}")
     started = time.perf_counter()
     batches = training_batches(train_source, plan, batch_size=cfg.batch_size, seed=cfg.seed, device=device)
     history = train_steps(model, batches, cfg.train_config(group_lambda=group_lambda), device=device, prepare=prepare)
@@ -228,6 +258,7 @@ def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, gr
         "train_seconds": round(float(history["seconds"]), 3),
         "cache": plan.mode,
         "shuffle_window": plan.window_rows,
+        **({"grid": "x".join(str(v) for v in model_config["grid"])} if kind == "combo" else {"pool": cfg.pool}),
         "seconds": round(time.perf_counter() - started, 3),
     }
     return TaskFit(aligned.name, model, {"kind": kind, **model_config}, metrics, preds, eval_rows, history)
@@ -296,6 +327,11 @@ def run_config(cfg: ProbeConfig, stores: Sequence[FeatureStore], *, device: torc
     doc["store_refs"] = [sanitise_url(r) for r in cfg.stores]
     doc["store_root"] = sanitise_url(cfg.store_root) if cfg.store_root else None
     doc["device"] = str(device)
+    doc["grid_requested"] = list(cfg.grid) if cfg.grid else "auto (the stores' common grid, else the smallest)"
+    if cfg.method == "combo":  # the grid used (each task's model config records it too)
+        doc["grid"] = list(cfg.grid or default_grid([s.token_grid for s in stores]))
+    else:
+        doc["grid"] = None
     doc["train"] = asdict(cfg.train_config())
     doc["combo_version"] = _version()
     return doc
@@ -312,6 +348,7 @@ def _version() -> str:
 
 __all__ = [
     "METHODS",
+    "POOLS",
     "PROTOCOL_STEPS",
     "ProbeConfig",
     "ProbeRun",
@@ -320,6 +357,7 @@ __all__ = [
     "fit_task",
     "linear_prepare",
     "model_and_prepare",
+    "probe_grid",
     "replace",
     "run_config",
     "run_probe",

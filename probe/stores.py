@@ -127,8 +127,9 @@ class AlignedTask:
         return tuple(p.store.num_layers for p in self.parts)
 
     @property
-    def feature_dim(self) -> int:
-        return self.parts[0].store.feature_dim
+    def feature_dims(self) -> tuple[int, ...]:
+        """D_k per store (they may differ: ComBo gives each backbone its own Lambda slice)."""
+        return tuple(p.store.feature_dim for p in self.parts)
 
     def rows(self, split: str) -> np.ndarray:
         """Rows (of the first store) of a split's samples that are valid in every store."""
@@ -149,13 +150,6 @@ def align_tasks(stores: Sequence[FeatureStore], task: str) -> AlignedTask:
     parts = [s.task(task) for s in stores]
     for part in parts:
         part.require_complete()
-    dims = {p.store.feature_dim for p in parts}
-    if len(dims) > 1:
-        raise StoreMismatchError(
-            f"task {task}: stores have different feature widths ("
-            + ", ".join(f"{p.store.url}: D={p.store.feature_dim}" for p in parts)
-            + "); ComBo as in the paper stacks the layers of backbones of equal width only"
-        )
     ref = parts[0]
     ref_ids = ref.sample_ids
     ref_splits = {c for c in ref.samples.column_names if c.startswith(SPLIT_PREFIX)}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probe.adapter import AdapterConfigError, ComboAdapter, ComboConfig, expected_num_params
-from probe.align import FeatureShapeError, align_grid, make_prepare, normalise_maps, prepare_features
+from probe.align import FeatureShapeError, align_grid, default_grid, make_prepare, normalise_maps, prepare_features
 
 
 
@@ -100,7 +100,7 @@ def test_lambda_is_einsum_and_conv2d():
     x = torch.randn(2, 3, 16, 8)
     got = model.project(x)
     assert got.shape == (2, 16, 16)
-    w, b = model.lambda_weight.detach(), model.lambda_bias.detach()
+    w, b = model.lambda_map.detach(), model.lambda_bias.detach()
     # Hand loop: token t of image i -> W . concat_l x[i, l, t, :] + b.
     hand = torch.stack(
         [torch.stack([w.reshape(16, -1) @ x[i, :, t, :].reshape(-1) + b for t in range(16)]) for i in range(2)]
@@ -119,7 +119,7 @@ def test_forward_is_prenorm_vit_over_cls_and_tokens():
     torch.manual_seed(1)
     model = ComboAdapter(_tiny(depth=2)).eval()
     x = torch.randn(3, 3, 16, 8)
-    tokens = torch.einsum("bltd,cld->btc", x, model.lambda_weight) + model.lambda_bias
+    tokens = torch.einsum("bltd,cld->btc", x, model.lambda_map) + model.lambda_bias
     h = torch.cat([model.cls_token.expand(3, -1, -1), tokens], 1) + model.pos_embed
     for blk in model.blocks:
         h = h + blk.attn(blk.norm1(h))  # pre-norm residual, no LayerScale
@@ -134,11 +134,11 @@ def test_encoder_blocks_match_spec():
     assert len(model.blocks) == 6
     assert model.cls_token.shape == (1, 1, 128)
     assert model.pos_embed.shape == (1, 197, 128)
-    assert isinstance(model.norm, nn.LayerNorm) and model.norm.eps == 1e-6
+    assert isinstance(model.norm, nn.LayerNorm) and model.norm.eps == 1e-5
     assert model.head.in_features == 128 and model.head.out_features == 7
     for blk in model.blocks:
         assert isinstance(blk.norm1, nn.LayerNorm) and isinstance(blk.norm2, nn.LayerNorm)
-        assert blk.norm1.eps == blk.norm2.eps == 1e-6
+        assert blk.norm1.eps == blk.norm2.eps == 1e-5
         assert blk.attn.num_heads == 2 and blk.attn.head_dim == 64
         assert blk.attn.qkv.in_features == 128 and blk.attn.qkv.out_features == 384
         assert blk.attn.qkv.bias is not None
@@ -171,7 +171,7 @@ def test_backbone_and_layer_norms_by_hand():
     model = ComboAdapter(cfg)
     w = torch.arange(4 * 3 * 2, dtype=torch.float32).reshape(4, 3, 2)
     with torch.no_grad():
-        model.lambda_weight.copy_(w)
+        model.lambda_map.copy_(w)
     per_layer = [math.sqrt(sum(float(w[c, l, d]) ** 2 for c in range(4) for d in range(2))) for l in range(3)]
     torch.testing.assert_close(model.layer_norms(), torch.tensor(per_layer))
     s0 = math.sqrt(per_layer[0] ** 2 + per_layer[1] ** 2)
@@ -179,7 +179,7 @@ def test_backbone_and_layer_norms_by_hand():
     # Without layers_per_backbone the whole Lambda is one backbone.
     single = ComboAdapter(_tiny(num_layers=3, width=4, num_heads=2, feature_dim=2))
     with torch.no_grad():
-        single.lambda_weight.copy_(w)
+        single.lambda_map.copy_(w)
     torch.testing.assert_close(single.backbone_norms(), torch.tensor([w.norm().item()]))
 
 
@@ -267,10 +267,107 @@ def test_prepare_features_concatenates_aligned_normalised_layers():
         prep([a])
 
 
-def test_prepare_features_rejects_mixed_widths_and_batches():
-    with pytest.raises(FeatureShapeError, match=r"768.*1024"):
-        prepare_features([(torch.randn(1, 1, 196, 768), (14, 14)), (torch.randn(1, 1, 196, 1024), (14, 14))])
+def test_prepare_features_keeps_mixed_widths_apart_and_rejects_mixed_batches():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 2, 256, 12) * 5, torch.randn(2, 3, 196, 8)
+    out = prepare_features([(a, (16, 16)), (b, (14, 14))])
+    assert isinstance(out, list) and [tuple(o.shape) for o in out] == [(2, 2, 196, 12), (2, 3, 196, 8)]
+    torch.testing.assert_close(out[0], normalise_maps(align_grid(a, (16, 16), (14, 14))))
+    torch.testing.assert_close(out[1], normalise_maps(b))
     with pytest.raises(FeatureShapeError, match="batch"):
         prepare_features([(torch.randn(2, 1, 196, 4), (14, 14)), (torch.randn(3, 1, 196, 4), (14, 14))])
     with pytest.raises(FeatureShapeError):
         prepare_features([])
+
+
+# ---------------------------------------------------------------------------------------- paper's defaults
+
+
+@pytest.mark.parametrize(
+    "grids, expected",
+    [
+        ([(16, 16)], (16, 16)),  # DINOv2-B/14 alone keeps its native grid (the paper's 77.9 row)
+        ([(14, 14)], (14, 14)),
+        ([(4, 4), (4, 4)], (4, 4)),  # 64-pixel stores are not upsampled to 196 tokens
+        ([(14, 14), (16, 16), (14, 14), (16, 16)], (14, 14)),  # SAM + DFN-CLIP + SigLIP + DINOv2
+        ([(16, 16), (14, 14)], (14, 14)),
+        ([(8, 8), (4, 6)], (4, 6)),  # the smallest (fewest tokens), even when not square
+    ],
+)
+def test_default_grid_is_the_authors(grids, expected):
+    assert default_grid(grids) == expected
+
+
+def test_layer_norm_eps_is_torch_default():
+    model = ComboAdapter(_tiny())
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * 2 + 1 and all(m.eps == nn.LayerNorm(4).eps == 1e-5 for m in norms)
+
+
+def test_mixed_widths_equal_the_paper_lambda_on_equal_widths():
+    """Per-backbone slices with equal widths are the paper's Lambda: same init, same outputs, same norms."""
+    torch.manual_seed(3)
+    paper = ComboAdapter(_tiny(num_layers=5, layers_per_backbone=(2, 3), feature_dim=8))
+    torch.manual_seed(3)
+    sliced = ComboAdapter(_tiny(num_layers=5, layers_per_backbone=(2, 3), feature_dim=8, feature_dims=(8, 8)))
+    for (name, p), (_, q) in zip(paper.named_parameters(), sliced.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    x = torch.randn(2, 5, 16, 8)
+    # The paper's Lambda written out: one [width, L, D] weight over the stacked layers.
+    w = paper.lambda_weight.detach().reshape(16, 5, 8)
+    hand = torch.einsum("bltd,cld->btc", x, w) + paper.lambda_bias
+    torch.testing.assert_close(sliced.project([x[:, :2], x[:, 2:]]), hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sliced(list(x.split([2, 3], dim=1))), paper(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sliced.backbone_norms(), torch.stack([w[:, :2].norm(), w[:, 2:].norm()]))
+
+
+def test_mixed_widths_lambda_sums_per_backbone_slices():
+    torch.manual_seed(0)
+    cfg = _tiny(num_layers=5, layers_per_backbone=(2, 3), feature_dim=12, feature_dims=(12, 8))
+    model = ComboAdapter(cfg)
+    assert _count(model) == expected_num_params(cfg)
+    assert model.lambda_weight.shape == (16, 2 * 12 + 3 * 8)
+    w0, w1 = model.lambda_slices()
+    assert w0.shape == (16, 2, 12) and w1.shape == (16, 3, 8)
+    bound = 1 / math.sqrt(2 * 12 + 3 * 8)  # one fan-in for all slices, as the paper's Conv2d over L*D
+    assert model.lambda_weight.abs().max() <= bound
+    a, b = torch.randn(2, 2, 16, 12), torch.randn(2, 3, 16, 8)
+    hand = torch.einsum("bltd,cld->btc", a, w0) + torch.einsum("bltd,cld->btc", b, w1) + model.lambda_bias
+    torch.testing.assert_close(model.project([a, b]), hand.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.backbone_norms(), torch.stack([w0.norm(), w1.norm()]).detach())
+    torch.testing.assert_close(model.layer_norms(), torch.cat([w0.norm(dim=(0, 2)), w1.norm(dim=(0, 2))]).detach())
+    with pytest.raises(FeatureShapeError, match="one .* tensor per backbone"):
+        model(torch.randn(2, 5, 16, 8))
+    with pytest.raises(FeatureShapeError, match="backbone 1"):
+        model([a, torch.randn(2, 3, 16, 12)])
+    with pytest.raises(AdapterConfigError, match="lambda_slices"):
+        model.lambda_map
+    with pytest.raises(AdapterConfigError, match="feature_dims"):
+        _tiny(num_layers=5, layers_per_backbone=(2, 3), feature_dims=(12,))
+
+
+def test_old_lambda_layout_loads():
+    """Run folders written before per-backbone widths hold Lambda as [width, L, D]."""
+    model = ComboAdapter(_tiny())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["lambda_weight"] = state["lambda_weight"].reshape(16, 3, 8) * 2
+    fresh = ComboAdapter(_tiny())
+    fresh.load_state_dict(state, strict=True)
+    torch.testing.assert_close(fresh.lambda_map, model.lambda_map * 2)
+
+
+def test_init_options():
+    torch.manual_seed(0)
+    timm_init = ComboAdapter(_tiny(width=64, num_heads=2))
+    torch.manual_seed(0)
+    torch_init = ComboAdapter(_tiny(width=64, num_heads=2, init="torch"))
+    fc = timm_init.blocks[0].mlp.fc1
+    assert abs(fc.weight.std().item() - 0.02) < 0.004 and torch.all(fc.bias == 0)  # the authors' trunc-normal
+    fc = torch_init.blocks[0].mlp.fc1
+    bound = 1 / math.sqrt(64)  # nn.Linear's default: U(+-1/sqrt(fan_in)) for weight and bias
+    assert fc.weight.abs().max() <= bound and fc.weight.std().item() > 0.5 * bound / math.sqrt(3)
+    assert fc.bias.abs().max() > 0
+    # Lambda, cls and pos are the same under both inits.
+    torch.testing.assert_close(timm_init.lambda_weight, torch_init.lambda_weight)
+    with pytest.raises(AdapterConfigError, match="init"):
+        _tiny(init="xavier")

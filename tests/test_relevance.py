@@ -135,9 +135,9 @@ def test_penalty_matches_hand_computation():
                       layers_per_backbone=(1, 2))
     model = ComboAdapter(cfg)
     with torch.no_grad():
-        model.lambda_weight[:, 0, :] = 1.0  # 4 entries of 1 -> s_1 = 2
-        model.lambda_weight[:, 1, :] = 3.0  # 8 entries of 3 -> s_2 = sqrt(72) = 6 sqrt(2)
-        model.lambda_weight[:, 2, :] = -3.0
+        model.lambda_map[:, 0, :] = 1.0  # 4 entries of 1 -> s_1 = 2
+        model.lambda_map[:, 1, :] = 3.0  # 8 entries of 3 -> s_2 = sqrt(72) = 6 sqrt(2)
+        model.lambda_map[:, 2, :] = -3.0
     expected = 2.0 + 6.0 * np.sqrt(2.0)
     assert float(relevance_penalty(model, 0.01).detach()) == pytest.approx(0.01 * expected, rel=1e-6)
     assert float(relevance_penalty(model, 0.0).detach()) == 0.0

@@ -136,7 +136,7 @@ def test_group_penalty_by_hand_and_loss_is_ce_without_it():
     model = ComboAdapter(cfg)
     w = torch.linspace(-1.0, 2.0, 4 * 3 * 2).reshape(4, 3, 2)
     with torch.no_grad():
-        model.lambda_weight.copy_(w)
+        model.lambda_map.copy_(w)
     hand = math.sqrt(float((w[:, :1] ** 2).sum())) + math.sqrt(float((w[:, 1:] ** 2).sum()))
     assert group_penalty(model).item() == pytest.approx(hand, rel=1e-6)
 
