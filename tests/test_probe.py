@@ -43,7 +43,16 @@ from probe.data import (
     stream_batches,
 )
 from probe.results import group_means, markdown_table, read_metrics, sanitise_url
-from probe.run import ProbeConfig, build_model, fit_task, model_and_prepare, probe_grid, run_probe, sources_for
+from probe.run import (
+    ProbeConfig,
+    build_model,
+    fit_task,
+    linear_prepare,
+    model_and_prepare,
+    probe_grid,
+    run_probe,
+    sources_for,
+)
 from probe.stores import align_tasks, open_stores
 from probe.train import epoch_permutation, evaluate
 from servers import static_http_server
@@ -182,6 +191,19 @@ def test_linear_probe_default_is_the_authors_mean_of_normalised_patch_tokens(sto
     assert source.row_bytes() == 2 * (1 * 1 * 192 * 2)  # one layer, one cls token, float16, per store
     with pytest.raises(ValueError, match="--pool 'max'"):
         config(stores, tmp_path, method="linear", pool="max")
+
+
+def test_linear_prepare_keeps_the_pre_recorded_pooling_for_old_runs():
+    """Run folders from before the pooling was recorded pooled first, then standardised over channels;
+    `combo predict` rebuilds those with legacy=True (no "normalise" key in their model config)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 1, 9, 6) * torch.linspace(0.5, 4, 9)[None, None, :, None] + 3
+    old = linear_prepare([False], legacy=True)([x])
+    pooled = x[:, 0].mean(dim=1)
+    torch.testing.assert_close(old, (pooled - pooled.mean(1, keepdim=True)) / torch.sqrt(pooled.var(1, unbiased=False, keepdim=True) + 1e-5))
+    new = linear_prepare([False])([x])
+    torch.testing.assert_close(new, normalise_maps(x)[:, 0].mean(dim=1))
+    assert not torch.allclose(old, new, atol=1e-3)
 
 
 def test_linear_probe_mixes_cls_and_mean_pooled_stores(tmp_path):
