@@ -22,9 +22,10 @@ for value and init for init; ``lambda_slices()`` gives the per-backbone views.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from functools import partial
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
@@ -92,10 +93,24 @@ class ComboConfig:
         # Same rounding as timm's Block: int(dim * mlp_ratio).
         return int(self.width * self.mlp_ratio)
 
+    @classmethod
+    def from_record(cls, doc: Mapping[str, Any]) -> "ComboConfig":
+        """The config a run folder recorded (``asdict`` plus extra keys such as grid; lists for tuples)."""
+        names = {f.name for f in fields(cls)}
+        cfg = {k: v for k, v in doc.items() if k in names}
+        cfg["layers_per_backbone"] = tuple(cfg.get("layers_per_backbone", ()))
+        cfg["feature_dims"] = tuple(cfg.get("feature_dims", ()))
+        return cls(**cfg)
+
+    @property
+    def layer_counts(self) -> tuple[int, ...]:
+        """L_k of every backbone, in order."""
+        return self.layers_per_backbone or (self.num_layers,)
+
     @property
     def dims(self) -> tuple[int, ...]:
         """D_k of every backbone, in order."""
-        return self.feature_dims or (self.feature_dim,) * (len(self.layers_per_backbone) or 1)
+        return self.feature_dims or (self.feature_dim,) * len(self.layer_counts)
 
     @property
     def mixed_widths(self) -> bool:
@@ -104,13 +119,12 @@ class ComboConfig:
     @property
     def lambda_fan_in(self) -> int:
         """Σ_k L_k·D_k: the length of one token's concatenated layer embeddings."""
-        counts = self.layers_per_backbone or (self.num_layers,)
-        return sum(n * d for n, d in zip(counts, self.dims))
+        return sum(n * d for n, d in zip(self.layer_counts, self.dims))
 
     @property
     def backbone_slices(self) -> list[slice]:
         """Which Lambda layer indices read each backbone, in order."""
-        counts = self.layers_per_backbone or (self.num_layers,)
+        counts = self.layer_counts
         starts = [sum(counts[:k]) for k in range(len(counts))]
         return [slice(s, s + n) for s, n in zip(starts, counts)]
 
@@ -221,9 +235,8 @@ class ComboAdapter(nn.Module):
 
     def lambda_slices(self) -> list[Tensor]:
         """W_k as views [width, L_k, D_k], one per backbone (writes go to the parameter)."""
-        counts = self.cfg.layers_per_backbone or (self.cfg.num_layers,)
         out, start = [], 0
-        for n, d in zip(counts, self.cfg.dims):
+        for n, d in zip(self.cfg.layer_counts, self.cfg.dims):
             out.append(self.lambda_weight[:, start : start + n * d].view(self.cfg.width, n, d))
             start += n * d
         return out
@@ -237,7 +250,7 @@ class ComboAdapter(nn.Module):
 
     def _split_input(self, x: Tensor | Sequence[Tensor]) -> list[Tensor]:
         cfg = self.cfg
-        counts = cfg.layers_per_backbone or (cfg.num_layers,)
+        counts = cfg.layer_counts
         if isinstance(x, Tensor):
             if cfg.mixed_widths:
                 raise FeatureShapeError(
@@ -263,12 +276,11 @@ class ComboAdapter(nn.Module):
     def project(self, x: Tensor | Sequence[Tensor]) -> Tensor:
         """Lambda: layer maps -> [B, T, width], one affine map shared by every token."""
         parts = self._split_input(x)
-        if len(parts) == 1 and not self.cfg.mixed_widths:
-            out = torch.einsum("bltd,cld->btc", parts[0], self.lambda_map)
-        elif not self.cfg.mixed_widths:
-            out = torch.einsum("bltd,cld->btc", torch.cat(parts, dim=1), self.lambda_map)
-        else:
+        if self.cfg.mixed_widths:
             out = sum(torch.einsum("bltd,cld->btc", p, w) for p, w in zip(parts, self.lambda_slices()))
+        else:  # the paper's Lambda over the stacked layers
+            stacked = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            out = torch.einsum("bltd,cld->btc", stacked, self.lambda_map)
         return out + self.lambda_bias
 
     def forward_features(self, x: Tensor | Sequence[Tensor]) -> Tensor:

@@ -96,9 +96,6 @@ class SplitSource:
             return None
         return [int(v) for v in self.layers[k]]
 
-    def shard_of(self) -> np.ndarray:
-        return self.rows // self.task.reference.rows_per_shard
-
     def _array(self, k: int):
         part = self.task.parts[k]
         return part.prefix if self.prefix_of(k) else part.tokens
@@ -431,9 +428,10 @@ def plan_cache(source: SplitSource, *, mode: str, budget_bytes: int, device: tor
         window = shuffle_window
     if window is not None and window >= source.n:
         window = None
-    if window is not None and piece_rows(source) < source.task.reference.rows_per_shard:
+    pieces = piece_rows(source) if window is not None else None
+    if pieces is not None and pieces < source.task.reference.rows_per_shard:
         clustered = ("the split is stored class by class (a store written before combo shuffled training rows): "
-                     f"windows are built from {piece_rows(source)}-row pieces, more reads per window; "
+                     f"windows are built from {pieces}-row pieces, more reads per window; "
                      "extract it again for whole-shard reads")
         note = f"{note}; {clustered}" if note else clustered
     return CachePlan(mode=mode, window_rows=window, split_bytes=split_bytes, budget_bytes=budget_bytes, note=note)

@@ -348,11 +348,7 @@ def _setup_section(config: Mapping[str, Any], names: Sequence[str]) -> list[str]
         if models:
             from .adapter import ComboConfig, expected_num_params
 
-            fields = set(ComboConfig.__dataclass_fields__)
-            cfg = {k: v for k, v in models[0].items() if k in fields}
-            cfg["layers_per_backbone"] = tuple(cfg.get("layers_per_backbone", ()))
-            cfg["feature_dims"] = tuple(cfg.get("feature_dims", ()))
-            md.append(f"Trainable parameters (first task): {expected_num_params(ComboConfig(**cfg)):,}.")
+            md.append(f"Trainable parameters (first task): {expected_num_params(ComboConfig.from_record(models[0])):,}.")
         md.append("")
     return md
 

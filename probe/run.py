@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -164,11 +164,7 @@ def linear_prepare(uses_prefix: Sequence[bool], *, legacy: bool = False) -> Call
 def build_model(kind: str, model_config: dict[str, Any]) -> nn.Module:
     """Rebuild a trained model from the config a run folder records."""
     if kind == "combo":
-        names = {f.name for f in fields(ComboConfig)}
-        cfg = {k: v for k, v in model_config.items() if k in names}
-        cfg["layers_per_backbone"] = tuple(cfg.get("layers_per_backbone", ()))
-        cfg["feature_dims"] = tuple(cfg.get("feature_dims", ()))
-        return ComboAdapter(ComboConfig(**cfg))
+        return ComboAdapter(ComboConfig.from_record(model_config))
     if kind == "linear":
         return LinearProbe(model_config["feature_dim"], model_config["num_classes"])
     raise ValueError(f"unknown model kind {kind!r}")
