@@ -28,7 +28,7 @@ training cross-entropy, averaged over the previous 32 steps (2 epochs), falls be
                                       [--seeds 0,1,2] [--threads 1] [--grid G] [--work DIR] [--quick]
 
 Cost: about 0.25-0.4 s a step on one busy CPU core (T = 16), so the default matrix (3 tasks x 2,700 steps x
-2 inits x 3 seeds = 48,600 steps) is 3-5 CPU-hours; `--grid 14` costs ~15x that. `--work DIR` keeps the
+2 inits x 3 seeds = 48,600 steps) is 3-5 CPU-hours; `--grid 14` costs 10-15x that. `--work DIR` keeps the
 generated images, the stores and every finished run's result (JSON), so a rerun re-extracts nothing and trains
 only the runs not yet done (`--fresh` retrains them; several processes with disjoint `--tasks`/`--steps` can
 share one DIR); `--report-only` prints the tables from what DIR holds. `--quick` is a smoke test (digits +
@@ -272,7 +272,7 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=500, help="generated tasks: test images")
     parser.add_argument("--image-size", type=int, default=64, help="backbone input size (64: a 4x4 token grid)")
     parser.add_argument("--grid", type=int, default=None, help="ComBo's token grid G (GxG); default: the store's "
-                        "native grid (4x4 at 64 px). 14 is the grid of 224 px ViT-B/16 stores (T = 196: ~15x the cost)")
+                        "native grid (4x4 at 64 px). 14 is the grid of 224 px ViT-B/16 stores (T = 196: 10-15x the cost)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (on 2 shared cores, 2 threads ran a "
                         "step 6x slower than 1)")
     parser.add_argument("--work", type=Path, default=None, help="cache folder for data, stores and results "
