@@ -71,6 +71,7 @@ def extract_command(
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per forward pass."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu ...; default: CUDA when present."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16 or float32."),
+    rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard", min=1, help="Images per shard (one object); default: as many as fit in 32 MiB."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record undecodable images in the store's metadata and go on."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute tasks (or replace a store made with other settings)."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Image-decoding worker processes (default: up to 4)."),
@@ -92,6 +93,7 @@ def extract_command(
         batch_size=batch_size,
         device=device,
         dtype=dtype,
+        rows_per_shard=rows_per_shard,
         skip_bad=skip_bad,
         overwrite=overwrite,
     )

@@ -184,6 +184,12 @@ def rebuild_backbone(record: RecordedBackbone, *, weights_override: str | None =
             backbone = load_backbone(name, random_init=True, seed=int(record.seed or 0), **common)
         elif source.startswith("file:"):
             path = weights_override or source[len("file:"):]
+            if not weights_override and not os.path.isabs(path):
+                # format 2 records the file's name and sha256, never a local path
+                raise PredictError(
+                    f"store {record.url} was extracted from the weights file {path} (sha256 "
+                    f"{(record.weights_sha256 or '?')[:12]}…); pass its path with --weights {record.alias}=PATH"
+                )
             backbone = load_backbone(name, weights=path, expected_sha256=record.weights_sha256, **common)
         elif source.startswith("timm-pretrained:"):
             backbone = load_backbone(name, weights=weights_override, expected_sha256=record.weights_sha256, **common)

@@ -54,6 +54,7 @@ class ExtractConfig:
     batch_size: int = 32
     device: str | None = None
     dtype: str = "float16"
+    rows_per_shard: int | None = None  # None: sized by bytes (StoreLayout.shard_bytes)
     skip_bad: bool = False
     overwrite: bool = False
     num_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
@@ -117,7 +118,7 @@ def store_info(backbone: Backbone, *, dataset: str, root: str | None) -> StoreIn
 def extract(cfg: ExtractConfig, *, progress: ProgressFactory | None = None) -> ExtractResult:
     """Run `cfg.model` once over every image of `cfg.dataset` and write the store; resumable."""
     started = time.perf_counter()
-    layout = cfg.layout or StoreLayout(dtype=cfg.dtype)
+    layout = cfg.layout or StoreLayout(dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard)
     device = pick_device(cfg.device)
     backbone = load_backbone(
         cfg.model,

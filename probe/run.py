@@ -337,7 +337,7 @@ def _version() -> str:
     try:
         from importlib.metadata import version
 
-        return version("combo")
+        return version("combo-probe")
     except Exception:  # noqa: BLE001
         return "unknown"
 

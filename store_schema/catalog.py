@@ -15,8 +15,9 @@ from typing import Any
 
 from .errors import SchemaVersionError, StoreError, StoreNotFoundError
 from .location import Location, redact, resolve
-from .metadata import ROOT_ATTR, SCHEMA_VERSION, TASK_ATTR
-from .reader import FeatureStore, _load_json, check_root_attrs
+from .manifest import Manifest, load_manifest
+from .metadata import ROOT_ATTR, SCHEMA_VERSION, TASK_ATTR, format_version
+from .reader import FeatureStore, _load_json, check_root_attrs, consolidated
 from .transfer import ROOT_KEY, can_list, is_hidden, list_sizes, refresh
 from .writer import CHECKSUMS_NAME, JOURNAL_NAME, PREFIX, TOKENS
 
@@ -39,6 +40,7 @@ class StoreSummary:
     size_bytes: int | None = None
     created: str | None = None
     schema_version: int | None = None
+    format_version: str | None = None  # "2.0"; format 1 stores only have schema_version
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,18 +83,21 @@ def summarize_store(location: Location, *, name: str | None = None) -> StoreSumm
     summary.dtype = (attrs.get("storage") or {}).get("dtype")
     summary.created = attrs.get("created")
     summary.schema_version = attrs.get("schema_version")
+    summary.format_version = attrs.get("format_version") or (
+        f"{summary.schema_version}.0" if isinstance(summary.schema_version, int) else None)
     try:
         check_root_attrs(location, doc)
     except SchemaVersionError:
         summary.status = "invalid"
         summary.reason = (
-            f"schema version {summary.schema_version} needs a newer combo (this one reads up to {SCHEMA_VERSION})"
+            f"format {attrs.get('format_version') or summary.schema_version} needs a newer combo "
+            f"(this one reads up to {SCHEMA_VERSION}.x)"
         )
         return summary
     except StoreError as err:
         summary.status, summary.reason = "invalid", redact(str(err))
         return summary
-    problems, unfinished = _task_problems(location, attrs, summary, sizes)
+    problems, unfinished = _task_problems(location, doc, attrs, summary, sizes)
     if problems:
         summary.status, summary.reason = "invalid", _short(problems + unfinished)
     elif unfinished:
@@ -101,9 +106,17 @@ def summarize_store(location: Location, *, name: str | None = None) -> StoreSumm
 
 
 def _task_problems(
-    location: Location, attrs: dict[str, Any], summary: StoreSummary, sizes: dict[str, int] | None
+    location: Location, doc: dict[str, Any], attrs: dict[str, Any], summary: StoreSummary, sizes: dict[str, int] | None
 ) -> tuple[list[str], list[str]]:
     problems: list[str] = []
+    major = (format_version(attrs) or (1, 0))[0]
+    manifest: Manifest | None = None
+    if major >= 2:
+        try:
+            manifest = load_manifest(location, format_major=major)
+        except StoreError as err:
+            problems.append(redact(str(err)))
+    meta = consolidated(doc) or {}
     unfinished: list[str] = []
     rows_per_shard = int((attrs.get("storage") or {}).get("rows_per_shard") or 1)
     arrays = [TOKENS] + ([PREFIX] if int((attrs.get("features") or {}).get("num_prefix_tokens") or 0) else [])
@@ -111,7 +124,8 @@ def _task_problems(
     total = 0
     for task in summary.tasks:
         try:
-            task_attrs = (_load_json(location, f"{task}/zarr.json").get("attributes") or {}).get(TASK_ATTR)
+            task_doc = meta[task] if isinstance(meta.get(task), dict) else _load_json(location, f"{task}/zarr.json")
+            task_attrs = (task_doc.get("attributes") or {}).get(TASK_ATTR)
         except StoreError as err:
             problems.append(f"task {task}: " + ("zarr.json truncated or corrupt" if "not valid JSON" in str(err) else "zarr.json missing"))
             continue
@@ -127,13 +141,27 @@ def _task_problems(
             done = f"{written} of {blocks} shards written" if written is not None else "extraction not finished"
             unfinished.append(f"task {task}: {done}")
             continue
+        if major >= 2:
+            if manifest is not None:
+                entries = manifest.for_task(task)
+                if not entries:
+                    unfinished.append(f"task {task}: not in manifest.json (writer killed while finishing it)")
+                    continue
+                if sizes is not None:
+                    missing = [k for k in entries if k not in sizes]
+                    resized = [k for k, e in entries.items() if k in sizes and e.size is not None and sizes[k] != e.size]
+                    if missing:
+                        problems.append(f"task {task}: {len(missing)} object(s) missing (first: {missing[0]})")
+                    if resized:
+                        problems.append(f"task {task}: {len(resized)} object(s) of the wrong size (first: {resized[0]})")
+            continue
         try:
-            manifest = _load_json(location, f"{task}/{CHECKSUMS_NAME}").get("arrays") or {}
+            v1 = _load_json(location, f"{task}/{CHECKSUMS_NAME}").get("arrays") or {}
         except StoreError:
             problems.append(f"task {task}: {CHECKSUMS_NAME} missing or unreadable")
             continue
         for array in arrays:
-            recorded = manifest.get(array) or {}
+            recorded = v1.get(array) or {}
             if len(recorded) != blocks:
                 problems.append(f"task {task}: {array} has {len(recorded)} recorded shards, expected {blocks}")
             if sizes is not None:

@@ -22,6 +22,17 @@ import zarr.storage
 from .errors import StoreError, StoreNotFoundError
 
 STORE_ROOT_ENV = "COMBO_STORE_ROOT"
+
+
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Files combo writes itself get the modes any other program's would (0666 less the umask): mkstemp's
+# 0600 would lock teammates on a shared file system, and a web server, out of the store.
+FILE_MODE = 0o666 & ~_process_umask()
 DEFAULT_STORE_ROOT = "stores"
 
 
@@ -151,8 +162,16 @@ class Location:
         except FileNotFoundError as err:
             raise StoreNotFoundError(f"{self.url}: missing {key}") from err
 
-    def write_bytes(self, key: str, data: bytes) -> None:
-        """Write a small file; atomically (temp + rename) on local disk so readers never see half."""
+    @property
+    def is_s3(self) -> bool:
+        protocol = self.fs.protocol
+        return any(p in ("s3", "s3a") for p in (protocol if isinstance(protocol, (tuple, list)) else (protocol,)))
+
+    def write_bytes(self, key: str, data: bytes, *, sha256: str | None = None) -> None:
+        """Write a file; atomically (temp + rename) on local disk so readers never see half.
+
+        On S3 a known `sha256` goes into the object's metadata (x-amz-meta-sha256), so a resumed
+        push can tell an object is already there from a HEAD request, without downloading it."""
         if self.kind == "zip":
             raise StoreError(f"{self.url}: zip stores are read-only")
         if self.kind == "local":
@@ -163,13 +182,26 @@ class Location:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
                     handle.flush()
+                    os.fchmod(handle.fileno(), FILE_MODE)
                     os.fsync(handle.fileno())
                 os.replace(tmp, target)
+                fsync_dir(target.parent)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+        elif sha256 is not None and self.is_s3:
+            self.fs.pipe_file(self.key_path(key), data, Metadata={"sha256": sha256})
         else:
             self.fs.pipe_file(self.key_path(key), data)
+
+    def recorded_sha256(self, key: str) -> str | None:
+        """The sha256 stored with an object by `write_bytes` (S3 metadata), without reading it; else None."""
+        if not self.is_s3:
+            return None
+        try:
+            return (self.fs.metadata(self.key_path(key)) or {}).get("sha256")
+        except Exception:  # noqa: BLE001 - no such object, or metadata not readable
+            return None
 
     def size(self, key: str) -> int:
         return int(self.fs.size(self.key_path(key)))
@@ -210,6 +242,20 @@ class Location:
 
     def local_path(self) -> Path | None:
         return Path(self.root) if self.kind == "local" else None
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or a new file in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def resolve(location: str | os.PathLike, *, storage_options: dict[str, Any] | None = None) -> Location:

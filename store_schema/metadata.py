@@ -2,14 +2,15 @@
 
 Root group attribute ``combo`` (one per store)::
 
-    schema_version   int      bumped on any incompatible change; readers refuse newer ones
     format           "combo-feature-store"
+    format_version   "MAJOR.MINOR": a reader of major M reads every M.x; a new major is incompatible
+    schema_version   int, the major again (format 1 readers only know this key, and refuse > 1)
     backbone         {alias, timm_name, pretrained_tag, weights_source, weights_sha256, seed,
                       model_kwargs (only when non-empty: the extra timm create_model kwargs)}
     preprocessing    {image_size, resize, interpolation, crop, mean, std}
     features         {kind, token_grid, num_tokens, num_prefix_tokens, layers, num_layers, feature_dim}
     storage          {dtype, codec, rows_per_shard, rows_per_chunk, layers_per_chunk, chunk_checksum}
-    dataset          {name, root}
+    dataset          {name} (format 1 also recorded the absolute root; format 2 records no local path)
     tasks            [task names]
     library_versions {python, torch, timm, zarr, numpy, pyarrow, combo}
     created          ISO-8601 UTC
@@ -32,8 +33,13 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata as _importlib_metadata
 from typing import Any
 
-SCHEMA_VERSION = 1
+FORMAT_MAJOR, FORMAT_MINOR = 2, 0
+FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+SCHEMA_VERSION = FORMAT_MAJOR  # the integer format 1 readers check: they refuse anything above 1
 FORMAT_NAME = "combo-feature-store"
+# The name combo is published under: "combo" on the public index is an unrelated package.
+DISTRIBUTION = "combo-probe"
+UPGRADE_HINT = f"pip install -U {DISTRIBUTION}"
 ROOT_ATTR = "combo"
 TASK_ATTR = "combo_task"
 SUPPORTED_DTYPES = ("float16", "float32")
@@ -49,7 +55,11 @@ def utc_now() -> str:
 def library_versions() -> dict[str, str]:
     """Versions of everything that shapes the stored numbers."""
     versions = {"python": platform.python_version()}
-    for dist in ("combo", "torch", "timm", "zarr", "numcodecs", "numpy", "pyarrow", "pillow", "torchvision"):
+    try:
+        versions["combo"] = _importlib_metadata.version(DISTRIBUTION)
+    except _importlib_metadata.PackageNotFoundError:
+        pass
+    for dist in ("torch", "timm", "zarr", "numcodecs", "numpy", "pyarrow", "pillow", "torchvision"):
         try:
             versions[dist] = _importlib_metadata.version(dist)
         except _importlib_metadata.PackageNotFoundError:
@@ -62,7 +72,7 @@ class BackboneInfo:
     alias: str
     timm_name: str
     pretrained_tag: str | None
-    weights_source: str  # "timm-pretrained:<id>" | "file:<path>" | "random-init"
+    weights_source: str  # "timm-pretrained:<id>" | "file:<path>" (recorded as file:<name>) | "random-init"
     weights_sha256: str | None
     seed: int | None = None
     # Extra timm create_model kwargs (e.g. {"depth": 2}); part of identity, since they change
@@ -80,6 +90,7 @@ class BackboneInfo:
 
     def to_attrs(self) -> dict[str, Any]:
         doc = asdict(self)
+        doc["weights_source"] = portable_weights_source(self.weights_source)
         if not self.model_kwargs:
             del doc["model_kwargs"]  # absent = none: older stores compare identical
         return doc
@@ -128,7 +139,7 @@ class StoreInfo:
     preprocessing: Preprocessing
     features: FeatureInfo
     dataset: str
-    dataset_root: str | None = None
+    dataset_root: str | None = None  # not recorded (a local path means nothing to a teammate); kept for callers
     created: str = field(default_factory=utc_now)
 
     def to_attrs(self, *, storage: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
@@ -141,13 +152,14 @@ class StoreInfo:
         pre["mean"], pre["std"] = list(self.preprocessing.mean), list(self.preprocessing.std)
         pre["crop"] = "none"
         return {
-            "schema_version": SCHEMA_VERSION,
             "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "schema_version": SCHEMA_VERSION,
             "backbone": self.backbone.to_attrs(),
             "preprocessing": pre,
             "features": feats,
             "storage": storage,
-            "dataset": {"name": self.dataset, "root": self.dataset_root},
+            "dataset": {"name": self.dataset},
             "tasks": list(tasks),
             "library_versions": library_versions(),
             "created": self.created,
@@ -172,3 +184,22 @@ def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
     walk(identity(old), identity(new), "")
     return out
+
+
+def format_version(attrs: dict[str, Any]) -> tuple[int, int] | None:
+    """(major, minor) of a root document; format 1 stores only have the integer `schema_version`."""
+    text = attrs.get("format_version")
+    if isinstance(text, str):
+        major, _, minor = text.partition(".")
+        if major.isdigit() and minor.isdigit():
+            return int(major), int(minor)
+        return None
+    version = attrs.get("schema_version")
+    return (version, 0) if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def portable_weights_source(source: str) -> str:
+    """`file:<absolute path>` becomes `file:<file name>`: the sha256 identifies the weights, not a path."""
+    if source.startswith("file:"):
+        return "file:" + source[len("file:"):].replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return source

@@ -60,8 +60,10 @@ def pack_store(
     beside the target under a hidden name and renamed at the end, so a half-written zip never
     carries the final name.
     """
-    if verify not in ("all", "sample", "none"):
-        raise ValueError(f"verify must be 'all', 'sample' or 'none', not {verify!r}")
+    if verify not in ("written", "all", "sample", "none"):
+        raise ValueError(f"verify must be 'written', 'all', 'sample' or 'none', not {verify!r}")
+    if verify == "written":
+        verify = "all"  # a pack writes every object
     target = Path(target).expanduser()
     if is_url(str(target)) or target.suffix != ".zip":
         raise ValueError(f"pack target {target} must be a local file name ending in .zip")

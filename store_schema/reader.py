@@ -17,8 +17,9 @@ from . import samples as sample_table
 from .errors import SchemaVersionError, StoreError, StoreIncompleteError, StoreNotFoundError
 from .layout import StoreLayout
 from .location import Location, resolve
-from .metadata import FORMAT_NAME, ROOT_ATTR, SCHEMA_VERSION, TASK_ATTR
-from .writer import CHECKSUMS_NAME, PREFIX, SAMPLES_NAME, TOKENS
+from .manifest import Manifest, describe_missing, load_manifest, verify_bytes
+from .metadata import FORMAT_MAJOR, FORMAT_NAME, FORMAT_VERSION, ROOT_ATTR, TASK_ATTR, UPGRADE_HINT, format_version
+from .writer import PREFIX, SAMPLES_NAME, TOKENS, shard_key
 
 
 def _load_json(location: Location, key: str) -> dict[str, Any]:
@@ -41,13 +42,35 @@ def check_root_attrs(location: Location, doc: dict[str, Any]) -> dict[str, Any]:
         raise StoreError(f"{location.url} is a zarr node but not a combo feature store (no '{ROOT_ATTR}' attribute)")
     if attrs.get("format") != FORMAT_NAME:
         raise StoreError(f"{location.url}: unexpected format {attrs.get('format')!r}, expected {FORMAT_NAME!r}")
-    version = attrs.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    version = format_version(attrs)
+    if version is None or version[0] < 1 or version[0] > FORMAT_MAJOR:
+        shown = attrs.get("format_version") or attrs.get("schema_version")
         raise SchemaVersionError(
-            f"{location.url} was written with store schema version {version}; this combo reads up to "
-            f"version {SCHEMA_VERSION}. Upgrade combo (pip install -U combo) to read it."
+            f"{location.url} was written in store format {shown}; this combo reads formats 1.x and "
+            f"{FORMAT_MAJOR}.x (it writes {FORMAT_VERSION}). Upgrade it ({UPGRADE_HINT}) to read this store."
         )
     return attrs
+
+
+def consolidated(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The consolidated metadata of a root zarr.json document (key -> node document), if any."""
+    meta = (doc.get("consolidated_metadata") or {}).get("metadata")
+    return meta if isinstance(meta, dict) else None
+
+
+def open_root_group(location: Location, doc: dict[str, Any]) -> zarr.Group:
+    """The zarr group of a store whose root document is already read: with consolidated metadata
+    it is built from that document, so opening costs no further request (and no v2 probes)."""
+    store = location.zarr_store(read_only=True)
+    if consolidated(doc) is not None:
+        from zarr.core.group import AsyncGroup
+        from zarr.core.sync import sync
+        from zarr.storage import StorePath
+
+        if not store._is_open:  # zarr's open_group would have opened it (a ZipStore must be)
+            sync(store._open())
+        return zarr.Group(AsyncGroup.from_dict(StorePath(store, ""), doc))
+    return zarr.open_group(store, mode="r", zarr_format=3, use_consolidated=False)
 
 
 class FeatureStore:
@@ -55,13 +78,33 @@ class FeatureStore:
 
     def __init__(self, location: Location):
         self.location = location
-        if not location.exists("zarr.json"):
-            raise StoreNotFoundError(f"no feature store at {location.url} (no zarr.json)")
-        self.attrs = check_root_attrs(location, _load_json(location, "zarr.json"))
         try:
-            self.group = zarr.open_group(location.zarr_store(read_only=True), mode="r")
+            self.doc = _load_json(location, "zarr.json")
+        except StoreNotFoundError:
+            raise StoreNotFoundError(f"no feature store at {location.url} (no zarr.json)") from None
+        self.attrs = check_root_attrs(location, self.doc)
+        self.format_version: tuple[int, int] = format_version(self.attrs) or (1, 0)
+        try:
+            self.group = open_root_group(location, self.doc)
         except Exception as err:  # noqa: BLE001
             raise StoreError(f"{location.url}: zarr cannot open the store: {err}") from err
+
+    @property
+    def format_major(self) -> int:
+        return self.format_version[0]
+
+    @cached_property
+    def manifest(self) -> Manifest:
+        """Size and sha256 of every object (format 1: the shards' sha256 only)."""
+        tasks = [t for t in self.tasks if (self.task_doc(t).get("attributes") or {}).get(TASK_ATTR, {}).get("complete")]
+        return load_manifest(self.location, format_major=self.format_major, tasks=tasks)
+
+    def task_doc(self, name: str) -> dict[str, Any]:
+        """A task group's zarr.json document: from the consolidated metadata when there is one."""
+        meta = consolidated(self.doc)
+        if meta is not None and isinstance(meta.get(name), dict):
+            return meta[name]
+        return _load_json(self.location, f"{name}/zarr.json")
 
     @property
     def url(self) -> str:
@@ -164,7 +207,15 @@ def read_rows(array: zarr.Array, rows: Sequence[int] | np.ndarray, *, layers: Se
     max_rows = max(rows_per_shard, SPAN_BYTES // max(1, row_bytes))
     for lo, hi in read_spans(sorted_rows, rows_per_shard=rows_per_shard, num_rows=num_rows, max_rows=max_rows):
         first, last = np.searchsorted(sorted_rows, [lo, hi])
-        block = array[lo:hi] if layer_list is None else array.oindex[lo:hi, layer_list]
+        try:
+            block = array[lo:hi] if layer_list is None else array.oindex[lo:hi, layer_list]
+        except (RuntimeError, ValueError, OSError) as err:  # zstd / crc32c checksum, truncated object
+            first_shard, last_shard = lo // rows_per_shard, (hi - 1) // rows_per_shard
+            shards = ", ".join(f"{array.path}/c/{b}/0/0/0" for b in range(first_shard, min(last_shard, first_shard + 2) + 1))
+            raise StoreError(
+                f"{where}: rows {lo}..{hi - 1} cannot be decoded ({err}): shard {shards}"
+                f"{' ...' if last_shard > first_shard + 2 else ''} is damaged. Run `combo store validate` on the store"
+            ) from err
         wanted = sorted_rows[first:last] - lo
         whole = wanted.size == block.shape[0] and np.array_equal(wanted, np.arange(wanted.size))
         out[order[first:last]] = block if whole else block[wanted]  # no second copy of a wholly used span
@@ -178,7 +229,8 @@ class TaskStore:
     def __init__(self, store: FeatureStore, name: str):
         self.store = store
         self.name = name
-        doc = _load_json(store.location, f"{name}/zarr.json")
+        self._ready = False
+        doc = store.task_doc(name)
         attrs = (doc.get("attributes") or {}).get(TASK_ATTR)
         if not isinstance(attrs, dict):
             raise StoreError(f"{store.url}/{name}: task group has no '{TASK_ATTR}' attribute")
@@ -200,11 +252,39 @@ class TaskStore:
         return bool(self.attrs.get("complete"))
 
     def require_complete(self) -> None:
+        """Refuse a task that is not whole: never finished, or (where the store can be listed) an
+        object of its manifest missing or of another size, e.g. after an interrupted copy."""
+        if self._ready:
+            return
         if not self.complete:
             raise StoreIncompleteError(
                 f"task {self.name} of {self.store.url} is incomplete (extraction interrupted?); "
                 "rerun the same `combo extract` command to finish it"
             )
+        from .transfer import list_sizes  # transfer imports this module
+
+        expected = self.store.manifest.for_task(self.name)
+        if self.store.format_major >= 2 and not expected:
+            raise StoreIncompleteError(
+                f"task {self.name} of {self.store.url} is not in the store's manifest (its writer was killed "
+                "while finishing it); rerun the same `combo extract` command to complete it"
+            )
+        listed = list_sizes(self.store.location, prefix=f"{self.name}/")
+        if listed is not None:
+            missing = sorted(k for k in expected if k not in listed)
+            if missing:
+                raise StoreIncompleteError(
+                    f"task {self.name} of {self.store.url} is missing {len(missing)} object(s) its manifest lists: "
+                    f"{describe_missing(missing)} (an interrupted copy?); they would read as NaN, so nothing is read. "
+                    f"Copy the store again or run `combo store validate {self.store.url}`"
+                )
+            resized = sorted(k for k, e in expected.items() if e.size is not None and listed[k] != e.size)
+            if resized:
+                raise StoreIncompleteError(
+                    f"task {self.name} of {self.store.url}: {describe_missing(resized)} has another size than its "
+                    f"manifest records (truncated or replaced); run `combo store validate {self.store.url}`"
+                )
+        self._ready = True
 
     @property
     def num_samples(self) -> int:
@@ -224,10 +304,12 @@ class TaskStore:
 
     @cached_property
     def samples(self) -> pa.Table:
-        return sample_table.from_bytes(self.store.location.read_bytes(f"{self.name}/{SAMPLES_NAME}"))
-
-    def checksums(self) -> dict[str, dict[str, str]]:
-        return _load_json(self.store.location, f"{self.name}/{CHECKSUMS_NAME}")["arrays"]
+        """The sample table, checked against the manifest (a shifted label column is refused)."""
+        key = f"{self.name}/{SAMPLES_NAME}"
+        data = self.store.location.read_bytes(key)
+        if self.complete and self.store.format_major >= 2:
+            verify_bytes(self.store.manifest, key, data, where=self.store.url)
+        return sample_table.from_bytes(data)
 
     @cached_property
     def labels(self) -> np.ndarray:
@@ -255,17 +337,42 @@ class TaskStore:
         array = self.prefix if prefix else self.tokens
         if array is None:
             raise StoreError(f"store {self.store.url} has no prefix tokens (the backbone has none)")
+        self.require_complete()
         if isinstance(rows, slice):
-            data = array[rows]
-            return data if layers is None else data[:, np.asarray(layers, dtype=np.int64)]
-        return read_rows(array, rows, layers=layers, rows_per_shard=self.rows_per_shard,
-                         where=f"task {self.name} of {self.store.url}")
+            rows = np.arange(self.num_samples)[rows]
+        rows = np.asarray(rows, dtype=np.int64)
+        out = read_rows(array, rows, layers=layers, rows_per_shard=self.rows_per_shard,
+                        where=f"task {self.name} of {self.store.url}")
+        self._check_written(out, rows, array_name=PREFIX if prefix else TOKENS)
+        return out
+
+    def _check_written(self, out: np.ndarray, rows: np.ndarray, *, array_name: str) -> None:
+        """A valid row reading NaN was never written (a shard lost after opening, or on a server that
+        cannot be listed): refuse it, naming the shard. One value per row is enough: the writer
+        refuses non-finite values, so a written row has none."""
+        if self.store.format_major < 2 or out.size == 0 or out.dtype.kind != "f":
+            return
+        first = out.reshape(out.shape[0], -1)[:, 0]
+        holes = np.isnan(first)
+        if not holes.any():
+            return
+        valid = self.samples.column("valid").to_numpy(zero_copy_only=False)
+        bad = rows[holes & valid[rows]]
+        if bad.size:
+            shards = sorted({int(r) // self.rows_per_shard for r in bad})
+            keys = [shard_key(self.name, array_name, b) for b in shards]
+            raise StoreIncompleteError(
+                f"task {self.name} of {self.store.url}: rows {bad[:5].tolist()} read as never written: shard "
+                f"{describe_missing(keys)} is missing. Copy the store again or run "
+                f"`combo store validate {self.store.url}`"
+            )
 
     def to_dask(self, *, split: str | None = None, layer: int | None = None, prefix: bool = False) -> da.Array:
         """Lazy view; chunks follow the shards (dask's from_zarr would use the inner chunks)."""
         array = self.prefix if prefix else self.tokens
         if array is None:
             raise StoreError(f"store {self.store.url} has no prefix tokens")
+        self.require_complete()
         chunks = (self.rows_per_shard, *array.shape[1:])
         lazy = da.from_zarr(array, chunks=chunks)
         if layer is not None:

@@ -14,6 +14,7 @@ column and are in natural order, so readers must treat it as optional (`source_i
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 SPLIT_PREFIX = "in_"
 REQUIRED_COLUMNS = ("row", "sample_id", "label", "valid")
 SOURCE_INDEX = "source_index"
+METADATA_KEY = "combo"
 
 
 def build_table(
@@ -76,10 +78,23 @@ def with_invalid(table: pa.Table, rows: Sequence[int]) -> pa.Table:
     return table.set_column(table.column_names.index("valid"), "valid", pa.array(valid))
 
 
-def to_bytes(table: pa.Table) -> bytes:
+def to_bytes(table: pa.Table, *, classes: Sequence[str] | None = None, task: str | None = None) -> bytes:
+    """Parquet bytes; the schema metadata (key ``combo``) carries the format version, the task and
+    its class names, so the table alone (e.g. in duckdb or pandas) says what the labels mean."""
+    if classes is not None:
+        from .metadata import FORMAT_NAME, FORMAT_VERSION
+
+        doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": task, "classes": list(classes)}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: json.dumps(doc).encode()})
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
+
+
+def table_metadata(table: pa.Table) -> dict:
+    """The ``combo`` schema metadata of a sample table ({} for format 1 tables, which have none)."""
+    raw = (table.schema.metadata or {}).get(METADATA_KEY.encode())
+    return json.loads(raw) if raw else {}
 
 
 def from_bytes(data: bytes) -> pa.Table:

@@ -1,12 +1,16 @@
 """Copying a store between locations (push / pull): object by object, verified, resumable.
 
-The keys come from the store's own metadata (the root zarr.json lists the tasks, each task's
-checksums.json lists every shard with its sha256), so a plain web server that lists nothing
-can be a source. An object already at the destination with the right checksum is skipped:
-that is what makes a rerun of an interrupted copy resume. The order protects readers of a
-half-copied store: shards and array metadata first, then each task's zarr.json (it carries
-the `complete` flag), the root zarr.json last, so the destination never looks like a store
-before everything it lists is there. Nothing is ever written to the source.
+The keys come from the store's own metadata (format 2: manifest.json lists every object with
+its size and sha256; format 1: each task's checksums.json lists the shards), so a plain web
+server that lists nothing can be a source. An object already at the destination is skipped
+without downloading it: same size in the listing, and the same sha256 in the destination's
+manifest, in the object's S3 metadata, or (local disk) hashed in place. That is what makes a
+rerun of an interrupted copy resume, and a push of an identical store transfer no object body.
+The order protects readers of a half-copied store: shards and array metadata first, then each
+task's zarr.json (it carries the `complete` flag), the root zarr.json, and the manifest last;
+a destination manifest that differs from the source's goes first, so the destination never
+passes for a store before everything it lists is there. Nothing is ever written to the source.
+The default check afterwards reads back only what this copy wrote.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from typing import Any, TypeVar
 
 from .errors import StoreError, StoreIncompleteError, StoreMismatchError, StoreNotFoundError, StoreValidationError
 from .location import Location, is_url, redact, resolve, store_path
-from .metadata import TASK_ATTR, identity_diff
-from .reader import _load_json, check_root_attrs
+from .manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_bytes
+from .metadata import TASK_ATTR, format_version, identity_diff
+from .reader import _load_json, check_root_attrs, consolidated
 from .validate import ValidationReport, validate_store
-from .writer import CHECKSUMS_NAME, PREFIX, SAMPLES_NAME, TOKENS, sha256_bytes
+from .writer import CHECKSUMS_NAME, PREFIX, SAMPLES_NAME, TOKENS
 
 SHARD, META, EXTRA = "shard", "meta", "extra"
+VERIFY_MODES = ("written", "all", "sample", "none")
 ROOT_KEY = "zarr.json"
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,7 +43,7 @@ class StoreObject:
 
     key: str
     kind: str  # "shard" | "meta" | "extra" (a file the metadata does not name; only seen by listing)
-    stage: int  # copy order: 0 data and array metadata, 1 task zarr.json, 2 root zarr.json
+    stage: int  # copy order: 0 data and array metadata, 1 task zarr.json, 2 root zarr.json, 3 manifest.json
     sha256: str | None = None  # the recorded checksum (shards)
     size: int | None = None  # from a listing, when the location can be listed
 
@@ -75,8 +81,9 @@ class TransferResult:
     skipped: int = 0
     bytes_copied: int = 0
     seconds: float = 0.0  # copying only, without the final validation
-    verify: str = "all"
+    verify: str = "written"
     verify_seconds: float = 0.0
+    verified: int = 0  # objects read back and hashed by the final check
     report: ValidationReport | None = field(default=None, repr=False)
 
     @property
@@ -94,6 +101,7 @@ class TransferResult:
             "seconds": round(self.seconds, 3),
             "mb_per_s": round(self.mb_per_s, 2),
             "verify": self.verify,
+            "verified": self.verified,
             "valid": bool(self.report.ok) if self.report is not None else None,
         }
 
@@ -117,13 +125,15 @@ def refresh(location: Location) -> Location:
     return location
 
 
-def list_sizes(location: Location) -> dict[str, int] | None:
-    """Every object under the location as key -> size, or None where listing is impossible (HTTP)."""
+def list_sizes(location: Location, *, prefix: str = "") -> dict[str, int] | None:
+    """Every object under the location (or under `prefix` in it, e.g. "task/") as store key -> size,
+    or None where listing is impossible (HTTP)."""
     if not can_list(location):
         return None
     root = location.root.rstrip("/")
+    base = location.key_path(prefix.rstrip("/")) if prefix else root
     try:
-        found = location.fs.find(root, detail=True) if root else location.fs.find("", detail=True)
+        found = location.fs.find(base, detail=True) if base else location.fs.find("", detail=True)
     except FileNotFoundError:
         return {}
     prefix = root + "/" if root else ""
@@ -144,8 +154,9 @@ def list_sizes(location: Location) -> dict[str, int] | None:
 
 
 def is_hidden(key: str) -> bool:
-    """Lock file, journal and temp files: names starting with '.' are private to a writer."""
-    return any(part.startswith(".") for part in key.split("/"))
+    """Lock file, journal and temp files: names starting with '.' (and zarr's `*.partial` temp
+    files) are private to a writer."""
+    return any(part.startswith(".") for part in key.split("/")) or key.endswith(".partial")
 
 
 def read_root_attrs(location: Location) -> dict[str, Any]:
@@ -162,11 +173,71 @@ def _block_order(local_key: str) -> tuple[Any, ...]:
 
 
 def store_objects(location: Location) -> StoreContents:
-    """Every object of a complete store, in copy order (root zarr.json last).
+    """Every object of a complete store, in copy order (manifest last, after the root zarr.json).
 
     Refuses an incomplete task: a half-extracted store is not something to hand over.
     """
-    attrs = read_root_attrs(location)
+    doc = _load_root_doc(location)
+    attrs = check_root_attrs(location, doc)
+    if (format_version(attrs) or (1, 0))[0] >= 2:
+        return _store_objects_v2(location, doc, attrs)
+    return _store_objects_v1(location, attrs)
+
+
+def _load_root_doc(location: Location) -> dict[str, Any]:
+    try:
+        return _load_json(location, ROOT_KEY)
+    except StoreNotFoundError:
+        raise StoreNotFoundError(f"no feature store at {redact(location.url)} (no zarr.json)") from None
+
+
+def _refuse_incomplete(location: Location, task: str, task_attrs: Any) -> None:
+    url = redact(location.url)
+    if not isinstance(task_attrs, dict):
+        raise StoreError(f"{url}/{task}: task group has no '{TASK_ATTR}' attribute")
+    if not task_attrs.get("complete"):
+        raise StoreIncompleteError(
+            f"task {task} of {url} is incomplete (extraction interrupted or still running); "
+            "finish it with the same `combo extract` command before copying the store"
+        )
+
+
+def _store_objects_v2(location: Location, doc: dict[str, Any], attrs: dict[str, Any]) -> StoreContents:
+    """Format 2: the manifest names every object with its size and sha256; no listing needed."""
+    url = redact(location.url)
+    meta = consolidated(doc) or {}
+    tasks = [str(t) for t in attrs.get("tasks") or []]
+    for task in tasks:
+        task_doc = meta.get(task) if isinstance(meta.get(task), dict) else _load_json(location, f"{task}/zarr.json")
+        _refuse_incomplete(location, task, (task_doc.get("attributes") or {}).get(TASK_ATTR))
+    manifest = load_manifest(location, format_major=2)
+    unlisted = [t for t in tasks if not manifest.for_task(t)]
+    if unlisted:
+        raise StoreIncompleteError(
+            f"task {unlisted[0]} of {url} is not in its {MANIFEST_NAME} (its writer was killed while finishing it); "
+            "rerun the same `combo extract` command to complete it before copying the store"
+        )
+    objects: list[StoreObject] = []
+    for key, entry in sorted(manifest.objects.items(), key=lambda kv: _block_order(kv[0])):
+        parts = key.split("/")
+        stage = 2 if key == ROOT_KEY else 1 if len(parts) == 2 and parts[1] == ROOT_KEY else 0
+        kind = SHARD if "/c/" in key and parts[1] in (TOKENS, PREFIX) else META
+        objects.append(StoreObject(key, kind, stage, entry.sha256, entry.size))
+    raw = location.read_bytes(MANIFEST_NAME)
+    objects.append(StoreObject(MANIFEST_NAME, META, 3, sha256_bytes(raw), len(raw)))
+    sizes = list_sizes(location)
+    if sizes is not None:
+        missing = [o.key for o in objects if o.key not in sizes]
+        if missing:
+            raise StoreError(
+                f"store {url} lacks {len(missing)} object(s) its manifest lists (first: {missing[0]}); "
+                f"run `combo store validate {url}`"
+            )
+    return StoreContents(location=location, attrs=attrs, objects=tuple(objects))
+
+
+def _store_objects_v1(location: Location, attrs: dict[str, Any]) -> StoreContents:
+    """Format 1: shards from each task's checksums.json, the rest by name (and listing)."""
     sizes = list_sizes(location)
     url = redact(location.url)
     arrays = [TOKENS] + ([PREFIX] if int((attrs.get("features") or {}).get("num_prefix_tokens") or 0) else [])
@@ -177,14 +248,7 @@ def store_objects(location: Location) -> StoreContents:
 
     for task in attrs.get("tasks") or []:
         task_doc = _load_json(location, f"{task}/zarr.json")
-        task_attrs = (task_doc.get("attributes") or {}).get(TASK_ATTR)
-        if not isinstance(task_attrs, dict):
-            raise StoreError(f"{url}/{task}: task group has no '{TASK_ATTR}' attribute")
-        if not task_attrs.get("complete"):
-            raise StoreIncompleteError(
-                f"task {task} of {url} is incomplete (extraction interrupted or still running); "
-                "finish it with the same `combo extract` command before copying the store"
-            )
+        _refuse_incomplete(location, task, (task_doc.get("attributes") or {}).get(TASK_ATTR))
         manifest = _load_json(location, f"{task}/{CHECKSUMS_NAME}").get("arrays")
         if not isinstance(manifest, dict):
             raise StoreError(f"{url}/{task}/{CHECKSUMS_NAME} has no 'arrays' section")
@@ -234,7 +298,7 @@ def copy_object(source: Location, destination: Location, obj: StoreObject) -> in
     """Copy one object, verified against its recorded checksum; returns the bytes written."""
     data = read_verified(source, obj)
     try:
-        destination.write_bytes(obj.key, data)
+        destination.write_bytes(obj.key, data, sha256=obj.sha256 or sha256_bytes(data))
     except StoreError:
         raise
     except Exception as err:  # noqa: BLE001 - permission denied, no such bucket, network
@@ -242,11 +306,22 @@ def copy_object(source: Location, destination: Location, obj: StoreObject) -> in
     return len(data)
 
 
-def already_there(source: Location, destination: Location, obj: StoreObject, dest_sizes: dict[str, int] | None) -> bool:
-    """True when the destination holds this object with the right content."""
+def already_there(source: Location, destination: Location, obj: StoreObject, dest_sizes: dict[str, int] | None,
+                  dest_manifest: Manifest | None = None) -> bool:
+    """True when the destination holds this object with the right content, found without
+    downloading it wherever possible: the listing's size, then the destination manifest's sha256
+    (a complete earlier copy), the object's S3 metadata, or a local hash."""
     if dest_sizes is not None:
         if obj.key not in dest_sizes or (obj.size is not None and dest_sizes[obj.key] != obj.size):
             return False
+    if obj.sha256 is not None:
+        if dest_sizes is not None and dest_manifest is not None:
+            recorded = dest_manifest.objects.get(obj.key)
+            if recorded is not None and recorded.sha256 == obj.sha256 and recorded.size == dest_sizes[obj.key]:
+                return True
+        stored = destination.recorded_sha256(obj.key)
+        if stored is not None:
+            return stored == obj.sha256
     try:
         have = destination.read_bytes(obj.key)
     except (StoreNotFoundError, FileNotFoundError):
@@ -294,9 +369,24 @@ def _check_destination(destination: Location, attrs: dict[str, Any]) -> None:
         )
 
 
-def _unmark_stale_tasks(source: Location, destination: Location, objects: Iterable[StoreObject]) -> None:
-    """A destination task whose flag or checksum manifest differs from the source's loses its zarr.json
-    first, so a task whose shards are being replaced never reads as complete halfway through."""
+def _unmark_stale(source: Location, destination: Location, objects: Iterable[StoreObject]) -> Manifest | None:
+    """Before anything is replaced, the destination stops passing for a complete store where it
+    differs from the source: format 2 loses its manifest (readers refuse a store without one),
+    format 1 the zarr.json of each task whose flag or checksums differ. Returns the destination's
+    manifest when it is the source's (an identical or resumed copy), for skipping by hash."""
+    manifest_obj = next((o for o in objects if o.key == MANIFEST_NAME), None)
+    if manifest_obj is not None:
+        try:
+            have = destination.read_bytes(MANIFEST_NAME)
+        except (StoreNotFoundError, FileNotFoundError):
+            return None
+        try:
+            dest_manifest = Manifest.from_bytes(have, where=destination.url)
+        except StoreError:
+            dest_manifest = None
+        if sha256_bytes(have) != manifest_obj.sha256:
+            destination.fs.rm_file(destination.key_path(MANIFEST_NAME))
+        return dest_manifest
     for obj in objects:
         if obj.stage != 1:
             continue
@@ -312,6 +402,24 @@ def _unmark_stale_tasks(source: Location, destination: Location, objects: Iterab
             same_manifest = False
         if have != read_verified(source, obj) or not same_manifest:
             destination.fs.rm_file(destination.key_path(obj.key))
+    return None
+
+
+def verify_written(destination: Location, written: Iterable[StoreObject]) -> list[str]:
+    """Read back what this copy wrote and compare it with the source's sha256: the objects that
+    were skipped had already been matched by size and hash."""
+    problems = []
+    for obj in written:
+        if obj.sha256 is None:
+            continue
+        try:
+            data = destination.read_bytes(obj.key)
+        except (StoreNotFoundError, FileNotFoundError):
+            problems.append(f"{obj.key} was written but is not at the destination")
+            continue
+        if sha256_bytes(data) != obj.sha256:
+            problems.append(f"{obj.key} does not read back as written (checksum mismatch at the destination)")
+    return problems
 
 
 def _completed(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
@@ -354,7 +462,7 @@ def copy_store(
     storage_options: dict[str, Any] | None = None,
     source_options: dict[str, Any] | None = None,
     destination_options: dict[str, Any] | None = None,
-    verify: str = "all",
+    verify: str = "written",
     workers: int = 8,
     progress: TransferProgress | None = None,
 ) -> TransferResult:
@@ -362,11 +470,12 @@ def copy_store(
 
     `destination` is the store path when it ends in `.zarr`, else a store root (see `destination_for`).
     `storage_options` apply to both sides unless `source_options` / `destination_options` are given.
-    `verify` is the final check of the copy: "all" checksums, a "sample", or "none" (structure and
-    presence of every shard only). Raises StoreValidationError if the copy does not validate.
+    `verify` is the final check of the copy: "written" (default: structure, presence and sizes of
+    everything, and the objects this copy wrote read back and hashed), "all" checksums, a "sample",
+    or "none" (structure and presence only). Raises StoreValidationError if the copy does not validate.
     """
-    if verify not in ("all", "sample", "none"):
-        raise ValueError(f"verify must be 'all', 'sample' or 'none', not {verify!r}")
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
     progress = progress or TransferProgress()
     src_opts = storage_options if source_options is None else source_options
     dst_opts = storage_options if destination_options is None else destination_options
@@ -381,14 +490,15 @@ def copy_store(
     dest_sizes = list_sizes(dst)
     progress.start(len(contents.objects), contents.total_bytes)
     started = time.perf_counter()
-    _unmark_stale_tasks(src, dst, contents.objects)
+    dest_manifest = _unmark_stale(src, dst, contents.objects)
+    written: list[StoreObject] = []
 
     def transfer(obj: StoreObject) -> int | None:
-        if already_there(src, dst, obj, dest_sizes):
+        if already_there(src, dst, obj, dest_sizes, dest_manifest):
             return None
         return copy_object(src, dst, obj)  # looked up at call time: tests interrupt copies here
 
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         batch = [o for o in contents.objects if o.stage == stage]
         for obj, nbytes in _completed(transfer, batch, workers):
             if nbytes is None:
@@ -397,10 +507,17 @@ def copy_store(
             else:
                 result.copied += 1
                 result.bytes_copied += nbytes
+                written.append(obj)
                 progress.advance(obj.key, nbytes, copied=True)
     result.seconds = time.perf_counter() - started
     started = time.perf_counter()
-    result.report = validate_store(target, storage_options=dst_opts if is_url(target) else None, checksums=verify)
+    checks = "none" if verify == "written" else verify
+    result.report = validate_store(target, storage_options=dst_opts if is_url(target) else None, checksums=checks)
+    if verify == "written":
+        result.report.problems += verify_written(refresh(dst), written)
+        result.verified = len(written)
+    else:
+        result.verified = result.report.chunks_checked
     result.verify_seconds = time.perf_counter() - started
     if not result.report.ok:
         raise StoreValidationError(redact(dst.url), result.report.problems)

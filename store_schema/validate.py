@@ -1,11 +1,20 @@
-"""Structure and integrity checks: every problem is reported with the task, array and chunk."""
+"""Structure and integrity checks: every problem is reported with the task, array and chunk.
+
+Format 2: the attributes against the published JSON Schema (`format-2.schema.json`), then every
+object of the manifest (root and task zarr.json, array metadata, coordinates, sample table,
+shards): present, of the recorded size, and hashed (the small objects always, shards all or a
+sample); objects the manifest does not know are reported too. Format 1 stores are checked as
+format 1 defined them (shards only)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
 from typing import Any
 
 import numpy as np
@@ -13,9 +22,31 @@ import numpy as np
 from . import samples as sample_table
 from .errors import StoreError, StoreValidationError
 from .location import resolve
-from .metadata import TASK_ATTR
-from .reader import FeatureStore, _load_json
-from .writer import CHECKSUMS_NAME, JOURNAL_NAME, PREFIX, SAMPLES_NAME, TOKENS, sha256_bytes, shard_key
+from .manifest import MANIFEST_NAME, Manifest, sha256_bytes
+from .metadata import ROOT_ATTR, TASK_ATTR
+from .reader import FeatureStore, _load_json, consolidated
+from .writer import CHECKSUMS_NAME, JOURNAL_NAME, PREFIX, SAMPLES_NAME, TOKENS, shard_key
+
+SCHEMA_FILE = "format-2.schema.json"
+
+
+@lru_cache(maxsize=1)
+def format_schema() -> dict[str, Any]:
+    """The published JSON Schema of format 2's attributes (shipped in the package)."""
+    return json.loads(resources.files(__package__).joinpath(SCHEMA_FILE).read_text())
+
+
+def schema_problems(doc: Any, part: str, where: str) -> list[str]:
+    """Each way `doc` breaks `$defs/<part>` of the format's JSON Schema, as one sentence."""
+    import jsonschema
+
+    schema = format_schema()
+    validator = jsonschema.Draft202012Validator({"$ref": f"#/$defs/{part}", "$defs": schema["$defs"]})
+    out = []
+    for err in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
+        path = ".".join(str(p) for p in err.absolute_path) or "(document)"
+        out.append(f"{where}: {path}: {err.message} (format {SCHEMA_FILE})")
+    return out
 
 REQUIRED_ROOT = {
     "backbone": ("alias", "timm_name", "weights_source"),
@@ -69,17 +100,52 @@ def validate_store(
         missing = [k for k in keys if k not in (store.attrs.get(section) or {})]
         if missing:
             report.problems.append(f"root metadata: {section} lacks {', '.join(missing)}")
+    if store.format_major >= 2:
+        report.problems += schema_problems(store.attrs, "root", f"root attribute '{ROOT_ATTR}'")
     if report.problems:
         return report
+    manifest: Manifest | None = None
+    if store.format_major >= 2:
+        try:
+            manifest = store.manifest
+        except StoreError as err:
+            report.problems.append(str(err))
     rng = random.Random(seed)
     for task in store.tasks:
         before = len(report.problems)
-        status = _validate_task(store, task, report, checksums=checksums, fraction=sample_fraction, rng=rng)
+        status = _validate_task(store, task, report, checksums=checksums, fraction=sample_fraction, rng=rng,
+                                manifest=manifest)
         report.tasks[task] = "invalid" if status == "ok" and len(report.problems) > before else status
+    if manifest is not None:
+        _check_root_objects(store, manifest, report)
     return report
 
 
-def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, checksums: str, fraction: float, rng: random.Random) -> str:
+def _check_root_objects(store: FeatureStore, manifest: Manifest, report: ValidationReport) -> None:
+    """The root zarr.json against the manifest, and objects no manifest entry accounts for."""
+    from .transfer import is_hidden, list_sizes
+
+    loc = store.location
+    entry = manifest.objects.get("zarr.json")
+    if entry is None:
+        report.problems.append(f"{MANIFEST_NAME} does not list the root zarr.json")
+    elif sha256_bytes(loc.read_bytes("zarr.json")) != entry.sha256:
+        report.problems.append(f"root zarr.json does not match {MANIFEST_NAME} (changed after the store was written)")
+    listed = list_sizes(loc)
+    if listed is None:
+        return
+    complete = manifest.tasks()
+    extra = sorted(
+        k for k in listed
+        if k not in manifest.objects and k != MANIFEST_NAME and not is_hidden(k) and not k.endswith(".partial")
+        and k.split("/", 1)[0] in complete
+    )
+    for key in extra[:20]:
+        report.problems.append(f"{key} is not in {MANIFEST_NAME} (added or left behind after the store was written)")
+
+
+def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, checksums: str, fraction: float,
+                   rng: random.Random, manifest: Manifest | None) -> str:
     loc = store.location
     problems = report.problems
     try:
@@ -88,6 +154,12 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
         problems.append(f"task {task}: {err}")
         return "invalid"
     attrs = (doc.get("attributes") or {}).get(TASK_ATTR) or {}
+    if store.format_major >= 2:
+        problems += schema_problems(attrs, "task", f"task {task}: attribute '{TASK_ATTR}'")
+        copy = (consolidated(store.doc) or {}).get(task)
+        if not isinstance(copy, dict) or copy.get("attributes") != doc.get("attributes"):
+            problems.append(f"task {task}: the consolidated metadata in the root zarr.json is not current "
+                            "(rerun the extraction, or copy the store again)")
     missing = [k for k in REQUIRED_TASK if k not in attrs]
     if missing:
         problems.append(f"task {task}: metadata lacks {', '.join(missing)}")
@@ -144,6 +216,9 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
             "(rerun the extraction to finish it)"
         )
         return "incomplete"
+    if manifest is not None:
+        return _check_task_objects(store, task, list(expected), num_blocks, manifest, report,
+                                   checksums=checksums, fraction=fraction, rng=rng)
     try:
         manifest = _load_json(loc, f"{task}/{CHECKSUMS_NAME}")["arrays"]
     except (StoreError, KeyError) as err:
@@ -169,4 +244,51 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
                 report.chunks_checked += 1
                 if sha256_bytes(loc.read_bytes(key)) != digests[local_key]:
                     problems.append(f"{where} is corrupt (checksum mismatch)")
+    return "ok"
+
+
+def _check_task_objects(store: FeatureStore, task: str, arrays: list[str], num_blocks: int, manifest: Manifest,
+                        report: ValidationReport, *, checksums: str, fraction: float, rng: random.Random) -> str:
+    """Format 2: every object of the task against the manifest. Small objects are always hashed
+    (they are what a shifted label or an edited attribute would change); shards all or a sample."""
+    from .transfer import list_sizes
+
+    loc = store.location
+    problems = report.problems
+    entries = manifest.for_task(task)
+    if not entries:
+        problems.append(f"task {task}: complete, but not in {MANIFEST_NAME} (its writer was killed while finishing "
+                        "it: rerun the extraction to complete it)")
+        return "invalid"
+    shard_keys = {shard_key(task, name, block): (name, block) for name in arrays for block in range(num_blocks)}
+    for key in shard_keys:
+        if key not in entries:
+            name, block = shard_keys[key]
+            problems.append(f"task {task}: array {name} chunk ({block}, 0, 0, 0) [{key}] is not in {MANIFEST_NAME}")
+    for key in (f"{task}/zarr.json", f"{task}/{SAMPLES_NAME}"):
+        if key not in entries:
+            problems.append(f"task {task}: {key} is not in {MANIFEST_NAME}")
+    listed = list_sizes(loc, prefix=f"{task}/")
+    shards = sorted(k for k in entries if k in shard_keys)
+    to_hash = set(shards) if checksums == "all" else set()
+    if checksums == "sample" and shards:
+        to_hash = set(rng.sample(shards, max(1, math.ceil(fraction * len(shards)))))
+    for key, entry in sorted(entries.items()):
+        if key in shard_keys:
+            name, block = shard_keys[key]
+            where = f"task {task}: array {name} chunk ({block}, 0, 0, 0) [{key}]"
+        else:
+            where = f"task {task}: {key}"
+        present = (key in listed) if listed is not None else loc.exists(key)
+        if not present:
+            problems.append(f"{where} is missing (it would read as NaN, never as data)")
+            continue
+        if listed is not None and entry.size is not None and listed[key] != entry.size:
+            problems.append(f"{where} has {listed[key]} bytes, {MANIFEST_NAME} records {entry.size} (truncated or replaced)")
+            continue
+        if key in shard_keys and key not in to_hash:
+            continue
+        report.chunks_checked += key in shard_keys
+        if sha256_bytes(loc.read_bytes(key)) != entry.sha256:
+            problems.append(f"{where} is corrupt (does not match its sha256 in {MANIFEST_NAME})")
     return "ok"

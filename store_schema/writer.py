@@ -1,19 +1,21 @@
 """Creating and filling a store: one writer process per store, whole shards per write.
 
-Completeness is recorded, never inferred: zarr returns the fill value for a chunk never
-written, so every finished shard is appended (with its checksum) to a per-task journal,
-fsync'ed. A killed run resumes from the journal; `finalize` turns it into the checksum
-manifest and flips the task's `complete` flag last.
+Completeness is recorded, never inferred. Every finished shard is fsync'ed, then appended with
+its sha256 to a per-task journal (fsync'ed too); a killed run resumes from the journal after
+re-hashing each journaled shard, so a shard cut short by the kill is simply redone. `finalize`
+flips the task's `complete` flag, then `publish` rewrites the consolidated metadata and the
+root manifest (manifest.json) last, and only then is the journal removed: a kill anywhere in
+between leaves a store the next writer completes (`_repair`), never one it deletes.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,28 +24,41 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import zarr
+from zarr.codecs import ZstdCodec
 
 from . import samples as sample_table
 from .errors import SchemaVersionError, StoreError, StoreLockedError, StoreMismatchError
 from .layout import StoreLayout
-from .location import Location, resolve
-from .metadata import ROOT_ATTR, SCHEMA_VERSION, TASK_ATTR, StoreInfo, identity_diff, utc_now
+from .location import Location, fsync_dir, resolve
+from .manifest import MANIFEST_NAME, Entry, Manifest, sha256_bytes
+from .metadata import (
+    FORMAT_MAJOR,
+    FORMAT_MINOR,
+    FORMAT_VERSION,
+    ROOT_ATTR,
+    TASK_ATTR,
+    StoreInfo,
+    format_version,
+    identity_diff,
+    utc_now,
+)
 
 LOCK_NAME = ".combo-write.lock"
 JOURNAL_NAME = ".journal.jsonl"
-CHECKSUMS_NAME = "checksums.json"
+CHECKSUMS_NAME = "checksums.json"  # format 1 only (see manifest.py)
 SAMPLES_NAME = "samples.parquet"
 TOKENS = "tokens"
 PREFIX = "prefix"
+TOKEN_DIMS = ("sample", "layer", "token", "channel")
+PREFIX_DIMS = ("sample", "layer", "prefix_token", "channel")
+# 1-D coordinate arrays of a task (besides one boolean per split, named after the split)
+COORDINATES = ("sample_id", "label", "valid")
+RESERVED_NAMES = frozenset({TOKENS, PREFIX, "layer", *COORDINATES, *TOKEN_DIMS, *PREFIX_DIMS})
 
 
 def shard_key(task: str, array: str, block: int) -> str:
     """Store key of shard `block` of an array (zarr v3 default chunk-key encoding)."""
     return f"{task}/{array}/c/{block}/0/0/0"
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _json_normal(obj: Any) -> Any:
@@ -79,6 +94,23 @@ class Skipped:
     error: str
 
 
+
+def _read_doc(path: Path) -> dict[str, Any] | None:
+    """A zarr.json as a dict; None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class StoreWriter:
     """Opens (creating if needed) a local store for writing and holds its lock until closed."""
 
@@ -87,29 +119,43 @@ class StoreWriter:
         if self.location.kind != "local":
             raise StoreError(f"{path}: extraction writes local stores; copy it elsewhere with `combo store push`")
         self.path = Path(self.location.root)
-        self.layout = layout
+        feats = info.features
+        row_bytes = len(feats.layers) * (feats.num_tokens + feats.num_prefix_tokens) * feats.feature_dim * layout.itemsize
+        self.layout = layout.for_rows(row_bytes)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_handle = self._acquire_lock()
         try:
-            attrs = _json_normal(info.to_attrs(storage=layout.to_attrs(), tasks=[]))
+            attrs = _json_normal(info.to_attrs(storage=self.layout.to_attrs(), tasks=[]))
             self.group = self._open_or_create(attrs, info, overwrite=overwrite)
+            self._repair()
         except BaseException:
             self.close()
             raise
 
     # -- lifecycle ----------------------------------------------------------------------
     def _acquire_lock(self):
-        handle = open(self.path / LOCK_NAME, "a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+        lock_path = self.path / LOCK_NAME
+        while True:
+            handle = open(lock_path, "a+")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise StoreLockedError(
+                    f"store {self.path} is being written by {holder}; wait for it to finish "
+                    "(two extractions into one store would corrupt it)"
+                ) from None
+            # The lock file is removed on close: if a finishing writer removed it after we opened it,
+            # we locked a file nobody else can see, so take the one now on disk instead.
+            try:
+                same = os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             handle.close()
-            raise StoreLockedError(
-                f"store {self.path} is being written by {holder}; wait for it to finish "
-                "(two extractions into one store would corrupt it)"
-            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
@@ -119,6 +165,7 @@ class StoreWriter:
     def close(self) -> None:
         handle, self._lock_handle = getattr(self, "_lock_handle", None), None
         if handle is not None:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)  # no lock file left behind
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             handle.close()
 
@@ -128,32 +175,35 @@ class StoreWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _zarr_store(self) -> zarr.storage.LocalStore:
+        return zarr.storage.LocalStore(self.path)
+
     def _open_or_create(self, attrs: dict[str, Any], info: StoreInfo, *, overwrite: bool) -> zarr.Group:
-        store = zarr.storage.LocalStore(self.path)
+        store = self._zarr_store()
         if (self.path / "zarr.json").exists():
-            try:
-                group = zarr.open_group(store, mode="r+")
-                old = dict(group.attrs.get(ROOT_ATTR) or {})
-            except Exception as err:  # noqa: BLE001 - any unreadable root is the same problem
-                raise StoreError(f"{self.path}/zarr.json is unreadable ({err}); use --overwrite to start again") from err
-            version = old.get("schema_version")
-            if version != SCHEMA_VERSION and not overwrite:
+            doc = _read_doc(self.path / "zarr.json")
+            old = ((doc or {}).get("attributes") or {}).get(ROOT_ATTR)
+            if doc is None and not overwrite:
+                raise StoreError(f"{self.path}/zarr.json is unreadable; use --overwrite to start again")
+            version = format_version(old) if isinstance(old, dict) else None
+            if not overwrite and version != (FORMAT_MAJOR, FORMAT_MINOR) and isinstance(old, dict):
+                shown = f"{version[0]}.{version[1]}" if version else repr(old.get("format_version") or old.get("schema_version"))
                 raise SchemaVersionError(
-                    f"store {self.path} has schema version {version}; this combo writes version {SCHEMA_VERSION}. "
-                    "Use --overwrite to rebuild it or write elsewhere with --out"
+                    f"store {self.path} is in store format {shown}; this combo writes format {FORMAT_VERSION} "
+                    "and does not mix the two in one store (it still reads it). Use --overwrite to rebuild it, "
+                    "or --out to write the new format elsewhere"
                 )
-            diff = identity_diff(old, attrs) if old else ["no combo metadata"]
-            if not diff and not overwrite:
-                return group
+            diff = identity_diff(old, attrs) if isinstance(old, dict) else ["no combo metadata"]
             if diff and not overwrite:
                 raise StoreMismatchError(_mismatch_message(self.path, old, attrs, diff))
-            if diff:  # overwrite with other settings: the whole store goes
-                self._wipe()
-            else:
-                return group
+            if not diff and version == (FORMAT_MAJOR, FORMAT_MINOR):
+                return zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
+            self._wipe()  # overwrite with other settings or another format: the whole store goes
         attrs["created"] = info.created
         # create_group keeps the lock file (open_group(mode="w") would delete it)
-        return zarr.create_group(store=store, zarr_format=3, attributes={ROOT_ATTR: attrs}, overwrite=False)
+        group = zarr.create_group(store=store, zarr_format=3, attributes={ROOT_ATTR: attrs}, overwrite=False)
+        self.consolidate()
+        return group
 
     def _wipe(self) -> None:
         for child in self.path.iterdir():
@@ -163,6 +213,60 @@ class StoreWriter:
                 shutil.rmtree(child)
             else:
                 child.unlink()
+
+    # -- metadata: consolidated + manifest ----------------------------------------------------
+    def consolidate(self) -> None:
+        """Rewrite the consolidated metadata in the root zarr.json, so a reader that cannot list
+        (a plain web server) sees the whole tree in one request."""
+        with warnings.catch_warnings():
+            # zarr notes that consolidated metadata is not in the v3 spec yet, and that our
+            # samples.parquet / manifest.json are not zarr nodes: both expected, neither news
+            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")
+            zarr.consolidate_metadata(self._zarr_store())
+
+    def manifest(self) -> Manifest:
+        data = (self.path / MANIFEST_NAME).read_bytes() if (self.path / MANIFEST_NAME).exists() else None
+        if data is None:
+            return Manifest()
+        try:
+            return Manifest.from_bytes(data, where=str(self.path / MANIFEST_NAME))
+        except StoreError:
+            return Manifest()  # rebuilt from the tasks' journals (or their files) by _repair
+
+    def publish(self, fresh: dict[str, dict[str, Entry]] | None = None) -> None:
+        """Consolidate, then write manifest.json: the old entries of tasks still complete, `fresh`
+        entries for newly completed ones, and the root zarr.json just written. Last thing written."""
+        self.consolidate()
+        old = self.manifest()
+        complete = {t for t in self.attrs["tasks"] if _task_complete(self.path / t)}
+        objects: dict[str, Entry] = {}
+        for task in sorted(complete):
+            entries = (fresh or {}).get(task)
+            if entries is None:
+                entries = {k: e for k, e in old.for_task(task).items() if k != f"{task}/zarr.json"}
+            objects.update(entries)
+            objects[f"{task}/zarr.json"] = _entry(self.path / task / "zarr.json")
+        objects["zarr.json"] = _entry(self.path / "zarr.json")
+        self.location.write_bytes(MANIFEST_NAME, Manifest(objects).to_bytes())
+
+    def _repair(self) -> None:
+        """Complete what a killed writer left: complete tasks missing from the manifest get their
+        entries (shards from the journal's recorded sha256), stale journals of finished tasks go."""
+        manifest = self.manifest()
+        have = manifest.tasks()
+        fresh: dict[str, dict[str, Entry]] = {}
+        for task in self.attrs["tasks"]:
+            task_dir = self.path / task
+            if not _task_complete(task_dir):
+                continue
+            if task not in have or not (self.path / MANIFEST_NAME).exists():
+                fresh[task] = task_entries(self.path, task, _journal_entries(task_dir / JOURNAL_NAME))
+        if fresh or not (self.path / MANIFEST_NAME).exists():
+            self.publish(fresh)
+        for task in self.attrs["tasks"]:
+            if _task_complete(self.path / task):
+                (self.path / task / JOURNAL_NAME).unlink(missing_ok=True)
 
     # -- tasks ----------------------------------------------------------------------------
     @property
@@ -194,8 +298,13 @@ class StoreWriter:
         task_dir = self.path / name
         if task_dir.exists() and overwrite:
             shutil.rmtree(task_dir)
-        if (task_dir / "zarr.json").exists() and TASK_ATTR not in _task_attrs(task_dir):
-            shutil.rmtree(task_dir)  # creation was interrupted before its metadata: start the task afresh
+        if task_dir.exists() and TASK_ATTR not in ((_read_doc(task_dir / "zarr.json") or {}).get("attributes") or {}):
+            if (task_dir / JOURNAL_NAME).exists():
+                raise StoreError(
+                    f"task {name!r} in {self.path} has written shards but its zarr.json is unreadable; "
+                    "nothing was deleted. Use --overwrite to extract the task again"
+                )
+            shutil.rmtree(task_dir)  # creation was interrupted before any shard: start the task afresh
         if (task_dir / "zarr.json").exists():
             existing = self.location.read_bytes(f"{name}/{SAMPLES_NAME}") if (task_dir / SAMPLES_NAME).exists() else None
             if existing is None or not sample_table.same_samples(sample_table.from_bytes(existing), samples):
@@ -206,17 +315,41 @@ class StoreWriter:
             writer = TaskWriter(self, name)
             if row_order is not None and "row_order" not in writer.attrs:
                 writer.group.attrs[TASK_ATTR] = {**writer.attrs, "row_order": _json_normal(row_order)}
+                self.consolidate()
             return writer
+        split_names = sample_table.split_names(samples)
+        clash = sorted(set(split_names) & RESERVED_NAMES)
+        if clash:
+            raise StoreError(f"task {name!r}: split name(s) {clash} clash with the store's array names")
         n = samples.num_rows
-        shape = (n, num_layers, num_tokens, feature_dim)
         task_group = self.group.create_group(name, overwrite=True)
-        task_group.create_array(name=TOKENS, **self.layout.array_kwargs(shape))
+        coords = " ".join([*COORDINATES, *split_names])
+        tokens = task_group.create_array(
+            name=TOKENS, **self.layout.array_kwargs((n, num_layers, num_tokens, feature_dim), dimension_names=TOKEN_DIMS)
+        )
+        tokens.attrs.update({
+            "long_name": "patch tokens of every block output (residual stream), row-major token grid",
+            "coordinates": coords,
+        })
         if num_prefix_tokens:
-            task_group.create_array(
-                name=PREFIX, **self.layout.array_kwargs((n, num_layers, num_prefix_tokens, feature_dim))
+            prefix = task_group.create_array(
+                name=PREFIX,
+                **self.layout.array_kwargs((n, num_layers, num_prefix_tokens, feature_dim), dimension_names=PREFIX_DIMS),
             )
-        self.location.write_bytes(f"{name}/{SAMPLES_NAME}", sample_table.to_bytes(samples))
-        splits = {s: int(samples.column("in_" + s).to_numpy().sum()) for s in sample_table.split_names(samples)}
+            prefix.attrs.update({"long_name": "prefix (cls / register) tokens of every block output", "coordinates": coords})
+        layers = [int(x) for x in self.attrs["features"]["layers"]]
+        self._coordinate(task_group, "layer", np.asarray(layers, dtype=np.int64), "layer", "block index (0 = first block)")
+        self._coordinate(task_group, "sample_id", np.asarray(samples.column("sample_id").to_pylist(), dtype=str),
+                         "sample", "image path relative to the dataset root")
+        self._coordinate(task_group, "label", samples.column("label").to_numpy().astype(np.int64), "sample",
+                         "class index into the task's classes")
+        self._coordinate(task_group, "valid", samples.column("valid").to_numpy(zero_copy_only=False).astype(bool),
+                         "sample", "false for images skipped with --skip-bad (their rows read as NaN)")
+        for split in split_names:
+            member = samples.column(sample_table.SPLIT_PREFIX + split).to_numpy(zero_copy_only=False).astype(bool)
+            self._coordinate(task_group, split, member, "sample", f"row belongs to split {split}")
+        self.location.write_bytes(f"{name}/{SAMPLES_NAME}", sample_table.to_bytes(samples, classes=classes, task=name))
+        splits = {s: int(samples.column("in_" + s).to_numpy().sum()) for s in split_names}
         task_group.attrs[TASK_ATTR] = {
             "task": name,
             "group": group,
@@ -232,14 +365,60 @@ class StoreWriter:
         if name not in root_attrs["tasks"]:
             root_attrs["tasks"] = sorted([*root_attrs["tasks"], name])
             self.group.attrs[ROOT_ATTR] = root_attrs
+        self.consolidate()
         return TaskWriter(self, name)
 
+    @staticmethod
+    def _coordinate(group: zarr.Group, name: str, values: np.ndarray, dim: str, description: str) -> None:
+        array = group.create_array(
+            name=name, shape=values.shape, dtype=values.dtype if values.dtype.kind != "U" else str,
+            chunks=(max(1, values.shape[0]),), dimension_names=(dim,),
+            compressors=(ZstdCodec(level=1, checksum=True),),
+            attributes={"description": description},
+        )
+        array[:] = values
 
-def _task_attrs(task_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((task_dir / "zarr.json").read_text()).get("attributes") or {}
-    except (OSError, json.JSONDecodeError):
-        return {}
+
+def _task_complete(task_dir: Path) -> bool:
+    attrs = ((_read_doc(task_dir / "zarr.json") or {}).get("attributes") or {}).get(TASK_ATTR) or {}
+    return bool(attrs.get("complete"))
+
+
+def _entry(path: Path) -> Entry:
+    data = path.read_bytes()
+    return Entry(sha256=sha256_bytes(data), size=len(data))
+
+
+def _journal_entries(path: Path) -> dict[str, Entry]:
+    """Shard key -> recorded entry from a journal; lines cut by a kill are skipped."""
+    out: dict[str, Entry] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+            sizes = entry.get("sizes") or {}
+            for key, digest in entry["checksums"].items():
+                out[key] = Entry(sha256=str(digest), size=sizes.get(key))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            continue
+    return out
+
+
+def task_entries(root: Path, task: str, journal: dict[str, Entry]) -> dict[str, Entry]:
+    """Manifest entries of every object of a task except its zarr.json: shards from the journal's
+    recorded sha256 where there is one (they were hashed when written), everything else hashed now."""
+    out: dict[str, Entry] = {}
+    base = root / task
+    for path in sorted(base.rglob("*")):
+        if not path.is_file() or path.name == "zarr.json" and path.parent == base:
+            continue
+        rel = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")) or rel.endswith(".partial"):
+            continue
+        recorded = journal.get(rel)
+        out[rel] = Entry(sha256=recorded.sha256, size=path.stat().st_size) if recorded else _entry(path)
+    return out
 
 
 class TaskWriter:
@@ -248,15 +427,16 @@ class TaskWriter:
     def __init__(self, store: StoreWriter, name: str):
         self.store = store
         self.name = name
-        self.group = zarr.open_group(zarr.storage.LocalStore(store.path), path=name, mode="r+")
+        self.group = zarr.open_group(store._zarr_store(), path=name, mode="r+", zarr_format=3, use_consolidated=False)
         self.tokens = self.group[TOKENS]
-        self.prefix = self.group[PREFIX] if PREFIX in self.group else None
+        self.prefix = self.group[PREFIX] if (store.path / name / PREFIX / "zarr.json").exists() else None
         self.num_rows = int(self.tokens.shape[0])
         step = store.layout.rows_per_shard
         self.blocks: list[range] = [range(s, min(s + step, self.num_rows)) for s in range(0, self.num_rows, step)]
         self._journal_path = store.path / name / JOURNAL_NAME
         self._journal_lock = threading.Lock()
         self.done: dict[int, dict[str, str]] = {}
+        self.sizes: dict[str, int] = {}
         self.skipped: dict[int, Skipped] = {}
         self._load_journal()
 
@@ -275,18 +455,29 @@ class TaskWriter:
         return [(TOKENS, self.tokens)] + ([(PREFIX, self.prefix)] if self.prefix is not None else [])
 
     def _load_journal(self) -> None:
+        """Journaled shards count as done only if their files still hash to the recorded sha256:
+        a shard cut short (or lost) by a crash is redone, never trusted."""
         if not self._journal_path.exists():
             return
         for line in self._journal_path.read_text().splitlines():
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
+                keys = dict(entry["checksums"])
+            except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut by a kill: that shard is simply redone
-            keys = entry["checksums"]
-            if all((self.store.path / key).exists() for key in keys):
+            intact = True
+            for key, digest in keys.items():
+                path = self.store.path / key
+                if not path.exists() or sha256_bytes(path.read_bytes()) != digest:
+                    intact = False
+                    break
+            if intact:
                 self.done[int(entry["block"])] = keys
+                self.sizes.update({k: int(v) for k, v in (entry.get("sizes") or {}).items()})
                 for s in entry.get("skipped", []):
                     self.skipped[int(s["row"])] = Skipped(**s)
+            else:
+                self.done.pop(int(entry["block"]), None)
 
     def write_block(
         self,
@@ -297,6 +488,12 @@ class TaskWriter:
         skipped: Iterable[Skipped] = (),
     ) -> None:
         rows = self.blocks[block]
+        skipped = list(skipped)
+        unwritten = np.zeros(len(rows), dtype=bool)
+        for s in skipped:
+            if s.row not in rows:
+                raise StoreError(f"task {self.name}: skipped row {s.row} is not in block {block} (rows {rows.start}..{rows.stop - 1})")
+            unwritten[s.row - rows.start] = True
         dtype = np.dtype(self.store.layout.dtype)
         parts = [(TOKENS, self.tokens, tokens)]
         if self.prefix is not None:
@@ -308,48 +505,60 @@ class TaskWriter:
             if tuple(data.shape) != expected:
                 raise StoreError(f"task {self.name}: block {block} of {array_name} has shape {data.shape}, expected {expected}")
             with np.errstate(over="ignore", invalid="ignore"):
-                cast = np.ascontiguousarray(data, dtype=dtype)
-            if not np.isfinite(cast).all():
-                bad = sorted({int(rows[i]) for i in np.nonzero(~np.isfinite(cast).reshape(len(rows), -1).all(axis=1))[0]})
+                cast = np.array(data, dtype=dtype, order="C", copy=True)
+            finite = np.isfinite(cast).reshape(len(rows), -1).all(axis=1)
+            bad = sorted(int(rows[i]) for i in np.nonzero(~finite & ~unwritten)[0])
+            if bad:
                 raise StoreError(
                     f"task {self.name}: rows {bad[:5]} of {array_name} are not finite in {dtype} "
                     "(values overflow float16? re-run with --dtype float32)"
                 )
+            # NaN marks "never written", so a skipped image can't pass for data (format 1 wrote zeros)
+            cast[unwritten] = np.nan if self.store.layout.fill_nan else 0
+            # a shard left by a killed attempt goes first: zarr would read (and trip over) its index
+            (self.store.path / shard_key(self.name, array_name, block)).unlink(missing_ok=True)
             array[rows.start : rows.stop] = cast
-        checksums = {}
+        checksums, sizes = {}, {}
         for array_name, _array in self._arrays():
             key = shard_key(self.name, array_name, block)
-            checksums[key] = sha256_bytes(self.store.location.read_bytes(key))
-        skipped = list(skipped)
-        entry = {"block": block, "checksums": checksums, "skipped": [s.__dict__ for s in skipped]}
+            path = self.store.path / key
+            _fsync_file(path)  # the data is durable before the journal says it is there
+            data = path.read_bytes()
+            checksums[key], sizes[key] = sha256_bytes(data), len(data)
+        fsync_dir(self.store.path / self.name / TOKENS / "c")
+        entry = {"block": block, "checksums": checksums, "sizes": sizes, "skipped": [s.__dict__ for s in skipped]}
         with self._journal_lock:
             with open(self._journal_path, "a") as handle:
                 handle.write(json.dumps(entry) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
             self.done[block] = checksums
+            self.sizes.update(sizes)
             for s in skipped:
                 self.skipped[s.row] = s
 
     def finalize(self) -> None:
-        """Write the checksum manifest and mark the task complete (the last thing written)."""
+        """Mark the task complete, then publish the consolidated metadata and manifest.
+
+        Order (each step atomic on disk): sample table and `valid` coordinate for skipped rows,
+        the task's `complete` flag, then `publish`, then the journal goes. A kill before `publish`
+        leaves the journal for the next writer's `_repair`."""
         missing = self.pending()
         if missing:
             raise StoreError(f"task {self.name}: {len(missing)} shard(s) not written yet (first: {missing[0]})")
-        manifest: dict[str, dict[str, str]] = {}
-        for block in sorted(self.done):
-            for key, digest in self.done[block].items():
-                array = key.split("/")[1]
-                manifest.setdefault(array, {})[key[len(f"{self.name}/{array}/"):]] = digest
         location = self.store.location
-        doc = {"algorithm": "sha256", "unit": "stored shard object", "arrays": manifest}
-        location.write_bytes(f"{self.name}/{CHECKSUMS_NAME}", json.dumps(doc, indent=0, sort_keys=True).encode())
         skipped = [self.skipped[r] for r in sorted(self.skipped)]
         if skipped:
             table = sample_table.from_bytes(location.read_bytes(f"{self.name}/{SAMPLES_NAME}"))
             table = sample_table.with_invalid(table, [s.row for s in skipped])
-            location.write_bytes(f"{self.name}/{SAMPLES_NAME}", sample_table.to_bytes(table))
+            attrs = self.attrs
+            location.write_bytes(f"{self.name}/{SAMPLES_NAME}",
+                                 sample_table.to_bytes(table, classes=attrs.get("classes") or [], task=self.name))
+            self.group["valid"][:] = table.column("valid").to_numpy(zero_copy_only=False).astype(bool)
         attrs = self.attrs
         attrs.update(complete=True, skipped=[s.__dict__ for s in skipped], completed=utc_now())
         self.group.attrs[TASK_ATTR] = attrs
+        _fsync_file(self.store.path / self.name / "zarr.json")
+        journal = {k: Entry(sha256=v, size=self.sizes.get(k)) for d in self.done.values() for k, v in d.items()}
+        self.store.publish({self.name: task_entries(self.store.path, self.name, journal)})
         self._journal_path.unlink(missing_ok=True)

@@ -162,7 +162,7 @@ KILL_SCRIPT = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
         return advance
     cfg = ExtractConfig(model=sys.argv[4], dataset="vtab", root=sys.argv[1], out=sys.argv[2], image_size=int(sys.argv[5]),
-                        random_init=True, batch_size=8, num_workers=0, tasks=("eurosat",))
+                        random_init=True, batch_size=8, num_workers=0, tasks=("eurosat",), rows_per_shard=32)
     extract(cfg, progress=progress)
 """)
 
@@ -180,7 +180,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     assert validate_store(store_path).tasks["eurosat"] == "incomplete"
     journal = (store_path / "eurosat" / ".journal.jsonl").read_text().splitlines()
     assert 1 <= len(journal) < 3  # some shards were finished before the kill, not all
-    result = run_cli(*extract_args(root, out))
+    result = run_cli(*extract_args(root, out, "--rows-per-shard", "32"))
     assert result.exit_code == 0 and "resumed" in result.output
     assert run_cli(*extract_args(root, tmp_path / "clean")).exit_code == 0
     resumed = open_store(store_path).task("eurosat")
@@ -241,13 +241,13 @@ def test_corrupt_image_stops_with_its_path_and_keeps_written_shards(vtab, tmp_pa
     root = tmp_path / "vtab"
     make_vtab_tree(root, {"dtd": 3}, n_train=10, n_val=5, n_test=40, image_size=16, corrupt=[("test", 30)])
     out = tmp_path / "s"
-    result = run_cli(*extract_args(root, out))
+    result = run_cli(*extract_args(root, out, "--rows-per-shard", "8"))
     assert result.exit_code == 2
     assert "dtd/images/test/000030.png" in result.output and "--skip-bad" in result.output
     store_path = out / MODEL / "vtab.zarr"
     journal = (store_path / "dtd" / ".journal.jsonl").read_text().splitlines()
     assert len(journal) >= 1  # shards finished before the bad image are kept for the next run
-    skipped = run_cli(*extract_args(root, out, "--skip-bad"))
+    skipped = run_cli(*extract_args(root, out, "--skip-bad", "--rows-per-shard", "8"))
     assert skipped.exit_code == 0, skipped.output
     assert "resumed" in skipped.output and "skipped" in skipped.output
     task = open_store(store_path).task("dtd")
@@ -256,6 +256,7 @@ def test_corrupt_image_stops_with_its_path_and_keeps_written_shards(vtab, tmp_pa
     valid = task.samples.column("valid").to_pylist()
     assert valid.count(False) == 1 and not valid[bad[0]["row"]]
     assert bad[0]["row"] not in task.rows("test")
+    assert np.isnan(task.read([bad[0]["row"]])).all()  # never written: NaN, not zeros that pass for features
     assert validate_store(store_path).ok
 
 

@@ -98,16 +98,17 @@ def test_predict_from_a_weights_file_checks_its_hash(tmp_path):
                                   out=str(tmp_path / "stores"), image_size=32, weights=str(ckpt), num_workers=0)).store
     run = run_probe(probe_config([store], tmp_path / "runs", steps=5, batch_size=8))
     doc = json.loads((run.run_dir / "config.json").read_text())
-    assert doc["stores"][0]["backbone"]["weights_source"] == f"file:{ckpt.resolve()}"
+    # the store names the file and its sha256, never a local path (stores are shared)
+    assert doc["stores"][0]["backbone"]["weights_source"] == "file:tiny.safetensors"
     assert len(doc["stores"][0]["backbone"]["weights_sha256"]) == 64
     images = tmp_path / "vtab" / TASK / "images" / "test"
-    result = predict_images(run.run_dir, images, device="cpu")
+    with pytest.raises(PredictError, match="tiny.safetensors.*--weights vit_tiny_patch16_224=PATH"):
+        predict_images(run.run_dir, images, device="cpu")
+    result = predict_images(run.run_dir, images, device="cpu", weights={"vit_tiny_patch16_224": str(ckpt)})
     assert by_sample_id(result, tmp_path / "vtab") == stored_predictions(run.run_dir)
     # the file moved: point at it with --weights; a different file is refused by its sha256
     moved = tmp_path / "moved.safetensors"
     shutil.move(ckpt, moved)
-    with pytest.raises(PredictError, match="does not exist"):
-        predict_images(run.run_dir, images, device="cpu")
     assert predict_images(run.run_dir, images, device="cpu", weights={"vit_tiny_patch16_224": str(moved)}).rows
     torch.manual_seed(4)
     other = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32)

@@ -153,9 +153,9 @@ def test_truncated_array_metadata_reported(store):
 def test_newer_schema_version_refused(store):
     meta = store / "zarr.json"
     doc = json.loads(meta.read_text())
-    doc["attributes"]["combo"]["schema_version"] = SCHEMA_VERSION + 1
+    doc["attributes"]["combo"]["format_version"] = f"{SCHEMA_VERSION + 1}.0"
     meta.write_text(json.dumps(doc))
-    with pytest.raises(SchemaVersionError, match=f"version {SCHEMA_VERSION + 1}.*reads up to version {SCHEMA_VERSION}"):
+    with pytest.raises(SchemaVersionError, match=rf"format {SCHEMA_VERSION + 1}\.0.*pip install -U combo-probe"):
         open_store(store)
 
 

@@ -40,7 +40,9 @@ from store_schema.location import redact, resolve
 from storefactory import vtab_like_splits, write_store
 
 N, L, GRID, D = 20, 3, (2, 3), 8
-OBJECTS_PER_TASK = 3 * 2 + 2 + 3  # 3 shards x (tokens, prefix) + 2 array zarr.json + samples, checksums, zarr.json
+# 3 shards x (tokens, prefix) + 2 array zarr.json + 8 coordinates (zarr.json + 1 chunk) + samples, zarr.json
+OBJECTS_PER_TASK = 3 * 2 + 2 + 8 * 2 + 2
+ALL = 2 * OBJECTS_PER_TASK + 2  # two tasks + root zarr.json + manifest.json
 SECRET_ENV = "sEcReT-EnV-4f9a1c77"
 SECRET_OPT = "sEcReT-OpT-b02d6e31"
 runner = CliRunner()
@@ -110,7 +112,7 @@ def test_push_to_s3_then_ls_info_validate_and_read_from_s3(s3, store, tmp_path):
     bucket = s3.make_bucket("team-a")
     before = snapshot(store)
     out = cli("push", str(store), f"{bucket}/stores", *s3.cli_options())
-    assert "copied 23 object(s)" in out.output and "0 already there" in out.output and "valid" in out.output
+    assert f"copied {ALL} object(s)" in out.output and "0 already there" in out.output and "valid" in out.output
     assert snapshot(store) == before, "pushing wrote into the source"
     url = f"{bucket}/stores/clip/vtab.zarr"  # a store root as destination: <root>/<alias>/<dataset>.zarr
     assert "stores/clip/vtab.zarr/dtd/tokens/c/2/0/0/0" in s3.objects("team-a")
@@ -139,7 +141,7 @@ def test_push_to_s3_then_ls_info_validate_and_read_from_s3(s3, store, tmp_path):
 
     # resumable: a second push finds everything in place and copies nothing
     again = json.loads(cli("push", str(store), url, "--json", *s3.cli_options()).stdout)
-    assert again["copied"] == 0 and again["skipped"] == 23 and again["valid"]
+    assert again["copied"] == 0 and again["skipped"] == ALL and again["valid"]
 
 
 def test_interrupted_push_resumes_and_ends_valid(s3, store, monkeypatch):
@@ -159,7 +161,7 @@ def test_interrupted_push_resumes_and_ends_valid(s3, store, monkeypatch):
     with pytest.raises(ConnectionError):
         copy_store(str(store), url, storage_options=s3.options, workers=2)
     monkeypatch.setattr(transfer, "copy_object", real_copy)
-    assert 7 <= len(done) < 23
+    assert 7 <= len(done) < ALL
     keys = {k.split("vtab.zarr/", 1)[1] for k in s3.objects("team-b")}
     assert keys == set(done)
     assert "zarr.json" not in keys and not {"dtd/zarr.json", "flowers/zarr.json"} & keys  # never looks complete
@@ -169,7 +171,7 @@ def test_interrupted_push_resumes_and_ends_valid(s3, store, monkeypatch):
     assert summary.status == "incomplete" and "no zarr.json" in summary.reason
 
     result = copy_store(str(store), url, storage_options=s3.options, workers=2)
-    assert result.copied == 23 - len(done) and result.skipped == len(done)
+    assert result.copied == ALL - len(done) and result.skipped == len(done)
     assert result.report is not None and result.report.ok
     same_values(open_store(store), open_store(url, storage_options=s3.options))
 
@@ -185,7 +187,7 @@ def test_read_only_bucket_pull_validate_info_ls_write_nothing(s3, store, tmp_pat
         clear_s3fs_cache()
         try:
             out = cli("pull", url, str(tmp_path / "local"), *s3.cli_options())
-            assert "copied 23 object(s)" in out.output
+            assert f"copied {ALL} object(s)" in out.output
             assert validate_store(url, storage_options=s3.options).ok
             assert store_info(url, storage_options=s3.options)["backbone"]["alias"] == "clip"
             assert [s.status for s in list_stores(f"{bucket}/stores", storage_options=s3.options)] == ["ok"]
@@ -257,7 +259,7 @@ def test_pull_from_read_only_http_server_and_open_the_copy(http_root, tmp_path):
     before = snapshot(served)
     url = f"{http_root.url}/stores/clip/vtab.zarr"
     out = cli("pull", url, str(tmp_path / "mine"))  # a folder: the store goes under it with its own name
-    assert "copied 23 object(s)" in out.output
+    assert f"copied {ALL} object(s)" in out.output
     pulled = tmp_path / "mine" / "clip" / "vtab.zarr"
     same_values(open_store(served), open_store(pulled))
     same_values(open_store(served), open_store(url))  # zarr reads it over HTTP directly too
@@ -268,7 +270,7 @@ def test_pull_from_read_only_http_server_and_open_the_copy(http_root, tmp_path):
     assert "no listing" in cli("ls", http_root.url, code=2).output
     # a full destination path is used as is; the rerun copies nothing
     again = copy_store(url, str(tmp_path / "exact.zarr"))
-    assert again.copied == 23 and (tmp_path / "exact.zarr" / "zarr.json").exists()
+    assert again.copied == ALL and (tmp_path / "exact.zarr" / "zarr.json").exists()
     assert copy_store(url, str(tmp_path / "exact.zarr")).copied == 0
 
 
@@ -311,7 +313,7 @@ def test_validate_cli_names_corrupt_and_missing_chunks(store):
     quick = cli("validate", str(store), "--quick", "--json", code=1)
     assert any("missing" in p for p in json.loads(quick.stdout)["problems"])  # presence is always checked
     # bad data is never passed on: a missing object stops the copy before it starts, a corrupt one when read
-    with pytest.raises(StoreError, match=r"lacks 1 object\(s\) its metadata lists \(first: flowers/prefix/c/2/0/0/0\)"):
+    with pytest.raises(StoreError, match=r"lacks 1 object\(s\) its manifest lists \(first: flowers/prefix/c/2/0/0/0\)"):
         copy_store(str(store), str(store.parent / "copy.zarr"))
     corrupt = make_store(store.parent / "corrupt.zarr", tasks=("dtd",))
     flip_byte(shard(corrupt, "dtd", "tokens", 1))
@@ -338,7 +340,7 @@ def test_ls_marks_bad_stores_and_keeps_listing(tmp_path):
     shard(make_store(root / "sam" / "vtab.zarr", alias="sam"), "dtd", "tokens", 1).unlink()
     newer = make_store(root / "dino" / "vtab.zarr", alias="dino")
     doc = json.loads((newer / "zarr.json").read_text())
-    doc["attributes"]["combo"]["schema_version"] = SCHEMA_VERSION + 1
+    doc["attributes"]["combo"].update(schema_version=SCHEMA_VERSION + 1, format_version=f"{SCHEMA_VERSION + 1}.0")
     (newer / "zarr.json").write_text(json.dumps(doc))
     (root / "half" / "vtab.zarr" / "dtd").mkdir(parents=True)
     tokens, _, labels = make_arrays()
@@ -351,9 +353,9 @@ def test_ls_marks_bad_stores_and_keeps_listing(tmp_path):
     assert set(rows) == {"clip/vtab.zarr", "mae/vtab.zarr", "sam/vtab.zarr", "dino/vtab.zarr", "half/vtab.zarr",
                          "vit/vtab.zarr", "clip-vtab.zarr.zip"}
     assert rows["clip/vtab.zarr"].status == rows["mae/vtab.zarr"].status == rows["clip-vtab.zarr.zip"].status == "ok"
-    assert rows["sam/vtab.zarr"].status == "invalid" and "1 tokens chunk(s) missing" in rows["sam/vtab.zarr"].reason
+    assert rows["sam/vtab.zarr"].status == "invalid" and "1 object(s) missing (first: dtd/tokens/c/1/0/0/0)" in rows["sam/vtab.zarr"].reason
     assert rows["dino/vtab.zarr"].status == "invalid"
-    assert f"schema version {SCHEMA_VERSION + 1} needs a newer combo" in rows["dino/vtab.zarr"].reason
+    assert f"format {SCHEMA_VERSION + 1}.0 needs a newer combo" in rows["dino/vtab.zarr"].reason
     assert rows["half/vtab.zarr"].status == "incomplete"
     assert rows["vit/vtab.zarr"].status == "incomplete" and "1 of 3 shards written" in rows["vit/vtab.zarr"].reason
     assert partial.exists()
@@ -390,13 +392,13 @@ def test_incomplete_store_is_not_pushed(tmp_path):
 
 def test_newer_schema_version_refused_with_needed_version(store, tmp_path):
     doc = json.loads((store / "zarr.json").read_text())
-    doc["attributes"]["combo"]["schema_version"] = SCHEMA_VERSION + 1
+    doc["attributes"]["combo"]["format_version"] = f"{SCHEMA_VERSION + 1}.0"
     (store / "zarr.json").write_text(json.dumps(doc))
-    needed = f"version {SCHEMA_VERSION + 1}"
+    needed = f"format {SCHEMA_VERSION + 1}.0"
     assert needed in cli("info", str(store), code=2).output
     assert needed in cli("validate", str(store), code=1).output
     assert needed in cli("pull", str(store), str(tmp_path / "x"), code=2).output
-    with pytest.raises(SchemaVersionError, match=f"reads up to version {SCHEMA_VERSION}"):
+    with pytest.raises(SchemaVersionError, match=f"reads formats 1.x and {SCHEMA_VERSION}.x"):
         copy_store(str(store), str(tmp_path / "y"))
 
 
@@ -428,11 +430,13 @@ def test_updated_source_task_is_recopied_and_never_looks_complete_midway(store, 
     monkeypatch.setattr(transfer, "copy_object", stop_at_first_shard)
     with pytest.raises(ConnectionError):
         copy_store(str(store), str(dest), workers=1)
-    assert not (dest / "dtd" / "zarr.json").exists()  # the stale task no longer claims to be complete
-    assert validate_store(dest).tasks.get("dtd") != "ok"
+    assert not (dest / "manifest.json").exists()  # the stale copy no longer passes for a complete store
+    assert not validate_store(dest).ok
+    with pytest.raises(StoreError, match="manifest"):
+        open_store(dest).task("dtd").read([0])
     monkeypatch.setattr(transfer, "copy_object", real_copy)
     result = copy_store(str(store), str(dest))
-    assert 0 < result.copied < 23
+    assert 0 < result.copied < ALL
     same_values(open_store(store), open_store(dest))
 
 
@@ -475,13 +479,13 @@ def test_pack_is_one_stored_zip_readable_by_combo_and_plain_zarr(store, tmp_path
     assert hashlib.sha256(target.read_bytes()).hexdigest() == digest  # same store, same bytes
     assert "must be a local file name ending in .zip" in cli("pack", str(store), str(tmp_path / "x.tar"), code=2).output
     # the zip can be a source for a copy as well
-    assert copy_store(str(target), str(tmp_path / "unpacked")).copied == 23
+    assert copy_store(str(target), str(tmp_path / "unpacked")).copied == ALL
 
 
 def test_flags_are_written_after_the_data_they_vouch_for(store, tmp_path, monkeypatch):
     contents = store_objects(resolve(store))
     keys = [o.key for o in contents.objects]
-    assert len(keys) == 1 + 2 * OBJECTS_PER_TASK and keys[-1] == "zarr.json"
+    assert len(keys) == ALL and keys[-2:] == ["zarr.json", "manifest.json"]
     assert not any(k.split("/")[-1].startswith(".") for k in keys)  # no lock file, no journal
     real_copy = transfer.copy_object
     finished: list[str] = []
@@ -495,7 +499,7 @@ def test_flags_are_written_after_the_data_they_vouch_for(store, tmp_path, monkey
 
     monkeypatch.setattr(transfer, "copy_object", slow_data)
     copy_store(str(store), str(tmp_path / "copy.zarr"), workers=8)
-    assert sorted(finished) == sorted(keys) and finished[-1] == "zarr.json"
+    assert sorted(finished) == sorted(keys) and finished[-2:] == ["zarr.json", "manifest.json"]
     for task in ("dtd", "flowers"):
         flag = finished.index(f"{task}/zarr.json")
         assert all(finished.index(k) < flag for k in keys if k.startswith(f"{task}/") and k != f"{task}/zarr.json")
