@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import textwrap
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -21,10 +24,11 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
+from rich.cells import cell_len
+from rich.text import Text
 
 from store_schema import default_store_root, parse_storage_options, validate_store
-from store_schema.catalog import DEFAULT_DEPTH, human_bytes, list_stores, store_info
+from store_schema.catalog import DEFAULT_DEPTH, StoreSummary, human_bytes, list_stores, store_info
 from store_schema.errors import StoreError
 from store_schema.location import redact, secret_option_paths, url_has_password
 from store_schema.pack import pack_store
@@ -46,7 +50,8 @@ StorageOptions = Annotated[
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of tables.")]
 VerifyOption = Annotated[
     str,
-    typer.Option("--verify", help="Final check of the copy: all checksums, a sample, or none (presence only)."),
+    typer.Option("--verify", help="Final check of the copy: written (read back what this copy wrote; sizes of "
+                 "the rest), all checksums, a sample, or none (presence only)."),
 ]
 WorkersOption = Annotated[int, typer.Option("--workers", min=1, max=64, help="Objects copied at once.")]
 
@@ -162,26 +167,197 @@ def ls_command(
         echo_json([s.to_dict() for s in summaries], options)
         return
     if not summaries:
-        console.print(f"no stores under {redact(root, options)}")
+        console.print(Text(f"no stores under {redact(root, options)}"))
         return
-    table = Table(title=f"stores under {redact(root, options)}", title_justify="left")
-    table.add_column("store", overflow="fold", ratio=3)
-    table.add_column("backbone", overflow="fold")
-    table.add_column("dataset", overflow="fold")
-    table.add_column("tasks", overflow="fold", ratio=2)
-    table.add_column("splits", overflow="fold", ratio=2)
-    for column in ("samples", "dtype", "size", "created", "ver"):
-        table.add_column(column, no_wrap=True, justify="right" if column in ("samples", "size", "ver") else "left")
-    table.add_column("status", overflow="fold", ratio=3)
-    style = {"ok": "green", "incomplete": "yellow", "invalid": "red"}
-    for s in summaries:
-        status = f"[{style[s.status]}]{s.status}[/]" + (f": {redact(s.reason, options)}" if s.reason else "")
-        table.add_row(
-            s.name, s.backbone or "?", s.dataset or "?", _count_list(s.tasks), ",".join(s.splits) or "-",
-            "?" if s.samples is None else str(s.samples), s.dtype or "?", human_bytes(s.size_bytes),
-            (s.created or "?")[:10], "?" if s.schema_version is None else str(s.schema_version), status,
-        )
-    console.print(table)
+    width = _width()
+    console.print(Text(f"stores under {redact(root, options)}", style="bold"))
+    for line in _ls_lines(summaries, width, options):
+        console.print(line)
+
+
+# Plain-text rendering for `ls` and `info`: it must stay legible in an 80-column terminal and when
+# piped (rich then renders 80 columns). Cells are `Text`, never markup, so `[...]` in store names,
+# reasons or values is printed as is.
+
+STATUS_STYLE = {"ok": "green", "incomplete": "yellow", "invalid": "red", "complete": "green", "error": "red"}
+GAP = 2
+
+
+def _width() -> int:
+    """The console's width; with stdout piped and no $COLUMNS, 80 (rich would take the width of a
+    terminal on stdin or stderr), so `combo store ls > file` or `| less` stays 80 columns."""
+    width = console.width
+    explicit = getattr(console, "_width", None) is not None or os.environ.get("COLUMNS", "").isdigit()
+    return width if explicit or console.is_terminal else min(width, 80)
+
+
+def _arrow() -> str:
+    return "↳" if (console.encoding or "").lower().startswith("utf") else "->"
+
+
+@dataclass
+class _Column:
+    """One column of a plain table; `shrink` is the narrowest it may get (longer cells end in …)."""
+
+    header: str
+    cells: list[Text]
+    justify: str = "left"
+    shrink: int | None = None  # None: always shown whole
+    width: int = 0
+
+    def __post_init__(self) -> None:
+        self.width = max([cell_len(self.header)] + [c.cell_len for c in self.cells])
+
+
+def _fit(essential: list[_Column], optional: list[_Column], width: int) -> list[_Column] | None:
+    """Essential columns whole plus as many optional ones (in priority order) as fit, shrinkable ones
+    at their narrowest first, then widened into what room is left; None: not even the essential fit."""
+    used = sum(c.width for c in essential) + GAP * (len(essential) - 1)
+    if used > width:
+        return None
+    chosen = list(essential)
+    shrunk: list[tuple[_Column, int]] = []
+    for column in optional:
+        need = column.width if column.shrink is None else min(column.width, column.shrink)
+        if used + GAP + need > width:
+            continue
+        chosen.append(column)
+        if need < column.width:
+            shrunk.append((column, column.width))
+            column.width = need
+        used += GAP + need
+    for column, full in shrunk:
+        grow = min(full - column.width, width - used)
+        column.width += grow
+        used += grow
+    return chosen
+
+
+def _cell(text: Text, width: int, justify: str) -> Text:
+    text = text.copy()
+    if text.cell_len > width:
+        text.truncate(width, overflow="ellipsis")
+    pad = " " * (width - text.cell_len)
+    return Text(pad) + text if justify == "right" else text + pad
+
+
+def _table_lines(columns: list[_Column], order: list[str]) -> list[Text]:
+    """Header, rule and one line per row, columns in `order` (headers), joined by GAP spaces."""
+    columns = sorted(columns, key=lambda c: order.index(c.header))
+    rule = "─" if _arrow() == "↳" else "-"
+    header = Text(" " * GAP).join(_cell(Text(c.header, style="bold"), c.width, c.justify) for c in columns)
+    header.rstrip()
+    lines = [header, Text(rule * (sum(c.width for c in columns) + GAP * (len(columns) - 1)), style="dim")]
+    for row in range(len(columns[0].cells)):
+        line = Text(" " * GAP).join(_cell(c.cells[row], c.width, c.justify) for c in columns)
+        line.rstrip()
+        lines.append(line)
+    return lines
+
+
+def _wrap_items(items: list[str], width: int, sep: str = ", ") -> list[str]:
+    """Pack items onto lines of at most `width` cells, never splitting an item that fits on a line;
+    an item longer than a line is broken at spaces, then after '/' (paths, URLs), then anywhere."""
+    width = max(width, 8)
+    glue = sep.rstrip()  # ends a line ("," or ";"), or nothing
+    space = sep[len(glue):]  # between items on one line
+    lines: list[str] = []
+    current = ""
+    for i, item in enumerate(items):
+        piece = item + (glue if i < len(items) - 1 else "")
+        candidate = f"{current}{space}{piece}" if current else piece
+        if cell_len(candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        parts = _break_long(piece, width) if cell_len(piece) > width else [piece]
+        lines += parts[:-1]
+        current = parts[-1]
+    lines.append(current)
+    return lines
+
+
+def _break_long(text: str, width: int) -> list[str]:
+    out: list[str] = []
+    for chunk in textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False) or [""]:
+        while cell_len(chunk) > width:
+            cut = chunk.rfind("/", 0, width) + 1  # keep the '/' at the line end
+            cut = cut if cut > width // 2 else width
+            out.append(chunk[:cut])
+            chunk = chunk[cut:]
+        out.append(chunk)
+    return out
+
+
+def _reason_lines(reason: str, style: str, width: int) -> list[Text]:
+    lead = f"  {_arrow()} "
+    wrapped = _wrap_items([reason], width - len(lead), sep=" ")
+    return [Text(("" if i else lead) + ("" if not i else " " * len(lead)) + part, style=style) for i, part in enumerate(wrapped)]
+
+
+def _ls_lines(summaries: list[StoreSummary], width: int, options: dict[str, Any]) -> list[Text]:
+    """A table that keeps name, status, backbone, dataset, samples and size whole and adds the other
+    columns while they fit; reasons go on their own line under the row. Too narrow even for those
+    six: one block per store."""
+    def texts(values: list[str]) -> list[Text]:
+        return [Text(v) for v in values]
+
+    def unknown(value: Any) -> str:
+        return "?" if value is None or value == "" else str(value)
+
+    status = [Text(s.status, style=STATUS_STYLE.get(s.status, "")) for s in summaries]
+    essential = [
+        _Column("store", texts([s.name for s in summaries])),
+        _Column("status", status),
+        _Column("backbone", texts([unknown(s.backbone) for s in summaries])),
+        _Column("dataset", texts([unknown(s.dataset) for s in summaries])),
+        _Column("samples", texts([unknown(s.samples) for s in summaries]), justify="right"),
+        _Column("size", texts([human_bytes(s.size_bytes) for s in summaries]), justify="right"),
+    ]
+    optional = [  # most useful first: the first to be dropped as the terminal narrows is the last
+        _Column("tasks", texts([_count_list(s.tasks) for s in summaries]), shrink=12),
+        _Column("dtype", texts([unknown(s.dtype) for s in summaries])),
+        _Column("created", texts([(s.created or "?")[:10] for s in summaries])),
+        _Column("timm", texts([unknown(s.timm_name) for s in summaries]), shrink=10),
+        _Column("splits", texts([", ".join(s.splits) or "-" for s in summaries]), shrink=12),
+        _Column("ver", texts([unknown(s.format_version) for s in summaries]), justify="right"),
+    ]
+    order = ["store", "status", "backbone", "timm", "dataset", "tasks", "splits", "samples", "dtype", "size", "created", "ver"]
+    columns = _fit(essential, optional, width)
+    if columns is None:
+        return _ls_blocks(summaries, width, options)
+    table = _table_lines(columns, order)
+    lines = table[:2]
+    for s, row in zip(summaries, table[2:]):
+        lines.append(row)
+        if s.reason:
+            lines += _reason_lines(redact(s.reason, options), STATUS_STYLE.get(s.status, ""), width)
+    return lines
+
+
+def _ls_blocks(summaries: list[StoreSummary], width: int, options: dict[str, Any]) -> list[Text]:
+    """Narrow terminals: `name  status`, then the details wrapped under it, a blank line between stores."""
+    lines: list[Text] = []
+    for i, s in enumerate(summaries):
+        if i:
+            lines.append(Text(""))
+        head = Text(s.name, style="bold")
+        if cell_len(s.name) + GAP + len(s.status) > width:
+            lines.append(head)
+            head = Text("  ")
+        else:
+            head.append(" " * GAP)
+        head.append(s.status, style=STATUS_STYLE.get(s.status, ""))
+        lines.append(head)
+        details = [f"backbone {s.backbone or '?'}", f"dataset {s.dataset or '?'}",
+                   f"{'?' if s.samples is None else s.samples} samples", human_bytes(s.size_bytes)]
+        if s.tasks:
+            details.append(f"tasks {_count_list(s.tasks)}")
+        lines += [Text("  " + part) for part in _wrap_items(details, width - 2)]
+        if s.reason:
+            lines += _reason_lines(redact(s.reason, options), STATUS_STYLE.get(s.status, ""), width)
+    return lines
 
 
 def _count_list(items: list[str], shown: int = 3) -> str:
@@ -207,49 +383,97 @@ def info_command(
     if json_output:
         echo_json(doc, options)
         return
+    for line in _info_lines(doc, _width(), options):
+        console.print(line)
+
+
+def _info_lines(doc: dict[str, Any], width: int, options: dict[str, Any]) -> list[Text]:
     backbone, pre, feats, storage = doc["backbone"], doc["preprocessing"], doc["features"], doc["storage"]
-    weights = backbone.get("weights_source") or "?"
+    weights = [str(backbone.get("weights_source") or "?")]
     if backbone.get("weights_sha256"):
-        weights += f"  sha256 {backbone['weights_sha256']}"
-    elif weights == "random-init":
-        weights += f"  seed {backbone.get('seed')}"
-    rows = [
-        ("store", doc["location"]),
-        ("backbone", f"{backbone.get('alias')}  (timm {backbone.get('timm_name')}"
-         + (f", tag {backbone['pretrained_tag']}" if backbone.get("pretrained_tag") else "") + ")"),
-        ("weights", weights),
-        ("dataset", f"{doc['dataset'].get('name')}" + (f"  from {doc['dataset']['root']}" if doc["dataset"].get("root") else "")),
-        ("preprocessing", f"{pre.get('image_size')} px, {pre.get('resize')}, {pre.get('interpolation')}, "
-         f"mean {pre.get('mean')}, std {pre.get('std')}"),
-        ("tokens", f"grid {feats.get('token_grid')} = {feats.get('num_tokens')} tokens + {feats.get('num_prefix_tokens')} prefix; "
-         f"dim {feats.get('feature_dim')}; {feats.get('kind')}"),
-        ("layers", f"{feats.get('num_layers')}: {feats.get('layers')}"),
-        ("storage", f"{storage.get('dtype')}, {storage.get('codec')} level {storage.get('clevel')} {storage.get('shuffle')}, "
-         f"shard {storage.get('rows_per_shard')} rows, chunk {storage.get('rows_per_chunk')} rows x "
-         f"{storage.get('layers_per_chunk')} layer(s)"),
-        ("checksums", str(storage.get("chunk_checksum", "?"))),
-        ("size", human_bytes(doc.get("size_bytes"))),
-        ("created", str(doc.get("created"))),
-        ("schema version", str(doc.get("schema_version"))),
-        ("libraries", ", ".join(f"{k} {v}" for k, v in (doc.get("library_versions") or {}).items())),
+        weights.append(f"sha256 {backbone['weights_sha256']}")
+    elif weights[0] == "random-init":
+        weights.append(f"seed {backbone.get('seed')}")
+    timm = f"(timm {backbone.get('timm_name')}" + (f", tag {backbone['pretrained_tag']}" if backbone.get("pretrained_tag") else "") + ")"
+    dataset = [str(doc["dataset"].get("name"))] + ([f"from {doc['dataset']['root']}"] if doc["dataset"].get("root") else [])
+    rows: list[tuple[str, list[str], str]] = [  # key, items (kept whole on a line where they fit), separator
+        ("store", [doc["location"]], ""),
+        ("backbone", [str(backbone.get("alias")), timm], "  "),
+        ("weights", weights, "  "),
+        ("dataset", dataset, "  "),
+        ("preprocessing", [f"{pre.get('image_size')} px", str(pre.get("resize")), str(pre.get("interpolation")),
+                           f"mean {pre.get('mean')}", f"std {pre.get('std')}"], ", "),
+        ("tokens", [f"grid {feats.get('token_grid')} = {feats.get('num_tokens')} tokens + {feats.get('num_prefix_tokens')} prefix",
+                    f"dim {feats.get('feature_dim')}", str(feats.get("kind"))], "; "),
+        ("layers", [f"{feats.get('num_layers')}: {feats.get('layers')}"], ""),
+        ("storage", [str(storage.get("dtype")), f"{storage.get('codec')} level {storage.get('clevel')} {storage.get('shuffle')}",
+                     f"shard {storage.get('rows_per_shard')} rows",
+                     f"chunk {storage.get('rows_per_chunk')} rows x {storage.get('layers_per_chunk')} layer(s)"], ", "),
+        ("checksums", [str(storage.get("chunk_checksum", "?"))], ""),
+        ("size", [human_bytes(doc.get("size_bytes"))], ""),
+        ("created", [str(doc.get("created"))], ""),
+        ("format", [str(doc.get("format_version") or f"{doc.get('schema_version')}.0")], ""),
+        ("libraries", [f"{k} {v}" for k, v in (doc.get("library_versions") or {}).items()] or ["?"], ", "),
     ]
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column(overflow="fold")
-    for key, value in rows:
-        grid.add_row(key, redact(str(value), options))
-    console.print(grid)
-    tasks = Table(title="tasks", title_justify="left")
-    for column in ("task", "group", "samples", "splits", "classes", "skipped", "status"):
-        tasks.add_column(column, justify="right" if column in ("samples", "classes", "skipped") else "left")
-    for name, t in doc["task_details"].items():
-        if "error" in t:
-            tasks.add_row(name, "", "", "", "", "", f"[red]{t['error']}[/]")
+    key_width = max(len(key) for key, _, _ in rows)
+    value_width = width - key_width - GAP
+    lines: list[Text] = []
+    for key, items, sep in rows:
+        items = [redact(str(item), options) for item in items]
+        if value_width < 30:  # very narrow: the value under its key
+            lines.append(Text(key, style="bold"))
+            lines += [Text("  " + part) for part in _wrap_items(items, width - 2, sep or " ")]
             continue
-        splits = ", ".join(f"{k} {v}" for k, v in t["splits"].items())
-        status = "[green]complete[/]" if t["complete"] else "[yellow]incomplete[/]"
-        tasks.add_row(name, str(t.get("group") or ""), str(t["num_samples"]), splits, str(t["num_classes"]), str(t["skipped"]), status)
-    console.print(tasks)
+        for i, part in enumerate(_wrap_items(items, value_width, sep or " ")):
+            lines.append(Text(key.ljust(key_width) if not i else " " * key_width, style="bold") + Text(" " * GAP + part))
+    lines += [Text(""), Text("tasks", style="bold")]
+    lines += _task_lines(doc["task_details"], width, options)
+    return lines
+
+
+def _task_lines(details: dict[str, Any], width: int, options: dict[str, Any]) -> list[Text]:
+    """task, samples and status whole, then classes, skipped and group while they fit; the splits
+    last, wrapped in the room left (or under the row when little is left)."""
+    names = list(details)
+    if not names:
+        return [Text("  (none)")]
+    ok = {name: t for name, t in details.items() if "error" not in t}
+
+    def cells(fn: Any) -> list[Text]:
+        return [Text("" if name not in ok else str(fn(ok[name]))) for name in names]
+
+    status = [Text("error", style="red") if name not in ok else
+              Text("complete", style="green") if ok[name]["complete"] else Text("incomplete", style="yellow") for name in names]
+    essential = [
+        _Column("task", [Text(n) for n in names]),
+        _Column("samples", cells(lambda t: t["num_samples"]), justify="right"),
+        _Column("status", status),
+    ]
+    optional = [
+        _Column("classes", cells(lambda t: t["num_classes"]), justify="right"),
+        _Column("skipped", cells(lambda t: t["skipped"]), justify="right"),
+    ]
+    if any(t.get("group") for t in ok.values()):
+        optional.append(_Column("group", cells(lambda t: t.get("group") or ""), shrink=8))
+    columns = _fit(essential, optional, width) or essential
+    splits = {name: [f"{k} {v}" for k, v in t["splits"].items()] for name, t in ok.items()}
+    offset = sum(c.width + GAP for c in columns)
+    beside = width - offset >= 20
+    wrapped = {name: _wrap_items(items, width - offset if beside else width - 4) for name, items in splits.items()}
+    if beside:
+        columns.append(_Column("splits", [Text(wrapped.get(n, [""])[0]) for n in names]))
+    order = ["task", "group", "samples", "classes", "skipped", "status", "splits"]
+    table = _table_lines(columns, order)
+    lines = table[:2]
+    for name, row in zip(names, table[2:]):
+        lines.append(row)
+        if name not in ok:
+            lines += _reason_lines(redact(str(details[name]["error"]), options), "red", width)
+        elif beside:
+            lines += [Text(" " * offset + part) for part in wrapped[name][1:]]
+        else:
+            lines += [Text("    splits " + wrapped[name][0])] + [Text("           " + part) for part in wrapped[name][1:]]
+    return lines
 
 
 # -- validate -------------------------------------------------------------------------------------
@@ -287,15 +511,16 @@ def validate_command(
 
 
 def _copy(label: str, source: str, destination: str, *, verify: str, workers: int, items: list[str] | None, json_output: bool) -> None:
-    if verify not in ("all", "sample", "none"):
-        raise ValueError(f"--verify {verify!r}: choose all, sample or none")
+    if verify not in ("written", "all", "sample", "none"):
+        raise ValueError(f"--verify {verify!r}: choose written, all, sample or none")
     options = storage_options(items, source, destination)
     with scrubbed(options), RichTransferProgress(label) as progress:
         result = copy_store(source, destination, storage_options=options, verify=verify, workers=workers, progress=progress)
     if json_output:
         echo_json(result.to_dict(), options)
         return
-    check = {"all": "every checksum", "sample": "sampled checksums", "none": "structure only"}[verify]
+    check = {"written": f"{result.verified} written object(s) read back", "all": "every checksum",
+             "sample": "sampled checksums", "none": "structure only"}[verify]
     console.print(
         f"[green]{label}[/green] {result.source} -> {redact(result.destination, options)}: copied {result.copied} "
         f"object(s) ({human_bytes(result.bytes_copied)}, {result.mb_per_s:.1f} MB/s), {result.skipped} already there; "
@@ -309,7 +534,7 @@ def _copy(label: str, source: str, destination: str, *, verify: str, workers: in
 def push_command(
     source: Annotated[str, typer.Argument(help="Local store (or any store location).")],
     destination: Annotated[str, typer.Argument(help="Where to: a store path ending in .zarr, or a store root (s3://bucket/stores).")],
-    verify: VerifyOption = "all",
+    verify: VerifyOption = "written",
     workers: WorkersOption = 8,
     json_output: JsonFlag = False,
     storage_option: StorageOptions = None,
@@ -323,7 +548,7 @@ def push_command(
 def pull_command(
     source: Annotated[str, typer.Argument(help="Shared store: s3://..., https://... (read-only is fine) or a path.")],
     destination: Annotated[str, typer.Argument(help="A store root (the store goes to ROOT/<backbone>/<dataset>.zarr) or a path ending in .zarr.")],
-    verify: VerifyOption = "all",
+    verify: VerifyOption = "written",
     workers: WorkersOption = 8,
     json_output: JsonFlag = False,
     storage_option: StorageOptions = None,
