@@ -225,15 +225,7 @@ def _store_objects_v2(location: Location, doc: dict[str, Any], attrs: dict[str, 
         objects.append(StoreObject(key, kind, stage, entry.sha256, entry.size))
     raw = location.read_bytes(MANIFEST_NAME)
     objects.append(StoreObject(MANIFEST_NAME, META, 3, sha256_bytes(raw), len(raw)))
-    sizes = list_sizes(location)
-    if sizes is not None:
-        missing = [o.key for o in objects if o.key not in sizes]
-        if missing:
-            raise StoreError(
-                f"store {url} lacks {len(missing)} object(s) its manifest lists (first: {missing[0]}); "
-                f"run `combo store validate {url}`"
-            )
-    return StoreContents(location=location, attrs=attrs, objects=tuple(objects))
+    return _checked_contents(location, attrs, objects, list_sizes(location), "its manifest lists")
 
 
 def _store_objects_v1(location: Location, attrs: dict[str, Any]) -> StoreContents:
@@ -265,11 +257,18 @@ def _store_objects_v1(location: Location, attrs: dict[str, Any]) -> StoreContent
             if key not in named and not is_hidden(key):
                 add(key, EXTRA, 0)
     add(ROOT_KEY, META, 2)
+    return _checked_contents(location, attrs, objects, sizes, "its metadata lists")
+
+
+def _checked_contents(location: Location, attrs: dict[str, Any], objects: list[StoreObject],
+                      sizes: dict[str, int] | None, named_by: str) -> StoreContents:
+    """The contents, refused when a listing shows an object they name is not there."""
     if sizes is not None:
         missing = [o.key for o in objects if o.key not in sizes]
         if missing:
+            url = redact(location.url)
             raise StoreError(
-                f"store {url} lacks {len(missing)} object(s) its metadata lists (first: {missing[0]}); "
+                f"store {url} lacks {len(missing)} object(s) {named_by} (first: {missing[0]}); "
                 f"run `combo store validate {url}`"
             )
     return StoreContents(location=location, attrs=attrs, objects=tuple(objects))

@@ -299,7 +299,8 @@ class StoreWriter:
         if task_dir.exists() and overwrite:
             shutil.rmtree(task_dir)
         if task_dir.exists() and TASK_ATTR not in ((_read_doc(task_dir / "zarr.json") or {}).get("attributes") or {}):
-            if (task_dir / JOURNAL_NAME).exists():
+            shards = task_dir / TOKENS / "c"
+            if (task_dir / JOURNAL_NAME).exists() or (shards.exists() and any(shards.iterdir())):
                 raise StoreError(
                     f"task {name!r} in {self.path} has written shards but its zarr.json is unreadable; "
                     "nothing was deleted. Use --overwrite to extract the task again"

@@ -422,3 +422,19 @@ def test_validate_checks_the_published_json_schema(store):
     path.write_text(json.dumps(doc))
     report = validate_store(store)
     assert any("storage.dtype" in p and "format-2.schema.json" in p for p in report.problems), report.problems
+
+
+def test_unreadable_task_metadata_with_shards_is_never_deleted(store):
+    (store / "task" / "zarr.json").write_text('{"attributes": {"combo_ta')  # cut short (zarr < 3.1.3, or bit rot)
+    with pytest.raises(StoreError, match="nothing was deleted"):
+        _writer_task_named(store, "task")
+    assert shard(store, 0).exists() and shard(store, 2).exists()
+
+
+def _writer_task_named(path: Path, name: str):
+    from test_store_sharing import open_info
+
+    table = pq.read_table(path / "task" / "samples.parquet")
+    with StoreWriter(path, open_info(path), LAYOUT) as writer:
+        return writer.task(name, samples=table, num_layers=L, num_tokens=4, feature_dim=D, num_prefix_tokens=0,
+                           protocols={"final": ("train800val200", "test")}, classes=["0", "1", "2"])

@@ -36,7 +36,7 @@ from store_schema import (
     store_objects,
     validate_store,
 )
-from store_schema.location import redact, resolve
+from store_schema.location import Location, redact, resolve
 from storefactory import vtab_like_splits, write_store
 
 N, L, GRID, D = 20, 3, (2, 3), 8
@@ -170,8 +170,21 @@ def test_interrupted_push_resumes_and_ends_valid(s3, store, monkeypatch):
     [summary] = list_stores(f"{bucket}/stores", storage_options=s3.options)
     assert summary.status == "incomplete" and "no zarr.json" in summary.reason
 
+    dest_reads: list[str] = []
+    real_read = Location.read_bytes
+
+    def spy(self, key):
+        if self.kind == "remote":
+            dest_reads.append(key)
+        return real_read(self, key)
+
+    monkeypatch.setattr(Location, "read_bytes", spy)
     result = copy_store(str(store), url, storage_options=s3.options, workers=2)
     assert result.copied == ALL - len(done) and result.skipped == len(done)
+    # what the first attempt wrote was recognised by size + its x-amz-meta-sha256, never downloaded to hash it
+    assert [k for k in done if "/prefix/c/" in k or "/tokens/c/" in k]  # shards were among them
+    assert not [k for k in dest_reads if ("/prefix/c/" in k or "/tokens/c/" in k) and k in done], dest_reads
+    monkeypatch.undo()
     assert result.report is not None and result.report.ok
     same_values(open_store(store), open_store(url, storage_options=s3.options))
 
