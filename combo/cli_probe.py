@@ -82,6 +82,7 @@ def probe_command(
     storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE for remote stores (repeatable; never written anywhere)."),
     select: Optional[str] = typer.Option(None, "--select", help="Backbone selection: train with the group penalty (--lambda), keep top-K (e.g. top-2) or those with normalised importance >= a threshold (e.g. 0.2) per task, retrain without it."),
     group_lambda: float = typer.Option(0.01, "--lambda", help="Group-penalty weight for --select (paper: 0.01)."),
+    by: str = typer.Option("norm", "--by", help="What --select ranks by: norm (the paper's s_k) or heldout (the held-out accuracy drop when a backbone's features are shuffled)."),
     shuffle_window: Optional[int] = typer.Option(None, "--shuffle-window", help="Rows per shuffle window (default: the whole split when cached; what the budget allows when streamed)."),
     width: int = typer.Option(128, "--width", hidden=True, help="Adapter width (paper: 128; smaller only for tests/demos)."),
     depth: int = typer.Option(6, "--depth", hidden=True, help="Adapter depth (paper: 6)."),
@@ -112,9 +113,11 @@ def probe_command(
     if select:
         if method != "combo":
             raise ValueError("--select works with --method combo (the penalty is on ComBo's Lambda)")
-        from probe.relevance import parse_select
+        from probe.relevance import MEASURES, parse_select
 
-        selection = parse_select(select)  # bad syntax fails before anything is opened
+        if by not in MEASURES:
+            raise ValueError(f"--by {by!r}: choose norm (the paper's s_k) or heldout (the held-out accuracy drop)")
+        selection = parse_select(select, by=by)  # bad syntax fails before anything is opened
     cfg = ProbeConfig(
         stores=tuple(refs), store_root=store_root, dataset=dataset, tasks=tuple(split_list(task) or ()) or None,
         protocol=protocol, method=method, steps=steps, batch_size=batch_size, lr=lr, seed=seed, grid=parse_grid(grid),
@@ -133,6 +136,9 @@ def probe_command(
         for name, kept in result.chosen.items():
             chosen.add_row(name, ", ".join(kept))
         console.print(chosen)
+        from .cli_study import print_warnings
+
+        print_warnings(result.relevance.warnings)
     else:
         run = run_probe(cfg, log=_log)
         rows, run_dir = run.metrics, run.run_dir

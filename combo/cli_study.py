@@ -15,6 +15,15 @@ SELECT_HELP = (
     "important (e.g. top-2); a number such as 0.2 (or ge0.2, >=0.2) keeps every backbone whose normalised "
     "importance s_k/sum(s) is >= 0.2 (the top one is always kept)."
 )
+BY_HELP = (
+    "What --select ranks by: norm (the paper's s_k, default) or heldout (the drop in held-out accuracy when a "
+    "backbone's features are shuffled; the threshold then applies to its share of the positive drops)."
+)
+PROTOCOL_HELP = (
+    "Where --select's retrained subset trains and is evaluated: final (train800val200 -> test) or dev "
+    "(train800 -> val200). The relevance pass itself always trains on train800 and measures on val200 "
+    "(never the test split)."
+)
 
 
 def _stores(text: str) -> tuple[str, ...]:
@@ -48,8 +57,9 @@ def relevance_command(
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Comma-separated tasks; default: every task all stores hold."),
     group_lambda: float = typer.Option(0.01, "--lambda", min=0.0, help="Weight of the group penalty sum_k s_k (paper: 0.01)."),
     select: Optional[str] = typer.Option(None, "--select", help=SELECT_HELP),
-    protocol: str = typer.Option("final", "--protocol", help="final: train800val200 -> test; dev: train800 -> val200."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: the protocol's, 1600 final / 1300 dev)."),
+    by: str = typer.Option("norm", "--by", help=BY_HELP),
+    protocol: str = typer.Option("final", "--protocol", help=PROTOCOL_HELP),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: the protocol's, 1600 final / 1300 dev; the relevance pass: 1300)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
     lr: float = typer.Option(1e-3, "--lr", min=0.0),
     seed: int = typer.Option(42, "--seed"),
@@ -65,12 +75,17 @@ def relevance_command(
     heads: int = typer.Option(2, "--heads", hidden=True, help="Adapter heads (paper: 2)."),
     init: str = typer.Option("timm", "--init", help="Init of the adapter's Linear layers: timm (the authors') or torch (PyTorch's default)."),
 ) -> None:
-    """Rank backbones per task by the norm of ComBo's Lambda slices after training with a group penalty."""
+    """Rank backbones per task: the paper's norm of ComBo's Lambda slices after training with a group penalty,
+    beside the held-out accuracy drop when each backbone's features are shuffled (with a 95% interval)."""
     from probe.data import budget_from_text
     from probe.relevance import parse_select, run_relevance, run_select
     from probe.run import ProbeConfig
 
-    selection = parse_select(select) if select else None  # bad syntax fails before any training
+    from probe.relevance import MEASURES
+
+    if by not in MEASURES:
+        raise ValueError(f"--by {by!r}: choose norm (the paper's s_k) or heldout (the held-out accuracy drop)")
+    selection = parse_select(select, by=by) if select else None  # bad syntax fails before any training
     kwargs: dict[str, Any] = {}
     if cache_budget:
         kwargs["cache_budget"] = budget_from_text(cache_budget)
@@ -83,15 +98,24 @@ def relevance_command(
     if selection is None:
         run = run_relevance(cfg, group_lambda=group_lambda, log=_log)
         console.print(_relevance_table(run.importances, {m["task"]: m for m in run.metrics}, None, run.backbones,
-                                       title=f"Backbone relevance (lambda = {group_lambda:g}); normalised importance, rank"))
-        run_dir = run.run_dir
+                                       title=f"Backbone relevance (lambda = {group_lambda:g}): s_k share (rank), held-out drop"))
+        run_dir, warnings = run.run_dir, run.warnings
     else:
         result = run_select(cfg, select=selection, group_lambda=group_lambda, log=_log)
         console.print(_relevance_table(result.relevance.importances, {m["task"]: m for m in result.relevance.metrics},
                                        {m["task"]: m for m in result.metrics}, result.relevance.backbones,
                                        title=f"Relevance (lambda = {group_lambda:g}) and ComBo retrained on {result.selection.describe()}"))
-        run_dir = result.run_dir
+        run_dir, warnings = result.run_dir, result.relevance.warnings
+    print_warnings(warnings)
     console.print(f"run folder: [bold]{run_dir}[/bold]")
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """Each warning of a relevance run as its own paragraph, on stderr (user text escaped)."""
+    from rich.markup import escape
+
+    for text in warnings:
+        err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(text)}", highlight=False)
 
 
 def _relevance_table(importances, penalised, selected, names, *, title: str) -> Table:
@@ -99,7 +123,7 @@ def _relevance_table(importances, penalised, selected, names, *, title: str) -> 
     table.add_column("task")
     for name in names:
         table.add_column(name, justify="right")
-    table.add_column("acc. penalised (%)", justify="right")
+    table.add_column("held-out acc. (%)", justify="right")
     if selected:
         table.add_column("selected", style="bold")
         table.add_column("acc. selected (%)", justify="right")
@@ -110,6 +134,8 @@ def _relevance_table(importances, penalised, selected, names, *, title: str) -> 
         for name in names:
             r = rows[name]
             text = f"{r['importance_normalised']:.3f} (#{r['rank']})"
+            if "heldout_drop" in r:
+                text += f"\n{100 * r['heldout_drop']:+.1f} ± {100 * (r['heldout_high'] - r['heldout_drop']):.1f} pts (#{r['heldout_rank']})"
             cells.append(f"[bold green]{text}[/bold green]" if (name in chosen or (not selected and r["rank"] == 1)) else text)
         extra = [_pct(penalised.get(task, {}).get("accuracy"))]
         if selected:

@@ -9,8 +9,17 @@ The ranking is only meaningful because every (image, layer) map is standardised 
 (``probe.align.normalise_maps``): a backbone whose raw features are 100x larger does not need a 100x smaller
 slice to contribute the same, so s_k compares contributions, not feature scales.
 
+s_k says how much the penalised probe *uses* a backbone, not whether that use generalises: beside it each
+row carries the held-out importance (``probe.heldout``): the drop in accuracy on the dev protocol's held-out
+split (VTAB: trained on train800, measured on val200) when that backbone's features are shuffled across
+samples, with a 95% interval. The relevance pass therefore always trains on the dev protocol and never reads
+the test split; ``--protocol`` only sets where ``--select``'s retrained subset trains and is evaluated. When
+the probe's held-out accuracy is not clearly above chance, or the two measures disagree on the top backbone,
+the run says so (``warnings`` in config.json and results.md, and on the console).
+
 Output tables: relevance.csv has one row per (task, backbone) with s_k, s_k / sum_j s_j and the rank (1 = most
-important); layer_relevance.csv one row per (task, backbone, layer) with ||W[:, l, :]||_F and its share of the
+important), the held-out drop (``heldout_drop``, ``heldout_low``, ``heldout_high``, ``heldout_rank``) and the
+probe's held-out accuracy and chance level; layer_relevance.csv one row per (task, backbone, layer) with ||W[:, l, :]||_F and its share of the
 sum over ALL layers of all backbones of that task (so layers of different backbones are comparable).
 
 Selective adaptation (``run_select``): relevance run, keep some backbones PER TASK, retrain ComBo on them
@@ -22,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,7 @@ import torch
 from store_schema import FeatureStore
 
 from .adapter import ComboAdapter
+from .heldout import HELDOUT_REPEATS, chance_accuracy, heldout_drops, heldout_ranks, near_chance
 from .results import markdown_table, new_run_dir, write_json, write_table
 from .run import ProbeConfig, TaskFit, fit_task, run_config, save_fit
 from .stores import AlignedTask, align_tasks, common_tasks, open_stores
@@ -44,6 +54,7 @@ __all__ = [
     "SelectionError",
     "backbone_names",
     "choose_backbones",
+    "relevance_warnings",
     "importance_rows",
     "layer_importance_rows",
     "parse_select",
@@ -53,6 +64,8 @@ __all__ = [
 ]
 
 DEFAULT_LAMBDA = 0.01  # PAPER.md
+MEASURES = ("norm", "heldout")  # --by: the paper's s_k, or the held-out drop
+RELEVANCE_PROTOCOL = "dev"  # train on the dev training split, measure on its held-out split: never the test split
 
 Log = Callable[[str], None] | None
 
@@ -133,29 +146,40 @@ class Selection:
 
     top_k: int | None = None
     threshold: float | None = None
+    by: str = "norm"  # "norm": the paper's s_k; "heldout": the held-out accuracy drop
+
+    def __post_init__(self) -> None:
+        if self.by not in MEASURES:
+            raise SelectionError(f"--by {self.by!r}: choose norm (the paper's s_k) or heldout (the held-out accuracy drop)")
 
     def describe(self) -> str:
-        return f"top-{self.top_k}" if self.top_k is not None else f"importance_normalised >= {self.threshold:g}"
+        if self.top_k is not None:
+            rule = f"top-{self.top_k}"
+        else:
+            rule = f"{'importance' if self.by == 'norm' else 'heldout'}_normalised >= {self.threshold:g}"
+        return rule + (" by held-out drop" if self.by == "heldout" else "")
 
 
 _TOP = re.compile(r"^top[-_ ]?(\d+)$")
 _THRESHOLD = re.compile(r"^(?:ge|>=)?\s*([0-9]*\.?[0-9]+(?:e-?\d+)?)$")
 
 
-def parse_select(text: str) -> Selection:
+def parse_select(text: str, *, by: str = "norm") -> Selection:
     """'top-2' (also 'top2') keeps the 2 most important backbones of each task; '0.2', 'ge0.2' or '>=0.2' keeps
-    every backbone whose normalised importance (s_k / sum s) is >= 0.2 (a number in (0, 1])."""
+    every backbone whose normalised importance is >= 0.2 (a number in (0, 1]). ``by``: "norm" ranks by the
+    paper's s_k (normalised: s_k / sum s), "heldout" by the held-out drop (normalised: its share of the sum of
+    the positive drops)."""
     raw = str(text).strip().lower()
     if m := _TOP.match(raw):
         k = int(m.group(1))
         if k < 1:
             raise SelectionError(f"--select {text!r}: top-k needs k >= 1")
-        return Selection(top_k=k)
+        return Selection(top_k=k, by=by)
     if m := _THRESHOLD.match(raw):
         t = float(m.group(1))
         if not 0 < t <= 1:
             raise SelectionError(f"--select {text!r}: a threshold on normalised importance must be in (0, 1]")
-        return Selection(threshold=t)
+        return Selection(threshold=t, by=by)
     raise SelectionError(
         f"--select {text!r}: use top-K (e.g. top-2) or a threshold on normalised importance (e.g. 0.2 or ge0.2)"
     )
@@ -166,15 +190,74 @@ def choose_backbones(rows: Sequence[dict[str, Any]], selection: Selection) -> li
     (ComBo needs at least one backbone)."""
     if not rows:
         raise SelectionError("no importances to select from")
+    rank_key, share_key = ("rank", "importance_normalised") if selection.by == "norm" else ("heldout_rank", "heldout_normalised")
+    if rank_key not in rows[0]:
+        raise SelectionError(f"--by {selection.by}: this relevance run has no held-out importances")
     if selection.top_k is not None:
         if selection.top_k > len(rows):
             raise SelectionError(f"--select top-{selection.top_k}: only {len(rows)} backbone(s) were given")
-        kept = [r["store_index"] for r in rows if r["rank"] <= selection.top_k]
+        kept = [r["store_index"] for r in rows if r[rank_key] <= selection.top_k]
     else:
-        kept = [r["store_index"] for r in rows if r["importance_normalised"] >= float(selection.threshold)]
+        kept = [r["store_index"] for r in rows if r[share_key] >= float(selection.threshold)]
         if not kept:
-            kept = [min(rows, key=lambda r: r["rank"])["store_index"]]
+            kept = [min(rows, key=lambda r: r[rank_key])["store_index"]]
     return sorted(int(k) for k in kept)
+
+
+def add_heldout(rows: list[dict[str, Any]], fit: TaskFit, *, device: torch.device, batch_size: int,
+                repeats: int = HELDOUT_REPEATS, seed: int = 0) -> dict[str, Any]:
+    """Add the held-out drop of each backbone to its relevance row; returns the task's held-out summary."""
+    assert fit.source is not None
+    drops = heldout_drops(fit.model, fit.source, fit.predictions, device=device, prepare=fit.prepare,
+                          batch_size=batch_size, repeats=repeats, seed=seed)
+    ranks = heldout_ranks(drops)
+    positive = sum(max(d.drop, 0.0) for d in drops)
+    labels = fit.source.labels
+    summary = {"heldout_split": fit.metrics["split"], "heldout_accuracy": fit.metrics["accuracy"],
+               "heldout_chance": chance_accuracy(labels), "heldout_n": int(labels.size), "heldout_repeats": repeats}
+    for row, d, rank in zip(rows, drops, ranks):
+        row.update(heldout_drop=d.drop, heldout_low=d.low, heldout_high=d.high, heldout_rank=rank,
+                   heldout_normalised=max(d.drop, 0.0) / positive if positive > 0 else 0.0,
+                   heldout_shuffled_accuracy=d.shuffled_accuracy, **summary)
+    return summary
+
+
+def relevance_warnings(task: str, rows: Sequence[dict[str, Any]], *, top_k: int = 1) -> list[str]:
+    """Plain sentences for when a task's ranking should not be believed (rows carry the held-out columns)."""
+    if not rows or "heldout_drop" not in rows[0]:
+        return []
+    first = rows[0]
+    out = []
+    acc, chance, n = first["heldout_accuracy"], first["heldout_chance"], first["heldout_n"]
+    if near_chance(acc, chance, n):
+        out.append(
+            f"task {task}: the probe's held-out accuracy ({100 * acc:.1f}% on {n} {first['heldout_split']} samples) is "
+            f"not clearly above chance ({100 * chance:.1f}%, the most frequent class), so it learnt nothing that "
+            "generalises and its backbone ranking is not evidence of relevance; train longer, on more data, or "
+            "check the stores"
+        )
+    k = min(top_k, len(rows))
+    by_norm = {r["backbone"] for r in rows if r["rank"] <= k}
+    by_heldout = {r["backbone"] for r in rows if r["heldout_rank"] <= k}
+    # worth a warning when s_k's top-k holds a backbone that does not clearly help on held-out data while one
+    # it leaves out clearly does (not when both measures shuffle backbones that are all within noise)
+    unhelpful_kept = any(r["heldout_low"] <= 0 for r in rows if r["backbone"] in by_norm)
+    helpful_left = any(r["heldout_low"] > 0 for r in rows if r["backbone"] not in by_norm)
+    if by_norm != by_heldout and unhelpful_kept and helpful_left:
+        def show(names: set[str]) -> str:
+            return ", ".join(sorted(names))
+
+        drops = "; ".join(
+            f"{r['backbone']} s_k {r['importance_normalised']:.2f}, drop {100 * r['heldout_drop']:+.1f} "
+            f"[{100 * r['heldout_low']:+.1f}, {100 * r['heldout_high']:+.1f}] pts"
+            for r in sorted(rows, key=lambda r: r["rank"])
+        )
+        out.append(
+            f"task {task}: the paper's measure (s_k) and the held-out drop disagree on the top {k}: "
+            f"{show(by_norm)} by s_k, {show(by_heldout)} by held-out drop ({drops}). s_k measures how much the "
+            "penalised probe uses a backbone, the drop whether that use helps on data it never trained on"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- runs
@@ -186,8 +269,9 @@ class RelevanceRun:
     backbones: list[str]
     importances: list[dict[str, Any]]  # relevance.csv
     layer_importances: list[dict[str, Any]]  # layer_relevance.csv
-    metrics: list[dict[str, Any]]  # the penalised model's accuracy per task
+    metrics: list[dict[str, Any]]  # the penalised model's accuracy per task (on the dev held-out split)
     fits: list[TaskFit]
+    warnings: list[str] = field(default_factory=list)  # when the ranking should not be believed
 
 
 @dataclass
@@ -209,21 +293,33 @@ def _open(cfg: ProbeConfig) -> tuple[torch.device, list[FeatureStore], list[Alig
     return device, stores, [align_tasks(stores, t) for t in tasks]  # every task checked before anything trains
 
 
+def relevance_config(cfg: ProbeConfig) -> ProbeConfig:
+    """The configuration of the relevance (penalised) pass: the dev protocol, whatever --protocol says."""
+    return replace(cfg, protocol=RELEVANCE_PROTOCOL)
+
+
 def _relevance_pass(cfg: ProbeConfig, *, stores: Sequence[FeatureStore], aligned_tasks: Sequence[AlignedTask],
                     device: torch.device, group_lambda: float, run_dir: Path, config_doc: dict[str, Any],
-                    metrics_stem: str, weights_prefix: str, log: Log) -> RelevanceRun:
+                    metrics_stem: str, weights_prefix: str, log: Log, top_k: int = 1,
+                    heldout_repeats: int = HELDOUT_REPEATS) -> RelevanceRun:
+    cfg = relevance_config(cfg)
     names = backbone_names(stores)
     layer_ids = [_layer_ids(s) for s in stores]
     importances: list[dict[str, Any]] = []
     layers: list[dict[str, Any]] = []
     metrics: list[dict[str, Any]] = []
     fits: list[TaskFit] = []
+    warnings: list[str] = []
     for aligned in aligned_tasks:
         fit = fit_task(aligned, cfg, device=device, group_lambda=group_lambda, log=log)
         model = fit.model
         assert isinstance(model, ComboAdapter)
         save_fit(run_dir, fit, aligned, prefix=weights_prefix)
         rows = importance_rows(aligned.name, model, names, group_lambda=group_lambda)
+        add_heldout(rows, fit, device=device, batch_size=cfg.eval_batch_size, repeats=heldout_repeats, seed=cfg.seed)
+        task_warnings = relevance_warnings(aligned.name, rows, top_k=top_k)
+        warnings += task_warnings
+        config_doc["warnings"] = warnings
         importances += rows
         layers += layer_importance_rows(aligned.name, model, names, layer_ids)
         metrics.append({**fit.metrics, "group_lambda": group_lambda,
@@ -239,9 +335,13 @@ def _relevance_pass(cfg: ProbeConfig, *, stores: Sequence[FeatureStore], aligned
         write_table(metrics, run_dir / metrics_stem)
         if log:
             ranked = sorted(rows, key=lambda r: r["rank"])
-            log(f"{aligned.name}: " + ", ".join(f"{r['backbone']} {r['importance_normalised']:.2f}" for r in ranked))
+            log(f"{aligned.name}: " + ", ".join(
+                f"{r['backbone']} {r['importance_normalised']:.2f} (held-out drop {100 * r['heldout_drop']:+.1f} pts)"
+                for r in ranked))
+            for text in task_warnings:
+                log(f"warning: {text}")
     return RelevanceRun(run_dir=run_dir, backbones=names, importances=importances, layer_importances=layers,
-                        metrics=metrics, fits=fits)
+                        metrics=metrics, fits=fits, warnings=warnings)
 
 
 def _config_doc(cfg: ProbeConfig, stores: Sequence[FeatureStore], device: torch.device, *, kind: str,
@@ -251,14 +351,24 @@ def _config_doc(cfg: ProbeConfig, stores: Sequence[FeatureStore], device: torch.
     doc["group_lambda"] = group_lambda
     doc["backbones"] = backbone_names(stores)
     doc["train"] = asdict(cfg.train_config(group_lambda=group_lambda))
+    doc["relevance_protocol"] = RELEVANCE_PROTOCOL
+    doc["relevance_steps"] = relevance_config(cfg).total_steps
     doc["tasks"] = {}
+    doc["warnings"] = []
     return doc
 
 
+def _warnings_md(warnings: Sequence[str]) -> str:
+    if not warnings:
+        return ""
+    return "\n## Warnings\n\n" + "".join(f"- {w}\n" for w in warnings)
+
+
 def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log: Log = None,
-                  run_dir: Path | None = None) -> RelevanceRun:
-    """Train ComBo once per task with the group penalty and write relevance.csv, layer_relevance.csv and the
-    penalised model's metrics.csv (kind "relevance" in config.json)."""
+                  run_dir: Path | None = None, heldout_repeats: int = HELDOUT_REPEATS) -> RelevanceRun:
+    """Train ComBo once per task with the group penalty on the dev protocol's training split and write
+    relevance.csv (s_k and the held-out drop), layer_relevance.csv and the penalised model's metrics.csv on
+    the held-out split (kind "relevance" in config.json). The test split is never read."""
     if group_lambda < 0:
         raise ValueError(f"--lambda must be >= 0, got {group_lambda}")
     device, stores, aligned_tasks = _open(cfg)
@@ -267,14 +377,17 @@ def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log
     doc = _config_doc(cfg, stores, device, kind="relevance", group_lambda=group_lambda)
     write_json(run_dir / "config.json", doc)
     run = _relevance_pass(cfg, stores=stores, aligned_tasks=aligned_tasks, device=device, group_lambda=group_lambda,
-                          run_dir=run_dir, config_doc=doc, metrics_stem="metrics", weights_prefix="", log=log)
-    title = f"ComBo with group penalty (lambda={group_lambda:g}) on {' + '.join(names)} ({cfg.dataset}, protocol {cfg.protocol})"
-    (run_dir / "results.md").write_text(markdown_table(run.metrics, title=title, vtab=_is_vtab(cfg, run.metrics)))
+                          run_dir=run_dir, config_doc=doc, metrics_stem="metrics", weights_prefix="", log=log,
+                          heldout_repeats=heldout_repeats)
+    title = (f"ComBo with group penalty (lambda={group_lambda:g}) on {' + '.join(names)} ({cfg.dataset}, "
+             f"protocol {RELEVANCE_PROTOCOL}: held-out accuracy)")
+    text = markdown_table(run.metrics, title=title, vtab=_is_vtab(cfg, run.metrics)) + _warnings_md(run.warnings)
+    (run_dir / "results.md").write_text(text)
     return run
 
 
 def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float = DEFAULT_LAMBDA, log: Log = None,
-               run_dir: Path | None = None) -> SelectRun:
+               run_dir: Path | None = None, heldout_repeats: int = HELDOUT_REPEATS) -> SelectRun:
     """Relevance run, then per task keep the backbones ``select`` names and retrain ComBo on them without the
     penalty. ``select``: "top-K" (e.g. "top-2") or a threshold on normalised importance ("0.2", "ge0.2", ">=0.2").
 
@@ -296,7 +409,8 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
     write_json(run_dir / "config.json", doc)
     relevance = _relevance_pass(cfg, stores=stores, aligned_tasks=aligned_tasks, device=device,
                                 group_lambda=group_lambda, run_dir=run_dir, config_doc=doc,
-                                metrics_stem="penalised_metrics", weights_prefix="penalised-", log=log)
+                                metrics_stem="penalised_metrics", weights_prefix="penalised-", log=log,
+                                top_k=selection.top_k or 1, heldout_repeats=heldout_repeats)
     chosen: dict[str, list[str]] = {}
     selection_rows: list[dict[str, Any]] = []
     metrics: list[dict[str, Any]] = []
@@ -311,7 +425,8 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
         for r in rows:
             selection_rows.append({"task": aligned.name, "backbone": r["backbone"], "store_index": r["store_index"],
                                    "importance_normalised": r["importance_normalised"], "rank": r["rank"],
-                                   "selected": r["store_index"] in keep})
+                                   "heldout_drop": r["heldout_drop"], "heldout_rank": r["heldout_rank"],
+                                   "by": selection.by, "selected": r["store_index"] in keep})
         subset_cfg = replace(cfg, stores=tuple(cfg.stores[k] for k in keep), group_lambda=0.0)
         subset = align_tasks([stores[k] for k in keep], aligned.name)
         if log:
@@ -321,8 +436,9 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
         metrics.append({**fit.metrics, "backbones": "+".join(kept_names), "num_backbones": len(keep)})
         comparison.append({
             "task": aligned.name, "group": fit.metrics.get("group"), "backbones_all": "+".join(names),
-            "accuracy_penalised_all": penalised[aligned.name]["accuracy"], "backbones_selected": "+".join(kept_names),
-            "accuracy_selected": fit.metrics["accuracy"],
+            "accuracy_penalised_all": penalised[aligned.name]["accuracy"],
+            "split_penalised_all": penalised[aligned.name]["split"], "backbones_selected": "+".join(kept_names),
+            "accuracy_selected": fit.metrics["accuracy"], "split_selected": fit.metrics["split"],
         })
         fits.append(fit)
         doc["selection"][aligned.name] = kept_names
@@ -334,8 +450,8 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
     vtab = _is_vtab(cfg, metrics)
     title = f"ComBo on the backbones chosen by relevance ({selection.describe()}) ({cfg.dataset}, protocol {cfg.protocol})"
     text = markdown_table(metrics, title=title, vtab=vtab)
-    text += "\n" + markdown_table(relevance.metrics, title=f"Penalised ComBo on all of {' + '.join(names)} (lambda={group_lambda:g})", vtab=vtab)
-    (run_dir / "results.md").write_text(text)
+    text += "\n" + markdown_table(relevance.metrics, title=f"Penalised ComBo on all of {' + '.join(names)} (lambda={group_lambda:g}; protocol {RELEVANCE_PROTOCOL}: held-out accuracy)", vtab=vtab)
+    (run_dir / "results.md").write_text(text + _warnings_md(relevance.warnings))
     return SelectRun(run_dir=run_dir, relevance=relevance, selection=selection, chosen=chosen, metrics=metrics, fits=fits)
 
 

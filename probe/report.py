@@ -24,6 +24,7 @@ __all__ = [
     "plot_accuracy",
     "plot_atlas",
     "plot_layer_heatmap",
+    "plot_heldout",
     "plot_relevance",
     "read_csv",
     "render_report",
@@ -228,6 +229,28 @@ def plot_relevance(rows: Sequence[Mapping[str, Any]], path: Path, *, selected: M
     return _save(fig, Path(path))
 
 
+def plot_heldout(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Bar chart per task of the held-out drop (accuracy points lost when a backbone is shuffled), 95% interval."""
+    names = _backbones(rows)
+    colours = _colours(names)
+    tasks = _ordered_tasks(rows)
+    fig, axes = _figure(len(tasks), width=max(3.2, 0.8 * len(names) + 1.6), height=3.2)
+    for ax, task in zip(axes, tasks):
+        task_rows = {r["backbone"]: r for r in rows if r["task"] == task}
+        drops = [100 * float(task_rows[n]["heldout_drop"]) if n in task_rows else 0.0 for n in names]
+        low = [d - 100 * float(task_rows[n]["heldout_low"]) if n in task_rows else 0.0 for n, d in zip(names, drops)]
+        high = [100 * float(task_rows[n]["heldout_high"]) - d if n in task_rows else 0.0 for n, d in zip(names, drops)]
+        ax.bar(range(len(names)), drops, yerr=[low, high], capsize=3, color=[colours[n] for n in names],
+               edgecolor="black", linewidth=0.6)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(task, fontsize=10)
+        ax.set_ylabel("held-out drop (acc. points)")
+    fig.suptitle("Held-out accuracy lost when a backbone's features are shuffled (95% interval)", fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return _save(fig, Path(path))
+
+
 def plot_layer_heatmap(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Per task: backbone x layer heat map of ||W[:, l, :]|| (where the adapter reads its features)."""
     if not rows:
@@ -362,6 +385,9 @@ def _importance_table(rows: Sequence[Mapping[str, Any]], selected: Mapping[str, 
         for n in names:
             r = by_name.get(n)
             cell = "-" if r is None else f"{float(r['importance_normalised']):.3f} (#{r['rank']})"
+            if r is not None and r.get("heldout_drop") is not None:
+                cell += (f"; drop {100 * float(r['heldout_drop']):+.1f} [{100 * float(r['heldout_low']):+.1f}, "
+                         f"{100 * float(r['heldout_high']):+.1f}] (#{r['heldout_rank']})")
             if r is not None and selected and n in selected.get(task, ()):
                 cell = f"**{cell}**"
             cells.append(cell)
@@ -450,9 +476,20 @@ def render_report(run_dir: str | Path) -> list[Path]:
         md += ["## Backbone relevance", "",
                "Normalised importance s_k / sum s (rank), s_k = ||W[:, layers of k, :]||_F of the penalised model"
                + ("; bold = selected." if selected else "."), ""]
+        heldout = bool(importances) and importances[0].get("heldout_drop") is not None
+        if heldout:
+            md += ["Beside it, the held-out drop: accuracy points the penalised probe loses on "
+                   f"{importances[0].get('heldout_split', 'the held-out split')} (data it never trained on) when that "
+                   "backbone's features are shuffled across samples, with its 95% interval (rank). s_k says how much "
+                   "the probe uses a backbone; the drop, whether that use helps on new data.", ""]
         md += _importance_table(importances, selected) + [""]
+        if config.get("warnings"):
+            md += ["**Warnings**", ""] + [f"- {w}" for w in config["warnings"]] + [""]
         figures.append(plot_relevance(importances, run_dir / "relevance.png", selected=selected, group_lambda=lam))
         md += _image(figures[-1], "backbone relevance")
+        if heldout:
+            figures.append(plot_heldout(importances, run_dir / "heldout.png"))
+            md += _image(figures[-1], "held-out drop")
         figures.append(plot_layer_heatmap(layers, run_dir / "layer_relevance.png"))
         md += ["## Where the features are", "", "Norm of Lambda's weight slice for each layer of each backbone.", ""]
         md += _image(figures[-1], "per-layer importance")

@@ -126,6 +126,8 @@ class TaskFit:
     predictions: np.ndarray
     eval_rows: np.ndarray
     history: dict[str, Any]
+    source: SplitSource | None = None  # the evaluation split as the model reads it
+    prepare: Callable | None = None  # the model's input preparation (what `evaluate` needs again)
 
 
 # --------------------------------------------------------------------------------------- models and inputs
@@ -257,7 +259,8 @@ def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, gr
         **({"grid": "x".join(str(v) for v in model_config["grid"])} if kind == "combo" else {"pool": cfg.pool}),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return TaskFit(aligned.name, model, {"kind": kind, **model_config}, metrics, preds, eval_rows, history)
+    return TaskFit(aligned.name, model, {"kind": kind, **model_config}, metrics, preds, eval_rows, history,
+                   source=eval_source, prepare=prepare)
 
 
 # ------------------------------------------------------------------------------------------ run folders

@@ -1,0 +1,104 @@
+"""Held-out importance: what a trained probe loses, on data it never trained on, without one backbone.
+
+The paper's s_k (the norm of Lambda's slice for backbone k) says how much the penalised probe *uses*
+backbone k, not whether that use helps: a probe that memorised its training set can lean on pure
+noise, and s_k then ranks the noise first. Here each backbone's features are made uninformative at
+evaluation time, by shuffling them across the held-out samples (each sample keeps its label and its
+other backbones' features), and the accuracy drop is measured on the held-out split. A backbone that
+carries nothing the probe can use on new data costs nothing when shuffled. It costs evaluations
+(backbones x repeats passes over the held-out split), not training.
+
+Uncertainty: per held-out sample, d_i = correct_i - (mean over repeats of correct_i when shuffled);
+the drop is mean(d) and its 95% interval mean(d) +- 1.96 sd(d) / sqrt(n) (paired, so the sampling
+noise of the held-out set largely cancels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import SplitSource, eval_batches
+from .train import Prepare, evaluate
+
+HELDOUT_REPEATS = 5
+Z95 = 1.96
+
+
+@dataclass
+class ShuffledSource(SplitSource):
+    """A split whose store `shuffled` is read in the order `permutation` (positions 0..n-1): that
+    backbone's features keep their distribution but no longer belong to the sample's label."""
+
+    shuffled: int = 0
+    permutation: np.ndarray | None = None
+
+    def read(self, positions: np.ndarray) -> list[np.ndarray]:
+        positions = np.asarray(positions, dtype=np.int64)
+        arrays = []
+        for k, (part, row_map) in enumerate(zip(self.task.parts, self.task.row_maps)):
+            pos = self.permutation[positions] if k == self.shuffled and self.permutation is not None else positions
+            arrays.append(part.read(row_map[self.rows[pos]], layers=self.layers_of(k), prefix=self.prefix_of(k)))
+        return arrays
+
+
+@dataclass(frozen=True)
+class HeldoutDrop:
+    """Held-out accuracy lost when one backbone is shuffled: mean and 95% interval (fractions, not %)."""
+
+    drop: float
+    low: float
+    high: float
+    shuffled_accuracy: float
+
+
+def heldout_drops(model: torch.nn.Module, source: SplitSource, predictions: np.ndarray, *, device: torch.device | str,
+                  prepare: Prepare | None, batch_size: int, repeats: int = HELDOUT_REPEATS, seed: int = 0) -> list[HeldoutDrop]:
+    """One `HeldoutDrop` per store of `source`, from the model's `predictions` on it (positions order)."""
+    if repeats < 1:
+        raise ValueError(f"held-out repeats must be >= 1, got {repeats}")
+    labels = source.labels.astype(np.int64)
+    n = labels.size
+    correct = (np.asarray(predictions) == labels).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    out: list[HeldoutDrop] = []
+    for k in range(len(source.task.parts)):
+        hits = np.zeros(n)
+        for _ in range(repeats):
+            shuffled = ShuffledSource(source.task, source.rows, layers=source.layers, prefix=source.prefix,
+                                      shuffled=k, permutation=rng.permutation(n))
+            _, _, preds = evaluate(model, eval_batches(shuffled, batch_size=batch_size), device=device, prepare=prepare)
+            hits += preds == labels
+        d = correct - hits / repeats
+        mean = float(d.mean())
+        half = Z95 * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
+        out.append(HeldoutDrop(drop=mean, low=mean - half, high=mean + half, shuffled_accuracy=float(hits.sum() / (repeats * n))))
+    return out
+
+
+def chance_accuracy(labels: np.ndarray) -> float:
+    """Accuracy of always answering the most frequent class of `labels` (what a probe that learnt nothing gets)."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return 0.0
+    return float(np.unique(labels, return_counts=True)[1].max() / labels.size)
+
+
+def near_chance(accuracy: float, chance: float, n: int) -> bool:
+    """True when `accuracy` on n samples is not clearly (one-sided 95%) above `chance`."""
+    if n <= 0:
+        return True
+    return accuracy <= chance + 1.645 * math.sqrt(max(chance * (1 - chance), 1e-12) / n)
+
+
+def heldout_ranks(drops: Sequence[HeldoutDrop]) -> list[int]:
+    """Rank 1 = largest drop; ties keep --stores order."""
+    order = sorted(range(len(drops)), key=lambda k: -drops[k].drop)
+    ranks = [0] * len(drops)
+    for r, k in enumerate(order):
+        ranks[k] = r + 1
+    return ranks
