@@ -58,6 +58,7 @@ def relevance_command(
     group_lambda: float = typer.Option(0.01, "--lambda", min=0.0, help="Weight of the group penalty sum_k s_k (paper: 0.01)."),
     select: Optional[str] = typer.Option(None, "--select", help=SELECT_HELP),
     by: str = typer.Option("norm", "--by", help=BY_HELP),
+    layer_heldout: bool = typer.Option(False, "--layer-heldout", help="Also measure each layer's held-out drop (one evaluation per layer of every backbone) for layer_relevance.csv and the report."),
     protocol: str = typer.Option("final", "--protocol", help=PROTOCOL_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: the protocol's, 1600 final / 1300 dev; the relevance pass: 1300)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
@@ -96,12 +97,12 @@ def relevance_command(
         width=width, depth=depth, num_heads=heads, init=init, **kwargs,
     )
     if selection is None:
-        run = run_relevance(cfg, group_lambda=group_lambda, log=_log)
+        run = run_relevance(cfg, group_lambda=group_lambda, log=_log, layer_heldout=layer_heldout)
         console.print(_relevance_table(run.importances, {m["task"]: m for m in run.metrics}, None, run.backbones,
                                        title=f"Backbone relevance (lambda = {group_lambda:g}): s_k share (rank), held-out drop"))
         run_dir, warnings = run.run_dir, run.warnings
     else:
-        result = run_select(cfg, select=selection, group_lambda=group_lambda, log=_log)
+        result = run_select(cfg, select=selection, group_lambda=group_lambda, log=_log, layer_heldout=layer_heldout)
         console.print(_relevance_table(result.relevance.importances, {m["task"]: m for m in result.relevance.metrics},
                                        {m["task"]: m for m in result.metrics}, result.relevance.backbones,
                                        title=f"Relevance (lambda = {group_lambda:g}) and ComBo retrained on {result.selection.describe()}"))

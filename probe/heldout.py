@@ -36,13 +36,24 @@ class ShuffledSource(SplitSource):
 
     shuffled: int = 0
     permutation: np.ndarray | None = None
+    layer: int | None = None  # shuffle only this layer (a position in what store `shuffled` reads)
 
     def read(self, positions: np.ndarray) -> list[np.ndarray]:
         positions = np.asarray(positions, dtype=np.int64)
         arrays = []
         for k, (part, row_map) in enumerate(zip(self.task.parts, self.task.row_maps)):
-            pos = self.permutation[positions] if k == self.shuffled and self.permutation is not None else positions
-            arrays.append(part.read(row_map[self.rows[pos]], layers=self.layers_of(k), prefix=self.prefix_of(k)))
+            layers = self.layers_of(k)
+            if k != self.shuffled or self.permutation is None:
+                arrays.append(part.read(row_map[self.rows[positions]], layers=layers, prefix=self.prefix_of(k)))
+                continue
+            moved = row_map[self.rows[self.permutation[positions]]]
+            if self.layer is None:
+                arrays.append(part.read(moved, layers=layers, prefix=self.prefix_of(k)))
+                continue
+            data = part.read(row_map[self.rows[positions]], layers=layers, prefix=self.prefix_of(k))
+            stored_layer = self.layer if layers is None else layers[self.layer]
+            data[:, self.layer] = part.read(moved, layers=[stored_layer], prefix=self.prefix_of(k))[:, 0]
+            arrays.append(data)
         return arrays
 
 
@@ -73,11 +84,40 @@ def heldout_drops(model: torch.nn.Module, source: SplitSource, predictions: np.n
                                       shuffled=k, permutation=rng.permutation(n))
             _, _, preds = evaluate(model, eval_batches(shuffled, batch_size=batch_size), device=device, prepare=prepare)
             hits += preds == labels
-        d = correct - hits / repeats
-        mean = float(d.mean())
-        half = Z95 * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
-        out.append(HeldoutDrop(drop=mean, low=mean - half, high=mean + half, shuffled_accuracy=float(hits.sum() / (repeats * n))))
+        out.append(_paired(correct, hits / repeats))
     return out
+
+
+def layer_heldout_drops(model: torch.nn.Module, source: SplitSource, predictions: np.ndarray, *,
+                        layers_per_store: Sequence[int], device: torch.device | str, prepare: Prepare | None,
+                        batch_size: int, repeats: int = 1, seed: int = 0) -> list[list[HeldoutDrop]]:
+    """Per store, per layer position: the held-out drop when only that layer is shuffled (costs one
+    evaluation per layer and repeat)."""
+    labels = source.labels.astype(np.int64)
+    n = labels.size
+    correct = (np.asarray(predictions) == labels).astype(np.float64)
+    rng = np.random.default_rng(seed + 1)
+    out: list[list[HeldoutDrop]] = []
+    for k, num_layers in enumerate(layers_per_store):
+        per_layer = []
+        for pos in range(num_layers):
+            hits = np.zeros(n)
+            for _ in range(repeats):
+                shuffled = ShuffledSource(source.task, source.rows, layers=source.layers, prefix=source.prefix,
+                                          shuffled=k, permutation=rng.permutation(n), layer=pos)
+                _, _, preds = evaluate(model, eval_batches(shuffled, batch_size=batch_size), device=device, prepare=prepare)
+                hits += preds == labels
+            per_layer.append(_paired(correct, hits / repeats))
+        out.append(per_layer)
+    return out
+
+
+def _paired(correct: np.ndarray, shuffled_hits: np.ndarray) -> HeldoutDrop:
+    d = correct - shuffled_hits
+    n = d.size
+    mean = float(d.mean())
+    half = Z95 * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
+    return HeldoutDrop(drop=mean, low=mean - half, high=mean + half, shuffled_accuracy=float(shuffled_hits.mean()))
 
 
 def chance_accuracy(labels: np.ndarray) -> float:

@@ -40,7 +40,7 @@ import torch
 from store_schema import FeatureStore
 
 from .adapter import ComboAdapter
-from .heldout import HELDOUT_REPEATS, chance_accuracy, heldout_drops, heldout_ranks, near_chance
+from .heldout import HELDOUT_REPEATS, chance_accuracy, heldout_drops, heldout_ranks, layer_heldout_drops, near_chance
 from .results import markdown_table, new_run_dir, write_json, write_table
 from .run import ProbeConfig, TaskFit, fit_task, run_config, save_fit
 from .stores import AlignedTask, align_tasks, common_tasks, open_stores
@@ -222,6 +222,18 @@ def add_heldout(rows: list[dict[str, Any]], fit: TaskFit, *, device: torch.devic
     return summary
 
 
+def add_layer_heldout(rows: list[dict[str, Any]], fit: TaskFit, *, device: torch.device, batch_size: int,
+                      seed: int = 0) -> None:
+    """Add each layer's held-out drop (that layer alone shuffled, one shuffle) to its layer_relevance row."""
+    assert fit.source is not None
+    counts = list(fit.model.cfg.layer_counts)
+    drops = layer_heldout_drops(fit.model, fit.source, fit.predictions, layers_per_store=counts, device=device,
+                                prepare=fit.prepare, batch_size=batch_size, seed=seed)
+    for row in rows:
+        d = drops[int(row["store_index"])][int(row["layer_position"])]
+        row.update(heldout_drop=d.drop, heldout_low=d.low, heldout_high=d.high)
+
+
 def relevance_warnings(task: str, rows: Sequence[dict[str, Any]], *, top_k: int = 1) -> list[str]:
     """Plain sentences for when a task's ranking should not be believed (rows carry the held-out columns)."""
     if not rows or "heldout_drop" not in rows[0]:
@@ -301,7 +313,7 @@ def relevance_config(cfg: ProbeConfig) -> ProbeConfig:
 def _relevance_pass(cfg: ProbeConfig, *, stores: Sequence[FeatureStore], aligned_tasks: Sequence[AlignedTask],
                     device: torch.device, group_lambda: float, run_dir: Path, config_doc: dict[str, Any],
                     metrics_stem: str, weights_prefix: str, log: Log, top_k: int = 1,
-                    heldout_repeats: int = HELDOUT_REPEATS) -> RelevanceRun:
+                    heldout_repeats: int = HELDOUT_REPEATS, layer_heldout: bool = False) -> RelevanceRun:
     cfg = relevance_config(cfg)
     names = backbone_names(stores)
     layer_ids = [_layer_ids(s) for s in stores]
@@ -321,7 +333,10 @@ def _relevance_pass(cfg: ProbeConfig, *, stores: Sequence[FeatureStore], aligned
         warnings += task_warnings
         config_doc["warnings"] = warnings
         importances += rows
-        layers += layer_importance_rows(aligned.name, model, names, layer_ids)
+        layer_rows = layer_importance_rows(aligned.name, model, names, layer_ids)
+        if layer_heldout:
+            add_layer_heldout(layer_rows, fit, device=device, batch_size=cfg.eval_batch_size, seed=cfg.seed)
+        layers += layer_rows
         metrics.append({**fit.metrics, "group_lambda": group_lambda,
                         "penalty": float(relevance_penalty(model, group_lambda).detach().cpu()),
                         "backbones": "+".join(names)})
@@ -365,10 +380,12 @@ def _warnings_md(warnings: Sequence[str]) -> str:
 
 
 def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log: Log = None,
-                  run_dir: Path | None = None, heldout_repeats: int = HELDOUT_REPEATS) -> RelevanceRun:
+                  run_dir: Path | None = None, heldout_repeats: int = HELDOUT_REPEATS,
+                  layer_heldout: bool = False) -> RelevanceRun:
     """Train ComBo once per task with the group penalty on the dev protocol's training split and write
     relevance.csv (s_k and the held-out drop), layer_relevance.csv and the penalised model's metrics.csv on
-    the held-out split (kind "relevance" in config.json). The test split is never read."""
+    the held-out split (kind "relevance" in config.json). The test split is never read. ``layer_heldout`` adds
+    each layer's held-out drop to layer_relevance.csv (one evaluation per layer of every backbone)."""
     if group_lambda < 0:
         raise ValueError(f"--lambda must be >= 0, got {group_lambda}")
     device, stores, aligned_tasks = _open(cfg)
@@ -378,7 +395,7 @@ def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log
     write_json(run_dir / "config.json", doc)
     run = _relevance_pass(cfg, stores=stores, aligned_tasks=aligned_tasks, device=device, group_lambda=group_lambda,
                           run_dir=run_dir, config_doc=doc, metrics_stem="metrics", weights_prefix="", log=log,
-                          heldout_repeats=heldout_repeats)
+                          heldout_repeats=heldout_repeats, layer_heldout=layer_heldout)
     title = (f"ComBo with group penalty (lambda={group_lambda:g}) on {' + '.join(names)} ({cfg.dataset}, "
              f"protocol {RELEVANCE_PROTOCOL}: held-out accuracy)")
     text = markdown_table(run.metrics, title=title, vtab=_is_vtab(cfg, run.metrics)) + _warnings_md(run.warnings)
@@ -387,7 +404,8 @@ def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log
 
 
 def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float = DEFAULT_LAMBDA, log: Log = None,
-               run_dir: Path | None = None, heldout_repeats: int = HELDOUT_REPEATS) -> SelectRun:
+               run_dir: Path | None = None, heldout_repeats: int = HELDOUT_REPEATS,
+               layer_heldout: bool = False) -> SelectRun:
     """Relevance run, then per task keep the backbones ``select`` names and retrain ComBo on them without the
     penalty. ``select``: "top-K" (e.g. "top-2") or a threshold on normalised importance ("0.2", "ge0.2", ">=0.2").
 
@@ -410,7 +428,8 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
     relevance = _relevance_pass(cfg, stores=stores, aligned_tasks=aligned_tasks, device=device,
                                 group_lambda=group_lambda, run_dir=run_dir, config_doc=doc,
                                 metrics_stem="penalised_metrics", weights_prefix="penalised-", log=log,
-                                top_k=selection.top_k or 1, heldout_repeats=heldout_repeats)
+                                top_k=selection.top_k or 1, heldout_repeats=heldout_repeats,
+                                layer_heldout=layer_heldout)
     chosen: dict[str, list[str]] = {}
     selection_rows: list[dict[str, Any]] = []
     metrics: list[dict[str, Any]] = []

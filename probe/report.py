@@ -251,8 +251,9 @@ def plot_heldout(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return _save(fig, Path(path))
 
 
-def plot_layer_heatmap(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Per task: backbone x layer heat map of ||W[:, l, :]|| (where the adapter reads its features)."""
+def plot_layer_heatmap(rows: Sequence[Mapping[str, Any]], path: Path, *, value: str = "importance") -> Path:
+    """Per task: backbone x layer heat map of ||W[:, l, :]|| (where the adapter reads its features), or with
+    ``value="heldout_drop"`` of each layer's held-out drop (accuracy points lost when it alone is shuffled)."""
     if not rows:
         raise ReportError("no per-layer relevance rows to plot")
     names = _backbones(rows)
@@ -265,7 +266,8 @@ def plot_layer_heatmap(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
         for r in rows:
             if r["task"] == task:
                 pos = int(r.get("layer_position", r["layer"]))
-                grid[names.index(r["backbone"]), pos] = float(r["importance"])
+                scale = 100.0 if value == "heldout_drop" else 1.0
+                grid[names.index(r["backbone"]), pos] = scale * float(r[value])
                 labels.setdefault(pos, r["layer"])
         image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest")
         if np.isfinite(grid).any():
@@ -276,8 +278,9 @@ def plot_layer_heatmap(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
         ax.set_xlabel("layer (block index)")
         ax.set_ylabel("backbone")
         ax.set_title(task, fontsize=10)
-        fig.colorbar(image, ax=ax, label="||W[:, l, :]||")
-    fig.suptitle("Per-layer importance: norm of Lambda's slice for each layer (star = largest)", fontsize=12)
+        fig.colorbar(image, ax=ax, label="||W[:, l, :]||" if value == "importance" else "held-out drop (points)")
+    fig.suptitle("Per-layer importance: norm of Lambda's slice for each layer (star = largest)" if value == "importance"
+                 else "Per-layer held-out drop: accuracy lost when one layer is shuffled (star = largest)", fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return _save(fig, Path(path))
 
@@ -395,6 +398,29 @@ def _importance_table(rows: Sequence[Mapping[str, Any]], selected: Mapping[str, 
     return lines
 
 
+def _layer_agreement(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per task and backbone: Spearman correlation of layer norm and layer held-out drop, and each one's top layer."""
+    lines = ["| task | backbone | top layer by norm | top layer by held-out drop | Spearman rho |", "|---|---|---|---|---|"]
+    for task in _ordered_tasks(rows):
+        for name in _backbones(rows):
+            own = [r for r in rows if r["task"] == task and r["backbone"] == name]
+            if not own:
+                continue
+            norm = np.array([float(r["importance"]) for r in own])
+            drop = np.array([float(r["heldout_drop"]) for r in own])
+            rho = _spearman(norm, drop)
+            lines.append(f"| {task} | {name} | {own[int(norm.argmax())]['layer']} | {own[int(drop.argmax())]['layer']} | "
+                         + ("-" if rho is None else f"{rho:+.2f}") + " |")
+    return lines
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def _atlas_summary(rows: Sequence[Mapping[str, Any]], vtab: bool) -> list[str]:
     """Per (backbone, pooling): last-layer probe vs best layer per task, as VTAB group means (or a plain mean)."""
     names = _backbones(rows)
@@ -493,6 +519,12 @@ def render_report(run_dir: str | Path) -> list[Path]:
         figures.append(plot_layer_heatmap(layers, run_dir / "layer_relevance.png"))
         md += ["## Where the features are", "", "Norm of Lambda's weight slice for each layer of each backbone.", ""]
         md += _image(figures[-1], "per-layer importance")
+        if layers and layers[0].get("heldout_drop") is not None:
+            figures.append(plot_layer_heatmap(layers, run_dir / "layer_heldout.png", value="heldout_drop"))
+            md += ["", "Held-out drop of each layer (that layer alone shuffled across the held-out samples), and how "
+                   "well the two per-layer measures agree (Spearman rank correlation over the layers of each backbone):", ""]
+            md += _layer_agreement(layers) + [""]
+            md += _image(figures[-1], "per-layer held-out drop")
     else:  # atlas
         rows = read_csv(run_dir / "atlas.csv")
         if not rows:

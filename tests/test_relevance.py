@@ -392,3 +392,17 @@ def test_cli_probe_select_by_heldout(misranked, tmp_path):
     assert "signal" in result.output and "warning:" in result.output
     selection = read_csv(next(tmp_path.glob("*select-top-1byheld-outdrop*")) / "selection.csv")
     assert {r["backbone"]: r["selected"] for r in selection} == {"noise": False, "signal": True}
+
+
+def test_per_layer_heldout_drop_peaks_at_the_informative_layer(stores, tmp_path):
+    run = run_relevance(config([stores["layer2"]], tmp_path), group_lambda=LAMBDA, layer_heldout=True)
+    rows = sorted(run.layer_importances, key=lambda r: r["layer"])
+    drops = [r["heldout_drop"] for r in rows]
+    assert int(np.argmax(drops)) == 2 and rows[2]["heldout_low"] > 0, drops
+    assert all(r["heldout_low"] <= 0 <= r["heldout_high"] for i, r in enumerate(rows) if i != 2), rows
+    from probe.report import render_report
+
+    written = {p.name for p in render_report(run.run_dir)}
+    assert "layer_heldout.png" in written
+    report = (run.run_dir / "report.md").read_text()
+    assert "| shapes | deep | 2 | 2 |" in report  # both per-layer measures put the features at layer 2
