@@ -191,6 +191,15 @@ def plot_atlas(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
     return paths
 
 
+def _backbone_panels(rows: Sequence[Mapping[str, Any]]):
+    """Backbone names, their colours, a figure with one panel per task, and (axis, task, rows by backbone)."""
+    names = _backbones(rows)
+    tasks = _ordered_tasks(rows)
+    fig, axes = _figure(len(tasks), width=max(3.2, 0.8 * len(names) + 1.6), height=3.2)
+    panels = [(ax, task, {r["backbone"]: r for r in rows if r["task"] == task}) for ax, task in zip(axes, tasks)]
+    return names, _colours(names), fig, panels
+
+
 def plot_relevance(rows: Sequence[Mapping[str, Any]], path: Path, *, selected: Mapping[str, Sequence[str]] | None = None,
                    group_lambda: float | None = None) -> Path:
     """Bar chart per task of normalised importance s_k / sum(s); chosen backbones solid, others faded."""
@@ -198,12 +207,8 @@ def plot_relevance(rows: Sequence[Mapping[str, Any]], path: Path, *, selected: M
 
     if not rows:
         raise ReportError("no relevance rows to plot")
-    names = _backbones(rows)
-    colours = _colours(names)
-    tasks = _ordered_tasks(rows)
-    fig, axes = _figure(len(tasks), width=max(3.2, 0.8 * len(names) + 1.6), height=3.2)
-    for ax, task in zip(axes, tasks):
-        task_rows = {r["backbone"]: r for r in rows if r["task"] == task}
+    names, colours, fig, panels = _backbone_panels(rows)
+    for ax, task, task_rows in panels:
         heights = [float(task_rows[n]["importance_normalised"]) if n in task_rows else 0.0 for n in names]
         chosen = set(selected.get(task, names)) if selected else set(names)
         bars = ax.bar(range(len(names)), heights, color=[colours[n] for n in names], edgecolor="black", linewidth=0.6)
@@ -231,12 +236,8 @@ def plot_relevance(rows: Sequence[Mapping[str, Any]], path: Path, *, selected: M
 
 def plot_heldout(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Bar chart per task of the held-out drop (accuracy points lost when a backbone is shuffled), 95% interval."""
-    names = _backbones(rows)
-    colours = _colours(names)
-    tasks = _ordered_tasks(rows)
-    fig, axes = _figure(len(tasks), width=max(3.2, 0.8 * len(names) + 1.6), height=3.2)
-    for ax, task in zip(axes, tasks):
-        task_rows = {r["backbone"]: r for r in rows if r["task"] == task}
+    names, colours, fig, panels = _backbone_panels(rows)
+    for ax, task, task_rows in panels:
         drops = [100 * float(task_rows[n]["heldout_drop"]) if n in task_rows else 0.0 for n in names]
         low = [d - 100 * float(task_rows[n]["heldout_low"]) if n in task_rows else 0.0 for n, d in zip(names, drops)]
         high = [100 * float(task_rows[n]["heldout_high"]) - d if n in task_rows else 0.0 for n, d in zip(names, drops)]
