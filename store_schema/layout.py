@@ -4,8 +4,8 @@ A *shard* (one object / file) holds `rows_per_shard` images x all layers. Format
 by bytes (`shard_bytes`, raw), so it does not grow with the model, and makes each inner chunk
 all of the shard's rows x one layer: a probe reads a whole shard in one request, a per-layer
 study (atlas, linear probe) reads one inner chunk per shard, also one request. Every inner
-chunk carries a checksum any zarr reader verifies (zstd's frame checksum, or crc32c when the
-codec has none), and never-written chunks read as NaN, not zeros. Writers own whole shards,
+chunk carries a checksum any zarr v3 reader verifies (the spec's crc32c codec, after the
+compressor), and never-written chunks read as NaN, not zeros. Writers own whole shards,
 so two writers never touch one file (zarr's shard writes are read-modify-write). Figures
 behind the defaults: store_schema/README.md and benchmarks/store_layout.py.
 """
@@ -58,9 +58,12 @@ class StoreLayout:
         return replace(self, rows_per_shard=int(rows), rows_per_chunk=int(self.rows_per_chunk or rows))
 
     def compressors(self) -> tuple[Any, ...]:
-        if self.codec == "zstd":
-            return (ZstdCodec(level=self.clevel, checksum=self.checksum),)
+        # crc32c (the zarr v3 spec's checksum codec, hardware-accelerated) rather than zstd's own xxh64
+        # frame checksum: one codec for every compressor, and no dearer (both ~5% of a read's CPU time,
+        # benchmarks/store_layout.py and store_schema/README.md)
         crc = (Crc32cCodec(),) if self.checksum else ()
+        if self.codec == "zstd":
+            return (ZstdCodec(level=self.clevel), *crc)
         if self.codec == "none":
             return crc
         cname = "zstd" if self.codec == "blosc-zstd" else "lz4"
@@ -94,10 +97,8 @@ class StoreLayout:
 
     def to_attrs(self) -> dict[str, Any]:
         out = asdict(self)
-        out["chunk_checksum"] = (
-            ("zstd frame checksum (xxh64) of every inner chunk" if self.codec == "zstd" else "crc32c of every inner chunk")
-            if self.checksum else "none"
-        ) + "; sha256 of every object in manifest.json"
+        out["chunk_checksum"] = ("crc32c of every inner chunk" if self.checksum else "none") + (
+            "; sha256 of every object in manifest.json")
         out["fill_value"] = "NaN" if self.fill_nan else 0
         del out["fill_nan"]
         return out
