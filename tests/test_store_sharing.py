@@ -50,8 +50,10 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch):
-    monkeypatch.setattr(clikit.console, "width", 250)
-    monkeypatch.setattr(clikit.err_console, "width", 250)
+    # rich's `width` is a property whose setter pins `_width`: patch `_width` itself, so that undoing the
+    # patch gives back an unpinned console (patching `width` would pin it at the old width for later tests)
+    monkeypatch.setattr(clikit.console, "_width", 250)
+    monkeypatch.setattr(clikit.err_console, "_width", 250)
 
 
 def make_arrays(seed: int = 0):
