@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import SchemaVersionError, StoreError, StoreNotFoundError
-from .location import Location, redact, resolve
-from .manifest import Manifest, load_manifest
-from .metadata import ROOT_ATTR, SCHEMA_VERSION, TASK_ATTR, format_version
-from .reader import FeatureStore, _load_json, check_root_attrs, consolidated
-from .transfer import ROOT_KEY, can_list, is_hidden, list_sizes, refresh
+from .location import Location, can_list, is_hidden, list_sizes, redact, resolve
+from .manifest import Manifest, absent_or_resized, load_manifest
+from .metadata import ROOT_ATTR, SCHEMA_VERSION, TASK_ATTR, format_major
+from .reader import FeatureStore, _load_json, check_root_attrs, task_document
+from .transfer import ROOT_KEY, refresh
 from .writer import CHECKSUMS_NAME, JOURNAL_NAME, PREFIX, TOKENS
 
 DEFAULT_DEPTH = 4  # root / backbone / dataset.zarr is depth 2; leave room for a team prefix or two
@@ -109,14 +109,13 @@ def _task_problems(
     location: Location, doc: dict[str, Any], attrs: dict[str, Any], summary: StoreSummary, sizes: dict[str, int] | None
 ) -> tuple[list[str], list[str]]:
     problems: list[str] = []
-    major = (format_version(attrs) or (1, 0))[0]
+    major = format_major(attrs)
     manifest: Manifest | None = None
     if major >= 2:
         try:
             manifest = load_manifest(location, format_major=major)
         except StoreError as err:
             problems.append(redact(str(err)))
-    meta = consolidated(doc) or {}
     unfinished: list[str] = []
     rows_per_shard = int((attrs.get("storage") or {}).get("rows_per_shard") or 1)
     arrays = [TOKENS] + ([PREFIX] if int((attrs.get("features") or {}).get("num_prefix_tokens") or 0) else [])
@@ -124,8 +123,7 @@ def _task_problems(
     total = 0
     for task in summary.tasks:
         try:
-            task_doc = meta[task] if isinstance(meta.get(task), dict) else _load_json(location, f"{task}/zarr.json")
-            task_attrs = (task_doc.get("attributes") or {}).get(TASK_ATTR)
+            task_attrs = (task_document(location, doc, task).get("attributes") or {}).get(TASK_ATTR)
         except StoreError as err:
             problems.append(f"task {task}: " + ("zarr.json truncated or corrupt" if "not valid JSON" in str(err) else "zarr.json missing"))
             continue
@@ -148,8 +146,7 @@ def _task_problems(
                     unfinished.append(f"task {task}: not in manifest.json (writer killed while finishing it)")
                     continue
                 if sizes is not None:
-                    missing = [k for k in entries if k not in sizes]
-                    resized = [k for k, e in entries.items() if k in sizes and e.size is not None and sizes[k] != e.size]
+                    missing, resized = absent_or_resized(entries, sizes)
                     if missing:
                         problems.append(f"task {task}: {len(missing)} object(s) missing (first: {missing[0]})")
                     if resized:

@@ -215,19 +215,6 @@ class Location:
             return []
         return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries})
 
-    def walk_files(self) -> dict[str, int]:
-        """Every file of the store as key -> size in bytes."""
-        found = self.fs.find(self.root, detail=True) if self.root else self.fs.find("", detail=True)
-        prefix = self.root.rstrip("/") + "/" if self.root else ""
-        out: dict[str, int] = {}
-        for path, info in found.items():
-            path = str(path)
-            if info.get("type") == "directory":
-                continue
-            key = path[len(prefix):] if path.startswith(prefix) else path
-            out[key.lstrip("/")] = int(info.get("size") or 0)
-        return out
-
     # -- zarr --------------------------------------------------------------------------
     def zarr_store(self, *, read_only: bool = True) -> zarr.abc.store.Store:
         if self.kind == "local":
@@ -242,6 +229,50 @@ class Location:
 
     def local_path(self) -> Path | None:
         return Path(self.root) if self.kind == "local" else None
+
+
+# -- listing ------------------------------------------------------------------------------------
+
+
+def can_list(location: Location) -> bool:
+    """False for plain web servers: HTTP has no listing, so keys must come from the metadata."""
+    protocol = location.fs.protocol
+    protocols = protocol if isinstance(protocol, (tuple, list)) else (protocol,)
+    return not any(p in ("http", "https") for p in protocols)
+
+
+def list_sizes(location: Location, *, prefix: str = "") -> dict[str, int] | None:
+    """Every object under the location (or under `prefix` in it, e.g. "task/") as store key -> size,
+    or None where listing is impossible (HTTP)."""
+    if not can_list(location):
+        return None
+    root = location.root.rstrip("/")
+    base = location.key_path(prefix.rstrip("/")) if prefix else root
+    try:
+        found = location.fs.find(base, detail=True) if base else location.fs.find("", detail=True)
+    except FileNotFoundError:
+        return {}
+    prefix = root + "/" if root else ""
+    out: dict[str, int] = {}
+    for path, info in found.items():
+        path = str(path)
+        if info.get("type") == "directory":
+            continue
+        if prefix:
+            if not path.startswith(prefix):
+                continue  # a sibling that only shares the name prefix (s3 'x.zarr2' next to 'x.zarr')
+            key = path[len(prefix):]
+        else:
+            key = path.lstrip("/")
+        if key:
+            out[key] = int(info.get("size") or 0)
+    return out
+
+
+def is_hidden(key: str) -> bool:
+    """Lock file, journal and temp files: names starting with '.' (and zarr's `*.partial` temp
+    files) are private to a writer."""
+    return any(part.startswith(".") for part in key.split("/")) or key.endswith(".partial")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

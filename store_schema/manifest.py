@@ -105,6 +105,13 @@ def verify_bytes(manifest: Manifest, key: str, data: bytes, *, where: str) -> by
     return data
 
 
+def absent_or_resized(entries: dict[str, Entry], listed: dict[str, int]) -> tuple[list[str], list[str]]:
+    """Keys of `entries` a listing lacks, and keys it lists at another size than recorded (sorted)."""
+    missing = sorted(k for k in entries if k not in listed)
+    resized = sorted(k for k, e in entries.items() if k in listed and e.size is not None and listed[k] != e.size)
+    return missing, resized
+
+
 def describe_missing(keys: list[str]) -> str:
     first = keys[0]
     more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""

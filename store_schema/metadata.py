@@ -198,6 +198,11 @@ def format_version(attrs: dict[str, Any]) -> tuple[int, int] | None:
     return (version, 0) if isinstance(version, int) and not isinstance(version, bool) else None
 
 
+def format_major(attrs: dict[str, Any]) -> int:
+    """The major format version of a root document (1 when it records none readable)."""
+    return (format_version(attrs) or (1, 0))[0]
+
+
 def portable_weights_source(source: str) -> str:
     """`file:<absolute path>` becomes `file:<file name>`: the sha256 identifies the weights, not a path."""
     if source.startswith("file:"):

@@ -16,8 +16,8 @@ import zarr
 from . import samples as sample_table
 from .errors import SchemaVersionError, StoreError, StoreIncompleteError, StoreNotFoundError
 from .layout import StoreLayout
-from .location import Location, resolve
-from .manifest import Manifest, describe_missing, load_manifest, verify_bytes
+from .location import Location, list_sizes, resolve
+from .manifest import Manifest, absent_or_resized, describe_missing, load_manifest, verify_bytes
 from .metadata import FORMAT_MAJOR, FORMAT_NAME, FORMAT_VERSION, ROOT_ATTR, TASK_ATTR, UPGRADE_HINT, format_version
 from .writer import PREFIX, SAMPLES_NAME, TOKENS, shard_key
 
@@ -56,6 +56,15 @@ def consolidated(doc: dict[str, Any]) -> dict[str, Any] | None:
     """The consolidated metadata of a root zarr.json document (key -> node document), if any."""
     meta = (doc.get("consolidated_metadata") or {}).get("metadata")
     return meta if isinstance(meta, dict) else None
+
+
+def task_document(location: Location, root_doc: dict[str, Any], task: str) -> dict[str, Any]:
+    """A task group's zarr.json document: from the root's consolidated metadata when it holds one
+    (no request), else read from the store."""
+    meta = consolidated(root_doc)
+    if meta is not None and isinstance(meta.get(task), dict):
+        return meta[task]
+    return _load_json(location, f"{task}/zarr.json")
 
 
 def open_root_group(location: Location, doc: dict[str, Any]) -> zarr.Group:
@@ -100,11 +109,8 @@ class FeatureStore:
         return load_manifest(self.location, format_major=self.format_major, tasks=tasks)
 
     def task_doc(self, name: str) -> dict[str, Any]:
-        """A task group's zarr.json document: from the consolidated metadata when there is one."""
-        meta = consolidated(self.doc)
-        if meta is not None and isinstance(meta.get(name), dict):
-            return meta[name]
-        return _load_json(self.location, f"{name}/zarr.json")
+        """A task group's zarr.json document (see `task_document`)."""
+        return task_document(self.location, self.doc, name)
 
     @property
     def url(self) -> str:
@@ -261,8 +267,6 @@ class TaskStore:
                 f"task {self.name} of {self.store.url} is incomplete (extraction interrupted?); "
                 "rerun the same `combo extract` command to finish it"
             )
-        from .transfer import list_sizes  # transfer imports this module
-
         expected = self.store.manifest.for_task(self.name)
         if self.store.format_major >= 2 and not expected:
             raise StoreIncompleteError(
@@ -271,14 +275,13 @@ class TaskStore:
             )
         listed = list_sizes(self.store.location, prefix=f"{self.name}/")
         if listed is not None:
-            missing = sorted(k for k in expected if k not in listed)
+            missing, resized = absent_or_resized(expected, listed)
             if missing:
                 raise StoreIncompleteError(
                     f"task {self.name} of {self.store.url} is missing {len(missing)} object(s) its manifest lists: "
                     f"{describe_missing(missing)} (an interrupted copy?); they would read as NaN, so nothing is read. "
                     f"Copy the store again or run `combo store validate {self.store.url}`"
                 )
-            resized = sorted(k for k, e in expected.items() if e.size is not None and listed[k] != e.size)
             if resized:
                 raise StoreIncompleteError(
                     f"task {self.name} of {self.store.url}: {describe_missing(resized)} has another size than its "

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import StoreError, StoreIncompleteError, StoreMismatchError, StoreNotFoundError, StoreValidationError
-from .location import Location, is_url, redact, resolve, store_path
+from .location import Location, can_list, is_hidden, is_url, list_sizes, redact, resolve, store_path
 from .manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_bytes
-from .metadata import TASK_ATTR, format_version, identity_diff
-from .reader import _load_json, check_root_attrs, consolidated
+from .metadata import TASK_ATTR, format_major, identity_diff
+from .reader import _load_json, check_root_attrs, task_document
 from .validate import ValidationReport, validate_store
 from .writer import CHECKSUMS_NAME, PREFIX, SAMPLES_NAME, TOKENS
 
@@ -109,13 +109,6 @@ class TransferResult:
 # -- listing ------------------------------------------------------------------------------------
 
 
-def can_list(location: Location) -> bool:
-    """False for plain web servers: HTTP has no listing, so keys must come from the metadata."""
-    protocol = location.fs.protocol
-    protocols = protocol if isinstance(protocol, (tuple, list)) else (protocol,)
-    return not any(p in ("http", "https") for p in protocols)
-
-
 def refresh(location: Location) -> Location:
     """Drop cached listings (s3fs caches them per process) so what we see is what is there now."""
     try:
@@ -125,47 +118,9 @@ def refresh(location: Location) -> Location:
     return location
 
 
-def list_sizes(location: Location, *, prefix: str = "") -> dict[str, int] | None:
-    """Every object under the location (or under `prefix` in it, e.g. "task/") as store key -> size,
-    or None where listing is impossible (HTTP)."""
-    if not can_list(location):
-        return None
-    root = location.root.rstrip("/")
-    base = location.key_path(prefix.rstrip("/")) if prefix else root
-    try:
-        found = location.fs.find(base, detail=True) if base else location.fs.find("", detail=True)
-    except FileNotFoundError:
-        return {}
-    prefix = root + "/" if root else ""
-    out: dict[str, int] = {}
-    for path, info in found.items():
-        path = str(path)
-        if info.get("type") == "directory":
-            continue
-        if prefix:
-            if not path.startswith(prefix):
-                continue  # a sibling that only shares the name prefix (s3 'x.zarr2' next to 'x.zarr')
-            key = path[len(prefix):]
-        else:
-            key = path.lstrip("/")
-        if key:
-            out[key] = int(info.get("size") or 0)
-    return out
-
-
-def is_hidden(key: str) -> bool:
-    """Lock file, journal and temp files: names starting with '.' (and zarr's `*.partial` temp
-    files) are private to a writer."""
-    return any(part.startswith(".") for part in key.split("/")) or key.endswith(".partial")
-
-
 def read_root_attrs(location: Location) -> dict[str, Any]:
     """The checked `combo` root attribute; refuses non-stores and newer schema versions."""
-    try:
-        doc = _load_json(location, ROOT_KEY)
-    except StoreNotFoundError:
-        raise StoreNotFoundError(f"no feature store at {redact(location.url)} (no zarr.json)") from None
-    return check_root_attrs(location, doc)
+    return check_root_attrs(location, _load_root_doc(location))
 
 
 def _block_order(local_key: str) -> tuple[Any, ...]:
@@ -179,7 +134,7 @@ def store_objects(location: Location) -> StoreContents:
     """
     doc = _load_root_doc(location)
     attrs = check_root_attrs(location, doc)
-    if (format_version(attrs) or (1, 0))[0] >= 2:
+    if format_major(attrs) >= 2:
         return _store_objects_v2(location, doc, attrs)
     return _store_objects_v1(location, attrs)
 
@@ -205,10 +160,9 @@ def _refuse_incomplete(location: Location, task: str, task_attrs: Any) -> None:
 def _store_objects_v2(location: Location, doc: dict[str, Any], attrs: dict[str, Any]) -> StoreContents:
     """Format 2: the manifest names every object with its size and sha256; no listing needed."""
     url = redact(location.url)
-    meta = consolidated(doc) or {}
     tasks = [str(t) for t in attrs.get("tasks") or []]
     for task in tasks:
-        task_doc = meta.get(task) if isinstance(meta.get(task), dict) else _load_json(location, f"{task}/zarr.json")
+        task_doc = task_document(location, doc, task)
         _refuse_incomplete(location, task, (task_doc.get("attributes") or {}).get(TASK_ATTR))
     manifest = load_manifest(location, format_major=2)
     unlisted = [t for t in tasks if not manifest.for_task(t)]

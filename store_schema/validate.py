@@ -21,7 +21,7 @@ import numpy as np
 
 from . import samples as sample_table
 from .errors import StoreError, StoreValidationError
-from .location import resolve
+from .location import is_hidden, list_sizes, resolve
 from .manifest import MANIFEST_NAME, Manifest, sha256_bytes
 from .metadata import ROOT_ATTR, TASK_ATTR
 from .reader import FeatureStore, _load_json, consolidated
@@ -123,8 +123,6 @@ def validate_store(
 
 def _check_root_objects(store: FeatureStore, manifest: Manifest, report: ValidationReport) -> None:
     """The root zarr.json against the manifest, and objects no manifest entry accounts for."""
-    from .transfer import is_hidden, list_sizes
-
     loc = store.location
     entry = manifest.objects.get("zarr.json")
     if entry is None:
@@ -137,7 +135,7 @@ def _check_root_objects(store: FeatureStore, manifest: Manifest, report: Validat
     complete = manifest.tasks()
     extra = sorted(
         k for k in listed
-        if k not in manifest.objects and k != MANIFEST_NAME and not is_hidden(k) and not k.endswith(".partial")
+        if k not in manifest.objects and k != MANIFEST_NAME and not is_hidden(k)
         and k.split("/", 1)[0] in complete
     )
     for key in extra[:20]:
@@ -251,8 +249,6 @@ def _check_task_objects(store: FeatureStore, task: str, arrays: list[str], num_b
                         report: ValidationReport, *, checksums: str, fraction: float, rng: random.Random) -> str:
     """Format 2: every object of the task against the manifest. Small objects are always hashed
     (they are what a shifted label or an edited attribute would change); shards all or a sample."""
-    from .transfer import list_sizes
-
     loc = store.location
     problems = report.problems
     entries = manifest.for_task(task)

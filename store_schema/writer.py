@@ -29,7 +29,7 @@ from zarr.codecs import ZstdCodec
 from . import samples as sample_table
 from .errors import SchemaVersionError, StoreError, StoreLockedError, StoreMismatchError
 from .layout import StoreLayout
-from .location import Location, fsync_dir, resolve
+from .location import Location, fsync_dir, is_hidden, resolve
 from .manifest import MANIFEST_NAME, Entry, Manifest, sha256_bytes
 from .metadata import (
     FORMAT_MAJOR,
@@ -253,20 +253,14 @@ class StoreWriter:
     def _repair(self) -> None:
         """Complete what a killed writer left: complete tasks missing from the manifest get their
         entries (shards from the journal's recorded sha256), stale journals of finished tasks go."""
-        manifest = self.manifest()
-        have = manifest.tasks()
-        fresh: dict[str, dict[str, Entry]] = {}
-        for task in self.attrs["tasks"]:
-            task_dir = self.path / task
-            if not _task_complete(task_dir):
-                continue
-            if task not in have or not (self.path / MANIFEST_NAME).exists():
-                fresh[task] = task_entries(self.path, task, _journal_entries(task_dir / JOURNAL_NAME))
+        have = self.manifest().tasks()  # none when manifest.json is missing or unreadable
+        complete = [t for t in self.attrs["tasks"] if _task_complete(self.path / t)]
+        fresh = {t: task_entries(self.path, t, _journal_entries(self.path / t / JOURNAL_NAME))
+                 for t in complete if t not in have}
         if fresh or not (self.path / MANIFEST_NAME).exists():
             self.publish(fresh)
-        for task in self.attrs["tasks"]:
-            if _task_complete(self.path / task):
-                (self.path / task / JOURNAL_NAME).unlink(missing_ok=True)
+        for task in complete:
+            (self.path / task / JOURNAL_NAME).unlink(missing_ok=True)
 
     # -- tasks ----------------------------------------------------------------------------
     @property
@@ -415,7 +409,7 @@ def task_entries(root: Path, task: str, journal: dict[str, Entry]) -> dict[str, 
         if not path.is_file() or path.name == "zarr.json" and path.parent == base:
             continue
         rel = path.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in rel.split("/")) or rel.endswith(".partial"):
+        if is_hidden(rel):
             continue
         recorded = journal.get(rel)
         out[rel] = Entry(sha256=recorded.sha256, size=path.stat().st_size) if recorded else _entry(path)
