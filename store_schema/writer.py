@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import zarr
-from zarr.codecs import ZstdCodec
 
 from . import samples as sample_table
 from .errors import SchemaVersionError, StoreError, StoreLockedError, StoreMismatchError
@@ -363,12 +362,11 @@ class StoreWriter:
         self.consolidate()
         return TaskWriter(self, name)
 
-    @staticmethod
-    def _coordinate(group: zarr.Group, name: str, values: np.ndarray, dim: str, description: str) -> None:
+    def _coordinate(self, group: zarr.Group, name: str, values: np.ndarray, dim: str, description: str) -> None:
         array = group.create_array(
             name=name, shape=values.shape, dtype=values.dtype if values.dtype.kind != "U" else str,
             chunks=(max(1, values.shape[0]),), dimension_names=(dim,),
-            compressors=(ZstdCodec(level=1, checksum=True),),
+            compressors=self.layout.compressors(),  # the tokens' codec and crc32c: one checksum mechanism
             attributes={"description": description},
         )
         array[:] = values
