@@ -72,20 +72,10 @@ def heldout_drops(model: torch.nn.Module, source: SplitSource, predictions: np.n
     """One `HeldoutDrop` per store of `source`, from the model's `predictions` on it (positions order)."""
     if repeats < 1:
         raise ValueError(f"held-out repeats must be >= 1, got {repeats}")
-    labels = source.labels.astype(np.int64)
-    n = labels.size
-    correct = (np.asarray(predictions) == labels).astype(np.float64)
     rng = np.random.default_rng(seed)
-    out: list[HeldoutDrop] = []
-    for k in range(len(source.task.parts)):
-        hits = np.zeros(n)
-        for _ in range(repeats):
-            shuffled = ShuffledSource(source.task, source.rows, layers=source.layers, prefix=source.prefix,
-                                      shuffled=k, permutation=rng.permutation(n))
-            _, _, preds = evaluate(model, eval_batches(shuffled, batch_size=batch_size), device=device, prepare=prepare)
-            hits += preds == labels
-        out.append(_paired(correct, hits / repeats))
-    return out
+    return [_shuffled_drop(model, source, predictions, store=k, layer=None, repeats=repeats, rng=rng, device=device,
+                           prepare=prepare, batch_size=batch_size)
+            for k in range(len(source.task.parts))]
 
 
 def layer_heldout_drops(model: torch.nn.Module, source: SplitSource, predictions: np.ndarray, *,
@@ -93,23 +83,26 @@ def layer_heldout_drops(model: torch.nn.Module, source: SplitSource, predictions
                         batch_size: int, repeats: int = 1, seed: int = 0) -> list[list[HeldoutDrop]]:
     """Per store, per layer position: the held-out drop when only that layer is shuffled (costs one
     evaluation per layer and repeat)."""
+    rng = np.random.default_rng(seed + 1)
+    return [[_shuffled_drop(model, source, predictions, store=k, layer=pos, repeats=repeats, rng=rng, device=device,
+                            prepare=prepare, batch_size=batch_size)
+             for pos in range(num_layers)]
+            for k, num_layers in enumerate(layers_per_store)]
+
+
+def _shuffled_drop(model: torch.nn.Module, source: SplitSource, predictions: np.ndarray, *, store: int,
+                   layer: int | None, repeats: int, rng: np.random.Generator, device: torch.device | str,
+                   prepare: Prepare | None, batch_size: int) -> HeldoutDrop:
+    """The drop when store `store` (or only its layer `layer`) is shuffled, over `repeats` permutations."""
     labels = source.labels.astype(np.int64)
     n = labels.size
-    correct = (np.asarray(predictions) == labels).astype(np.float64)
-    rng = np.random.default_rng(seed + 1)
-    out: list[list[HeldoutDrop]] = []
-    for k, num_layers in enumerate(layers_per_store):
-        per_layer = []
-        for pos in range(num_layers):
-            hits = np.zeros(n)
-            for _ in range(repeats):
-                shuffled = ShuffledSource(source.task, source.rows, layers=source.layers, prefix=source.prefix,
-                                          shuffled=k, permutation=rng.permutation(n), layer=pos)
-                _, _, preds = evaluate(model, eval_batches(shuffled, batch_size=batch_size), device=device, prepare=prepare)
-                hits += preds == labels
-            per_layer.append(_paired(correct, hits / repeats))
-        out.append(per_layer)
-    return out
+    hits = np.zeros(n)
+    for _ in range(repeats):
+        shuffled = ShuffledSource(source.task, source.rows, layers=source.layers, prefix=source.prefix,
+                                  shuffled=store, permutation=rng.permutation(n), layer=layer)
+        _, _, preds = evaluate(model, eval_batches(shuffled, batch_size=batch_size), device=device, prepare=prepare)
+        hits += preds == labels
+    return _paired((np.asarray(predictions) == labels).astype(np.float64), hits / repeats)
 
 
 def _paired(correct: np.ndarray, shuffled_hits: np.ndarray) -> HeldoutDrop:
