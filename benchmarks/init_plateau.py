@@ -47,7 +47,6 @@ import statistics
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -109,19 +108,11 @@ def write_vtab_task(root: Path, task: str, *, n_train: int, n_val: int, n_test: 
     folder = root / task
     if (folder / ".done").exists():
         return
+    sys.path.insert(0, str(ROOT / "tests"))
+    from countdata import image_tree  # the probe tests' tree writer
+
     k, make = GENERATED[task]
-    lists: dict[str, list[tuple[str, int]]] = {}
-    for split, n in (("train800", n_train), ("val200", n_val), ("test", n_test)):
-        lists[split] = []
-        for i in range(n):
-            rel = f"images/{split}/{i:06d}.png"
-            label = i % k
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            make(label, zlib.crc32(f"{task}/{split}/{i}".encode()), size).save(folder / rel)
-            lists[split].append((rel, label))
-    lists["train800val200"] = lists["train800"] + lists["val200"]  # the same files: no copies to fold
-    for split, items in lists.items():
-        (folder / f"{split}.txt").write_text("".join(f"{rel} {label}\n" for rel, label in items))
+    image_tree(folder, task, classes=k, make=make, n_train=n_train, n_val=n_val, n_test=n_test, size=size)
     (folder / ".done").write_text("ok\n")
 
 

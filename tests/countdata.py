@@ -9,6 +9,7 @@ single square, which a depth-1 adapter often fails to find in a few hundred step
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +32,24 @@ def count_tree(root: str | Path, task: str = "clevr_count", *, n_train: int = 64
                size: int = 32) -> dict[str, list[tuple[str, int]]]:
     """Write <root>/<task>/{train800,val200,train800val200,test}.txt and images; train800val200 lists the
     train800 and val200 files themselves (no copies). Returns {split: [(relative path, label)]}."""
-    folder = Path(root) / task
+    return image_tree(Path(root) / task, task, classes=COUNT_CLASSES,
+                      make=lambda label, seed, px: count_image(label, seed=seed, size=px),
+                      n_train=n_train, n_val=n_val, n_test=n_test, size=size)
+
+
+def image_tree(folder: Path, task: str, *, classes: int, make: Callable[[int, int, int], Image.Image], n_train: int,
+               n_val: int, n_test: int, size: int) -> dict[str, list[tuple[str, int]]]:
+    """A VTAB-layout task folder of generated images: `make(label, seed, size)` draws each one, labels cycle
+    0..classes-1 within each split, and the seed is a hash of task, split and index (the same tree on every
+    machine). train800val200 lists the train800 and val200 files themselves (no copies)."""
     lists: dict[str, list[tuple[str, int]]] = {}
     for split, n in (("train800", n_train), ("val200", n_val), ("test", n_test)):
         lists[split] = []
         for i in range(n):
             rel = f"images/{split}/{i:06d}.png"
-            label = i % COUNT_CLASSES
+            label = i % classes
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            count_image(label, seed=zlib.crc32(f"{task}/{split}/{i}".encode()), size=size).save(folder / rel)
+            make(label, zlib.crc32(f"{task}/{split}/{i}".encode()), size).save(folder / rel)
             lists[split].append((rel, label))
     lists["train800val200"] = lists["train800"] + lists["val200"]
     for split, items in lists.items():
