@@ -113,10 +113,8 @@ def probe_command(
     if select:
         if method != "combo":
             raise ValueError("--select works with --method combo (the penalty is on ComBo's Lambda)")
-        from probe.relevance import MEASURES, parse_select
+        from probe.relevance import parse_select
 
-        if by not in MEASURES:
-            raise ValueError(f"--by {by!r}: choose norm (the paper's s_k) or heldout (the held-out accuracy drop)")
         selection = parse_select(select, by=by)  # bad syntax fails before anything is opened
     cfg = ProbeConfig(
         stores=tuple(refs), store_root=store_root, dataset=dataset, tasks=tuple(split_list(task) or ()) or None,

@@ -82,10 +82,9 @@ def relevance_command(
     from probe.relevance import parse_select, run_relevance, run_select
     from probe.run import ProbeConfig
 
-    from probe.relevance import MEASURES
+    from probe.relevance import check_measure
 
-    if by not in MEASURES:
-        raise ValueError(f"--by {by!r}: choose norm (the paper's s_k) or heldout (the held-out accuracy drop)")
+    check_measure(by)  # also without --select: a typo fails before any training
     selection = parse_select(select, by=by) if select else None  # bad syntax fails before any training
     kwargs: dict[str, Any] = {}
     if cache_budget:

@@ -128,10 +128,10 @@ def near_chance(accuracy: float, chance: float, n: int) -> bool:
     return accuracy <= chance + 1.645 * math.sqrt(max(chance * (1 - chance), 1e-12) / n)
 
 
-def heldout_ranks(drops: Sequence[HeldoutDrop]) -> list[int]:
-    """Rank 1 = largest drop; ties keep --stores order."""
-    order = sorted(range(len(drops)), key=lambda k: -drops[k].drop)
-    ranks = [0] * len(drops)
+def descending_ranks(values: Sequence[float]) -> list[int]:
+    """Rank of each value, 1 = largest; ties keep their order (--stores order for backbones)."""
+    order = sorted(range(len(values)), key=lambda k: -values[k])
+    ranks = [0] * len(values)
     for r, k in enumerate(order):
         ranks[k] = r + 1
     return ranks

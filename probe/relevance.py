@@ -40,7 +40,7 @@ import torch
 from store_schema import FeatureStore
 
 from .adapter import ComboAdapter
-from .heldout import HELDOUT_REPEATS, chance_accuracy, heldout_drops, heldout_ranks, layer_heldout_drops, near_chance
+from .heldout import HELDOUT_REPEATS, chance_accuracy, descending_ranks, heldout_drops, layer_heldout_drops, near_chance
 from .results import markdown_table, new_run_dir, write_json, write_table
 from .run import ProbeConfig, TaskFit, fit_task, run_config, save_fit
 from .stores import AlignedTask, align_tasks, common_tasks, open_stores
@@ -53,6 +53,7 @@ __all__ = [
     "Selection",
     "SelectionError",
     "backbone_names",
+    "check_measure",
     "choose_backbones",
     "relevance_warnings",
     "importance_rows",
@@ -98,8 +99,7 @@ def importance_rows(task: str, model: ComboAdapter, names: Sequence[str], *, gro
     if len(norms) != len(names):
         raise ValueError(f"task {task}: the model reads {len(norms)} backbones but {len(names)} names were given")
     total = sum(norms)
-    order = sorted(range(len(norms)), key=lambda k: -norms[k])
-    rank = {k: r + 1 for r, k in enumerate(order)}
+    rank = descending_ranks(norms)
     return [
         {
             "task": task,
@@ -149,8 +149,7 @@ class Selection:
     by: str = "norm"  # "norm": the paper's s_k; "heldout": the held-out accuracy drop
 
     def __post_init__(self) -> None:
-        if self.by not in MEASURES:
-            raise SelectionError(f"--by {self.by!r}: choose norm (the paper's s_k) or heldout (the held-out accuracy drop)")
+        check_measure(self.by)
 
     def describe(self) -> str:
         if self.top_k is not None:
@@ -158,6 +157,13 @@ class Selection:
         else:
             rule = f"{'importance' if self.by == 'norm' else 'heldout'}_normalised >= {self.threshold:g}"
         return rule + (" by held-out drop" if self.by == "heldout" else "")
+
+
+def check_measure(by: str) -> str:
+    """`by` if it names a measure --select can rank by; else a SelectionError saying which ones do."""
+    if by not in MEASURES:
+        raise SelectionError(f"--by {by!r}: choose norm (the paper's s_k) or heldout (the held-out accuracy drop)")
+    return by
 
 
 _TOP = re.compile(r"^top[-_ ]?(\d+)$")
@@ -205,12 +211,12 @@ def choose_backbones(rows: Sequence[dict[str, Any]], selection: Selection) -> li
 
 
 def add_heldout(rows: list[dict[str, Any]], fit: TaskFit, *, device: torch.device, batch_size: int,
-                repeats: int = HELDOUT_REPEATS, seed: int = 0) -> dict[str, Any]:
-    """Add the held-out drop of each backbone to its relevance row; returns the task's held-out summary."""
+                repeats: int = HELDOUT_REPEATS, seed: int = 0) -> None:
+    """Add the held-out drop of each backbone (and the task's held-out accuracy and chance) to its relevance row."""
     assert fit.source is not None
     drops = heldout_drops(fit.model, fit.source, fit.predictions, device=device, prepare=fit.prepare,
                           batch_size=batch_size, repeats=repeats, seed=seed)
-    ranks = heldout_ranks(drops)
+    ranks = descending_ranks([d.drop for d in drops])
     positive = sum(max(d.drop, 0.0) for d in drops)
     labels = fit.source.labels
     summary = {"heldout_split": fit.metrics["split"], "heldout_accuracy": fit.metrics["accuracy"],
@@ -219,7 +225,6 @@ def add_heldout(rows: list[dict[str, Any]], fit: TaskFit, *, device: torch.devic
         row.update(heldout_drop=d.drop, heldout_low=d.low, heldout_high=d.high, heldout_rank=rank,
                    heldout_normalised=max(d.drop, 0.0) / positive if positive > 0 else 0.0,
                    heldout_shuffled_accuracy=d.shuffled_accuracy, **summary)
-    return summary
 
 
 def add_layer_heldout(rows: list[dict[str, Any]], fit: TaskFit, *, device: torch.device, batch_size: int,
