@@ -14,7 +14,6 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from .errors import StoreError, StoreNotFoundError
 from .location import Location
@@ -37,7 +36,6 @@ class Entry:
 @dataclass
 class Manifest:
     objects: dict[str, Entry] = field(default_factory=dict)  # store key -> entry
-    format_major: int = 2
 
     def for_task(self, task: str) -> dict[str, Entry]:
         prefix = f"{task}/"
@@ -77,7 +75,7 @@ def load_manifest(location: Location, *, format_major: int, tasks: Iterable[str]
                 "its first task completed); finish the copy or rerun the extraction"
             ) from None
         return Manifest.from_bytes(data, where=f"{location.url}/{MANIFEST_NAME}")
-    manifest = Manifest(format_major=1)
+    manifest = Manifest()
     for task in tasks:
         try:
             doc = json.loads(location.read_bytes(f"{task}/{V1_CHECKSUMS_NAME}"))
@@ -116,7 +114,3 @@ def describe_missing(keys: list[str]) -> str:
     first = keys[0]
     more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
     return f"{first}{more}"
-
-
-def entry_doc(entries: dict[str, Entry]) -> dict[str, Any]:
-    return {k: {"size": e.size, "sha256": e.sha256} for k, e in entries.items()}
