@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .clikit import console, friendly_errors, split_list
+from .clikit import configure_threads, console, friendly_errors, split_list, threads_option
 
 
 def _rate(task) -> str:  # images/s column
@@ -75,8 +75,10 @@ def extract_command(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record undecodable images in the store's metadata and go on."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute tasks (or replace a store made with other settings)."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Image-decoding worker processes (default: up to 4)."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Run a frozen backbone once over a dataset and store every layer's tokens."""
+    configure_threads(threads)
     from extract.pipeline import ExtractConfig, extract
     from store_schema import default_store_root
 

@@ -8,7 +8,8 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .clikit import GRID_HELP, console, err_console, friendly_errors, parse_grid, split_list
+from .progress import run_progress
+from .clikit import GRID_HELP, configure_threads, console, err_console, friendly_errors, parse_grid, split_list, threads_option
 
 STORES_HELP = "Comma-separated stores: short names (resolved as <store root>/<name>/<dataset>.zarr), paths or URLs."
 
@@ -88,6 +89,7 @@ def probe_command(
     depth: int = typer.Option(6, "--depth", hidden=True, help="Adapter depth (paper: 6)."),
     heads: int = typer.Option(2, "--heads", hidden=True, help="Adapter heads (paper: 2)."),
     init: str = typer.Option("timm", "--init", help="Init of the adapter's Linear layers: timm (trunc-normal 0.02, the authors') or torch (PyTorch's default; leaves chance level sooner in short runs, see the README)."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Train ComBo (or the linear baseline) on feature stores and evaluate it; never reruns a backbone.
 
@@ -96,6 +98,7 @@ def probe_command(
     with 2 heads, MLP 512 and LayerNorm eps 1e-5, AdamW lr 1e-3 / weight decay 1e-4, batch 64, 10% warm-up
     then cosine, 1,600 (final) or 1,300 (dev) steps, seed 42.
     """
+    configure_threads(threads)
     from probe.data import budget_from_text
     from probe.results import GROUP_ORDER
     from probe.run import ProbeConfig, run_probe
@@ -125,7 +128,8 @@ def probe_command(
     if selection is not None:
         from probe.relevance import run_select
 
-        result = run_select(cfg, select=selection, group_lambda=group_lambda, log=_log)
+        with run_progress(err_console) as progress:
+            result = run_select(cfg, select=selection, group_lambda=group_lambda, log=_log, progress=progress)
         rows, run_dir = result.metrics, result.run_dir
         title = f"ComBo on the backbones chosen per task ({selection.describe()}, lambda {group_lambda:g})"
         chosen = Table(title="selected backbones")
@@ -138,7 +142,8 @@ def probe_command(
 
         print_warnings(result.relevance.warnings)
     else:
-        run = run_probe(cfg, log=_log)
+        with run_progress(err_console) as progress:
+            run = run_probe(cfg, log=_log, progress=progress)
         rows, run_dir = run.metrics, run.run_dir
         names = ", ".join(Path(r).stem if "/" in r else r for r in refs)
         title = f"{method} on {names} ({dataset}, protocol {protocol})"
@@ -161,8 +166,10 @@ def predict_command(
     weights: Optional[list[str]] = typer.Option(None, "--weights", help="ALIAS=PATH: a local checkpoint for a backbone (repeatable); its sha256 must match the run's record."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="List undecodable images with their error instead of stopping."),
     show: int = typer.Option(20, "--show", help="Rows of the table printed (all are written to --out)."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Run the recorded backbones and the trained adapter on new images; print/write the predicted classes."""
+    configure_threads(threads)
     from .predict import predict_images, write_predictions
 
     result = predict_images(probe, images, task=task, device=device, batch_size=batch_size,
@@ -199,8 +206,10 @@ def demo_command(
     depth: int = typer.Option(2, "--depth", help="Adapter depth (paper: 6)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu ...; default: the best available."),
     seed: int = typer.Option(42, "--seed"),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """The whole pipeline offline on sklearn's digits: extract two random-init ViTs, probe with ComBo and linear."""
+    configure_threads(threads)
     from .demo import DemoConfig, REAL_WEIGHTS_HELP, run_demo
 
     cfg = DemoConfig(out=str(out), models=tuple(split_list(models) or ()), image_size=image_size, steps=steps,
@@ -216,7 +225,8 @@ def demo_command(
     for key, value in cfg.describe().items():
         settings.add_row(key, str(value))
     console.print(settings)
-    result = run_demo(cfg, log=_log)
+    with run_progress(err_console) as progress:
+        result = run_demo(cfg, log=_log, progress=progress)
     for name, rows in result.metrics.items():
         console.print(results_table(rows, title=f"{name} on {' + '.join(cfg.models)} (digits, train800val200 -> test)", vtab=False))
     console.print(f"stores: [bold]{result.store_root}[/bold]", soft_wrap=True)

@@ -8,7 +8,8 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .clikit import GRID_HELP, console, err_console, friendly_errors, parse_grid, split_list
+from .progress import run_progress
+from .clikit import GRID_HELP, configure_threads, console, err_console, friendly_errors, parse_grid, split_list, threads_option
 
 SELECT_HELP = (
     "Also pick backbones per task and retrain ComBo on them WITHOUT the penalty: 'top-K' keeps the K most "
@@ -75,9 +76,11 @@ def relevance_command(
     depth: int = typer.Option(6, "--depth", hidden=True, help="Adapter depth (paper: 6)."),
     heads: int = typer.Option(2, "--heads", hidden=True, help="Adapter heads (paper: 2)."),
     init: str = typer.Option("timm", "--init", help="Init of the adapter's Linear layers: timm (the authors') or torch (PyTorch's default)."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Rank backbones per task: the paper's norm of ComBo's Lambda slices after training with a group penalty,
     beside the held-out accuracy drop when each backbone's features are shuffled (with a 95% interval)."""
+    configure_threads(threads)
     from probe.data import budget_from_text
     from probe.relevance import parse_select, run_relevance, run_select
     from probe.run import ProbeConfig
@@ -96,12 +99,15 @@ def relevance_command(
         width=width, depth=depth, num_heads=heads, init=init, **kwargs,
     )
     if selection is None:
-        run = run_relevance(cfg, group_lambda=group_lambda, log=_log, layer_heldout=layer_heldout)
+        with run_progress(err_console) as progress:
+            run = run_relevance(cfg, group_lambda=group_lambda, log=_log, layer_heldout=layer_heldout, progress=progress)
         console.print(_relevance_table(run.importances, {m["task"]: m for m in run.metrics}, None, run.backbones,
                                        title=f"Backbone relevance (lambda = {group_lambda:g}): s_k share (rank), held-out drop"))
         run_dir, warnings = run.run_dir, run.warnings
     else:
-        result = run_select(cfg, select=selection, group_lambda=group_lambda, log=_log, layer_heldout=layer_heldout)
+        with run_progress(err_console) as progress:
+            result = run_select(cfg, select=selection, group_lambda=group_lambda, log=_log, layer_heldout=layer_heldout,
+                                progress=progress)
         console.print(_relevance_table(result.relevance.importances, {m["task"]: m for m in result.relevance.metrics},
                                        {m["task"]: m for m in result.metrics}, result.relevance.backbones,
                                        title=f"Relevance (lambda = {group_lambda:g}) and ComBo retrained on {result.selection.describe()}"))
@@ -162,15 +168,18 @@ def atlas_command(
     out: str = typer.Option("runs", "--out", "-o", help="Folder for run folders."),
     store_root: Optional[str] = typer.Option(None, "--store-root"),
     storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE (repeatable)."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Linear probe on every layer of every backbone (cls token and mean of patch tokens), all layers at once."""
+    configure_threads(threads)
     from probe.atlas import run_atlas
 
-    run = run_atlas(
-        _stores(stores), dataset=dataset, tasks=split_list(task), protocol=protocol, poolings=pooling, steps=steps,
-        batch_size=batch_size, lr=lr, seed=seed, device=device, out=out, store_root=store_root,
-        storage_options=_storage_options(storage_option), log=_log,
-    )
+    with run_progress(err_console) as progress:
+        run = run_atlas(
+            _stores(stores), dataset=dataset, tasks=split_list(task), protocol=protocol, poolings=pooling, steps=steps,
+            batch_size=batch_size, lr=lr, seed=seed, device=device, out=out, store_root=store_root,
+            storage_options=_storage_options(storage_option), log=_log, progress=progress,
+        )
     table = Table(title=f"Best layer per task (linear probe, {run.best[0]['split'] if run.best else ''})")
     for col, justify in (("task", "left"), ("backbone", "left"), ("layer", "right"), ("pooling", "left"),
                          ("accuracy (%)", "right"), ("last layer (%)", "right")):

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -30,13 +31,15 @@ def friendly_errors(fn: F) -> F:
         except typer.Exit:
             raise
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/yellow]: what was written so far is kept; rerun the command to resume")
+            # Commands that can resume say so themselves (they know what was finished); this is only what is
+            # true of every command.
+            err_console.print(Text.assemble(("interrupted", "yellow"), ": stopped before the command finished"))
             raise typer.Exit(130) from None
         except USER_ERRORS as err:
             if os.environ.get("COMBO_DEBUG"):
                 raise
             message = str(err) if not isinstance(err, KeyError) else f"not found: {err}"
-            err_console.print(f"[bold red]error[/bold red]: {message}", markup=True, highlight=False, soft_wrap=True)
+            error_line(message)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -72,3 +75,76 @@ def split_list(value: str | None) -> list[str] | None:
 
 def is_tty() -> bool:
     return sys.stderr.isatty()
+
+
+# ------------------------------------------------------------------------------------------ printing user text
+# Every string that comes from the user or the disk (paths, class names, store names, error messages) may hold
+# square brackets, which rich would read as markup and drop (`photo[final].png` -> `photo.png`). Print such
+# strings through these helpers, never inside an f-string given to `console.print`.
+
+
+def plain(value: Any, style: str = "") -> Text:
+    """User or disk text as a rich Text: printed verbatim, brackets and all (also a safe table cell)."""
+    return Text(str(value), style=style)
+
+
+def error_line(message: str, *, label: str = "error", style: str = "bold red") -> None:
+    """`error: <message>` on stderr, the message verbatim and never wrapped inside a word."""
+    err_console.print(Text.assemble((label, style), ": ", str(message)), highlight=False, soft_wrap=True)
+
+
+def say(*parts: Any, console_: Console | None = None) -> None:
+    """Print a line built from (text, style) pairs and plain strings, none of them read as markup."""
+    text = Text.assemble(*[(p if isinstance(p, (tuple, Text)) else str(p)) for p in parts])
+    (console_ or console).print(text, highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------------------------- threads
+
+THREADS_HELP = ("CPU threads for torch and BLAS (default: $OMP_NUM_THREADS when set, else the CPUs this process "
+                "may use that are not busy, judged by the 1-minute load average).")
+
+
+def available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """Threads that do not fight other processes for cores.
+
+    Measured on the 2-core CI machine with one busy competing process (benchmarks/threads.py): 2 torch
+    threads made an adapter step ~5x slower than 1, because OpenMP threads spin-wait at every barrier
+    for a sibling that the scheduler has parked. So: $OMP_NUM_THREADS when set, else the CPUs this process
+    may use minus those the 1-minute load average says are busy, at least 1."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cpus = available_cpus()
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(cpus, cpus - busy))
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (and the BLAS/OpenMP variables that worker processes inherit) once, before
+    any work; returns the count used. Call it at the start of every command that runs torch."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    n = int(threads or default_threads())
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        if threads is not None or not os.environ.get(var):
+            os.environ[var] = str(n)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a parked sibling costs a wait, not a spinning core
+    import torch
+
+    torch.set_num_threads(n)
+    return n
+
+
+def threads_option() -> Any:
+    return typer.Option(None, "--threads", min=1, help=THREADS_HELP)

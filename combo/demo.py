@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from extract.pipeline import ExtractConfig, extract
+from probe.progress import RunProgress
 from probe.run import ProbeConfig, run_probe
 
 __all__ = ["DemoConfig", "DemoResult", "REAL_WEIGHTS_HELP", "run_demo"]
@@ -71,7 +72,8 @@ class DemoResult:
     seconds: float = 0.0
 
 
-def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] | None = None) -> DemoResult:
+def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] | None = None,
+             progress: RunProgress | None = None) -> DemoResult:
     """Extract every model on digits (afresh: the demo shows the whole pipeline), then probe with each method."""
     started = time.perf_counter()
     out = Path(cfg.out)
@@ -90,7 +92,7 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] | None = None) -> De
         probe_cfg = ProbeConfig(stores=tuple(str(s) for s in stores), dataset="digits", method=method, steps=cfg.steps,
                                 batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
                                 out=str(out / "runs"), width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads)
-        run = run_probe(probe_cfg, log=log)
+        run = run_probe(probe_cfg, log=log, progress=progress)
         demo.run_dirs[method] = run.run_dir
         demo.metrics[method] = run.metrics
     demo.seconds = time.perf_counter() - started

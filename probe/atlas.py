@@ -39,6 +39,7 @@ from .relevance import backbone_names
 from .results import VTAB_GROUPS, new_run_dir, sanitise_url, write_json, write_table
 from .run import PROTOCOL_STEPS, store_provenance
 from .stores import align_tasks, open_stores
+from .progress import RunProgress
 from .train import TrainConfig, evaluate_layers, ordered_batches, pick_device, seeded_batches, set_seed, train_steps
 
 __all__ = ["POOLINGS", "AtlasError", "AtlasRun", "best_per_task", "pool_split", "probe_layers", "run_atlas"]
@@ -100,12 +101,14 @@ def pool_split(store: FeatureStore, task: str, rows: np.ndarray, *, poolings: Se
 
 
 def probe_layers(train: Tensor, train_labels: np.ndarray, evaluation: Tensor, eval_labels: np.ndarray, *,
-                 num_classes: int, cfg: TrainConfig, device: torch.device) -> tuple[np.ndarray, dict[str, Any]]:
+                 num_classes: int, cfg: TrainConfig, device: torch.device,
+                 progress: RunProgress | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Train H independent linear heads on [n, H, D] features together; accuracy per head on ``evaluation``."""
     set_seed(cfg.seed)
     model = MultiLayerLinearProbe(train.shape[1], train.shape[2], num_classes)
     y = torch.as_tensor(train_labels, dtype=torch.long, device=train.device)
-    history = train_steps(model, seeded_batches(train, y, batch_size=cfg.batch_size, seed=cfg.seed), cfg, device=device)
+    history = train_steps(model, seeded_batches(train, y, batch_size=cfg.batch_size, seed=cfg.seed), cfg, device=device,
+                          progress=progress)
     y_eval = torch.as_tensor(eval_labels, dtype=torch.long, device=evaluation.device)
     accuracy, _, _ = evaluate_layers(model, ordered_batches(evaluation, y_eval, batch_size=1024), device=device)
     return np.asarray(accuracy, dtype=np.float64), history
@@ -149,6 +152,7 @@ def run_atlas(
     figures: bool = True,
     log: Log = None,
     run_dir: Path | None = None,
+    progress: RunProgress | None = None,
 ) -> AtlasRun:
     """Per-layer linear probes of every backbone in ``stores`` on every task; writes a run folder (kind "atlas")
     with atlas.csv (task, backbone, layer, pooling, accuracy, ...), atlas_best.csv and a PNG per task group.
@@ -177,6 +181,8 @@ def run_atlas(
     }
     write_json(run_dir / "config.json", doc)
     rows: list[dict[str, Any]] = []
+    if progress:
+        progress.plan(sum(task in store.tasks for task in task_list for store in opened))
     for task in task_list:
         for k, (store, name) in enumerate(zip(opened, names)):
             if task not in store.tasks:
@@ -184,7 +190,7 @@ def run_atlas(
                     log(f"{task}: {name} has no such task, skipped")
                 continue
             rows += _atlas_one(store, name, k, task, poolings=poolings, protocol=protocol, cfg=cfg,
-                               device=torch_device, log=log)
+                               device=torch_device, log=log, progress=progress)
             write_table(rows, run_dir / "atlas")  # rewritten as it goes: a crash keeps what finished
     if not rows:
         raise AtlasError("nothing was probed: no store holds the requested tasks with the requested poolings")
@@ -211,7 +217,8 @@ def _task_list(stores: Sequence[FeatureStore], wanted: Sequence[str] | None) -> 
 
 
 def _atlas_one(store: FeatureStore, name: str, index: int, task: str, *, poolings: Sequence[str], protocol: str,
-               cfg: TrainConfig, device: torch.device, log: Log) -> list[dict[str, Any]]:
+               cfg: TrainConfig, device: torch.device, log: Log,
+               progress: RunProgress | None = None) -> list[dict[str, Any]]:
     part = store.task(task)
     part.require_complete()
     if protocol not in part.protocols:
@@ -221,9 +228,13 @@ def _atlas_one(store: FeatureStore, name: str, index: int, task: str, *, pooling
     if train_rows.size == 0 or eval_rows.size == 0:
         raise AtlasError(f"task {task} of {store.url}: split {train_split!r} or {eval_split!r} has no samples")
     usable = [p for p in poolings if p != "cls" or store.num_prefix_tokens > 0]
+    label = f"{task}: {name}"
     if not usable:
         if log:
             log(f"{task}: {name} stores no cls token and only cls pooling was asked for, skipped")
+        if progress:  # planned, so it must be accounted for
+            progress.start(label, steps=0)
+            progress.finish(label, summary="skipped (no cls token)")
         return []
     if log and len(usable) < len(poolings):
         log(f"{task}: {name} stores no cls token; mean pooling only")
@@ -237,8 +248,10 @@ def _atlas_one(store: FeatureStore, name: str, index: int, task: str, *, pooling
     x_eval = torch.cat([evaluation[p] for p in usable], dim=1)
     labels = part.labels
     num_classes = max(len(part.classes), int(labels.max()) + 1)
+    if progress:
+        progress.start(label, steps=cfg.steps)
     accuracy, history = probe_layers(x_train, labels[train_rows], x_eval, labels[eval_rows], num_classes=num_classes,
-                                     cfg=cfg, device=device)
+                                     cfg=cfg, device=device, progress=progress)
     layer_ids = [int(i) for i in (store.features.get("layers") or range(num_layers))]
     group = part.attrs.get("group") or VTAB_GROUPS.get(task)
     rows = []
@@ -250,8 +263,10 @@ def _atlas_one(store: FeatureStore, name: str, index: int, task: str, *, pooling
                 "split": eval_split, "n": int(eval_rows.size), "train_split": train_split, "n_train": int(train_rows.size),
                 "steps": cfg.steps, "final_loss_per_head": float(history["loss"][-1]) / len(accuracy),
             })
+    top = max(rows, key=lambda r: r["accuracy"])
+    if progress:
+        progress.finish(label, summary=f"best layer {top['layer']} ({top['pooling']}) {100 * top['accuracy']:.1f}%")
     if log:
-        top = max(rows, key=lambda r: r["accuracy"])
         log(f"{task}: {name}: {len(accuracy)} probes ({', '.join(usable)} x {num_layers} layers) in "
             f"{read_seconds:.1f} s read + {history['seconds']:.1f} s train; best layer {top['layer']} "
             f"({top['pooling']}) {100 * top['accuracy']:.1f}%")

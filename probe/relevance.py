@@ -42,6 +42,7 @@ from store_schema import FeatureStore
 from .adapter import ComboAdapter
 from .heldout import HELDOUT_REPEATS, chance_accuracy, descending_ranks, heldout_drops, layer_heldout_drops, near_chance
 from .results import markdown_table, new_run_dir, write_json, write_table
+from .progress import RunProgress
 from .run import ProbeConfig, TaskFit, fit_task, run_config, save_fit
 from .stores import AlignedTask, align_tasks, common_tasks, open_stores
 from .train import pick_device
@@ -318,7 +319,8 @@ def relevance_config(cfg: ProbeConfig) -> ProbeConfig:
 def _relevance_pass(cfg: ProbeConfig, *, stores: Sequence[FeatureStore], aligned_tasks: Sequence[AlignedTask],
                     device: torch.device, group_lambda: float, run_dir: Path, config_doc: dict[str, Any],
                     metrics_stem: str, weights_prefix: str, log: Log, top_k: int = 1,
-                    heldout_repeats: int = HELDOUT_REPEATS, layer_heldout: bool = False) -> RelevanceRun:
+                    heldout_repeats: int = HELDOUT_REPEATS, layer_heldout: bool = False,
+                    progress: RunProgress | None = None) -> RelevanceRun:
     cfg = relevance_config(cfg)
     names = backbone_names(stores)
     layer_ids = [_layer_ids(s) for s in stores]
@@ -328,7 +330,8 @@ def _relevance_pass(cfg: ProbeConfig, *, stores: Sequence[FeatureStore], aligned
     fits: list[TaskFit] = []
     warnings: list[str] = []
     for aligned in aligned_tasks:
-        fit = fit_task(aligned, cfg, device=device, group_lambda=group_lambda, log=log)
+        fit = fit_task(aligned, cfg, device=device, group_lambda=group_lambda, log=log, progress=progress,
+                       label=f"{aligned.name}: penalised")
         model = fit.model
         assert isinstance(model, ComboAdapter)
         save_fit(run_dir, fit, aligned, prefix=weights_prefix)
@@ -386,7 +389,7 @@ def _warnings_md(warnings: Sequence[str]) -> str:
 
 def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log: Log = None,
                   run_dir: Path | None = None, heldout_repeats: int = HELDOUT_REPEATS,
-                  layer_heldout: bool = False) -> RelevanceRun:
+                  layer_heldout: bool = False, progress: RunProgress | None = None) -> RelevanceRun:
     """Train ComBo once per task with the group penalty on the dev protocol's training split and write
     relevance.csv (s_k and the held-out drop), layer_relevance.csv and the penalised model's metrics.csv on
     the held-out split (kind "relevance" in config.json). The test split is never read. ``layer_heldout`` adds
@@ -398,9 +401,11 @@ def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log
     run_dir = run_dir or new_run_dir(cfg.out, "relevance-" + "+".join(names))
     doc = _config_doc(cfg, stores, device, kind="relevance", group_lambda=group_lambda)
     write_json(run_dir / "config.json", doc)
+    if progress:
+        progress.plan(len(aligned_tasks))
     run = _relevance_pass(cfg, stores=stores, aligned_tasks=aligned_tasks, device=device, group_lambda=group_lambda,
                           run_dir=run_dir, config_doc=doc, metrics_stem="metrics", weights_prefix="", log=log,
-                          heldout_repeats=heldout_repeats, layer_heldout=layer_heldout)
+                          heldout_repeats=heldout_repeats, layer_heldout=layer_heldout, progress=progress)
     title = (f"ComBo with group penalty (lambda={group_lambda:g}) on {' + '.join(names)} ({cfg.dataset}, "
              f"protocol {RELEVANCE_PROTOCOL}: held-out accuracy)")
     text = markdown_table(run.metrics, title=title, vtab=_is_vtab(cfg, run.metrics)) + _warnings_md(run.warnings)
@@ -410,7 +415,7 @@ def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log
 
 def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float = DEFAULT_LAMBDA, log: Log = None,
                run_dir: Path | None = None, heldout_repeats: int = HELDOUT_REPEATS,
-               layer_heldout: bool = False) -> SelectRun:
+               layer_heldout: bool = False, progress: RunProgress | None = None) -> SelectRun:
     """Relevance run, then per task keep the backbones ``select`` names and retrain ComBo on them without the
     penalty. ``select``: "top-K" (e.g. "top-2") or a threshold on normalised importance ("0.2", "ge0.2", ">=0.2").
 
@@ -430,11 +435,13 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
     doc["select"] = {"text": str(select) if isinstance(select, str) else selection.describe(), **asdict(selection)}
     doc["selection"] = {}
     write_json(run_dir / "config.json", doc)
+    if progress:
+        progress.plan(2 * len(aligned_tasks))  # the penalised pass, then the retraining per task
     relevance = _relevance_pass(cfg, stores=stores, aligned_tasks=aligned_tasks, device=device,
                                 group_lambda=group_lambda, run_dir=run_dir, config_doc=doc,
                                 metrics_stem="penalised_metrics", weights_prefix="penalised-", log=log,
                                 top_k=selection.top_k or 1, heldout_repeats=heldout_repeats,
-                                layer_heldout=layer_heldout)
+                                layer_heldout=layer_heldout, progress=progress)
     chosen: dict[str, list[str]] = {}
     selection_rows: list[dict[str, Any]] = []
     metrics: list[dict[str, Any]] = []
@@ -455,7 +462,8 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
         subset = align_tasks([stores[k] for k in keep], aligned.name)
         if log:
             log(f"{aligned.name}: retraining without the penalty on {', '.join(kept_names)} ({selection.describe()})")
-        fit = fit_task(subset, subset_cfg, device=device, group_lambda=0.0, log=log)
+        fit = fit_task(subset, subset_cfg, device=device, group_lambda=0.0, log=log, progress=progress,
+                       label=f"{aligned.name}: retrain on {'+'.join(kept_names)}")
         save_fit(run_dir, fit, subset)
         metrics.append({**fit.metrics, "backbones": "+".join(kept_names), "num_backbones": len(keep)})
         comparison.append({

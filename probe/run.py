@@ -22,6 +22,7 @@ from .adapter import INITS, ComboAdapter, ComboConfig
 from .align import default_grid, make_prepare, normalise_maps
 from .data import CACHE_MODES, CachePlan, SplitSource, default_budget, eval_batches, plan_cache, training_batches
 from .linear import LinearProbe
+from .progress import RunProgress
 from .results import GROUP_ORDER, VTAB_GROUPS, markdown_table, new_run_dir, sanitise_url, write_json, write_table
 from .stores import AlignedTask, align_tasks, common_tasks, open_stores
 from .train import TrainConfig, evaluate, pick_device, set_seed, train_steps
@@ -215,8 +216,10 @@ def model_and_prepare(aligned: AlignedTask, source: SplitSource, cfg: ProbeConfi
 
 
 def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, group_lambda: float | None = None,
-             log: Callable[[str], None] | None = None) -> TaskFit:
-    """Train on the protocol's training split and evaluate the final weights on its evaluation split."""
+             log: Callable[[str], None] | None = None, progress: RunProgress | None = None,
+             label: str | None = None) -> TaskFit:
+    """Train on the protocol's training split and evaluate the final weights on its evaluation split.
+    ``progress`` hears the fit start (as ``label``, default the task), its steps and its end."""
     protocols = aligned.reference.protocols
     if cfg.protocol not in protocols:
         raise ValueError(
@@ -238,9 +241,15 @@ def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, gr
         log(f"{aligned.name}: {kind} on {train_rows.size} {train_split} -> {eval_rows.size} {eval_split}, "
             f"{cfg.total_steps} steps, {shape}; {plan.describe()}")
     started = time.perf_counter()
+    label = label or aligned.name
+    if progress:
+        progress.start(label, steps=cfg.total_steps)
     batches = training_batches(train_source, plan, batch_size=cfg.batch_size, seed=cfg.seed, device=device)
-    history = train_steps(model, batches, cfg.train_config(group_lambda=group_lambda), device=device, prepare=prepare)
+    history = train_steps(model, batches, cfg.train_config(group_lambda=group_lambda), device=device, prepare=prepare,
+                          progress=progress)
     accuracy, n, preds = evaluate(model, eval_batches(eval_source, batch_size=cfg.eval_batch_size), device=device, prepare=prepare)
+    if progress:
+        progress.finish(label, summary=f"{100 * accuracy:.1f}% on {n} {eval_split}")
     metrics = {
         "task": aligned.name,
         "split": eval_split,
@@ -293,7 +302,8 @@ class ProbeRun:
     fits: list[TaskFit]
 
 
-def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run_dir: Path | None = None) -> ProbeRun:
+def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run_dir: Path | None = None,
+              progress: RunProgress | None = None) -> ProbeRun:
     """Train and evaluate on every requested task of the stores; write the run folder."""
     device = pick_device(cfg.device)
     stores = open_stores(cfg.stores, store_root=cfg.store_root, dataset=cfg.dataset, storage_options=cfg.storage_options)
@@ -305,8 +315,10 @@ def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run
     config_doc["tasks"] = {}
     write_json(run_dir / "config.json", config_doc)
     fits, rows = [], []
+    if progress:
+        progress.plan(len(aligned_tasks))
     for aligned in aligned_tasks:
-        fit = fit_task(aligned, cfg, device=device, log=log)
+        fit = fit_task(aligned, cfg, device=device, log=log, progress=progress)
         save_fit(run_dir, fit, aligned)
         config_doc["tasks"][aligned.name] = {"model": fit.model_config, "classes": aligned.classes, "grids": [list(g) for g in aligned.grids]}
         write_json(run_dir / "config.json", config_doc)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .adapter import ComboAdapter
 from .linear import per_layer_loss
 from .optim import make_optimizer
+from .progress import RunProgress, report_every
 from .schedule import make_scheduler
 
 __all__ = [
@@ -243,11 +244,13 @@ def train_steps(
     device: torch.device | str,
     prepare: Prepare | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    progress: RunProgress | None = None,
 ) -> dict[str, Any]:
     """Run exactly ``cfg.steps`` AdamW steps on batches pulled from ``batches`` (trains ``model`` in place).
 
     ``prepare`` runs on the device in float32 before autocast (e.g. ``align.make_prepare``). ``on_step(step,
-    stats)`` forces a device sync every step, so pass it only for logging. Returns ``{"loss", "ce", "lr"}``
+    stats)`` forces a device sync every step, so pass it only for logging; ``progress.step`` is called about
+    100 times per fit (see `probe.progress`). Returns ``{"loss", "ce", "lr"}``
     lists (one value per step; ``lr`` is the rate used by that step) plus ``steps`` and ``seconds``.
     """
     device = torch.device(device)
@@ -267,6 +270,7 @@ def train_steps(
     losses: list[Tensor] = []
     ces: list[Tensor] = []
     lrs: list[float] = []
+    every = report_every(cfg.steps)
     start = time.perf_counter()
     for step in range(cfg.steps):
         try:
@@ -291,6 +295,8 @@ def train_steps(
         ces.append(ce.detach())
         if on_step is not None:
             on_step(step, {"loss": float(loss.detach()), "ce": float(ce.detach()), "lr": lrs[-1]})
+        if progress is not None and ((step + 1) % every == 0 or step + 1 == cfg.steps):
+            progress.step(step + 1, loss=float(loss.detach()))
     loss_values = torch.stack(losses).float().cpu()
     if not torch.isfinite(loss_values).all():
         first = int((~torch.isfinite(loss_values)).nonzero()[0, 0])
