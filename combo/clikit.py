@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -38,8 +39,16 @@ def friendly_errors(fn: F) -> F:
         except USER_ERRORS as err:
             if os.environ.get("COMBO_DEBUG"):
                 raise
-            message = str(err) if not isinstance(err, KeyError) else f"not found: {err}"
+            if isinstance(err, OSError) and err.errno is not None:
+                message = describe_os_error(err)  # not "[Errno 2] No such file or directory: 'x'"
+            else:
+                message = str(err) if not isinstance(err, KeyError) else f"not found: {err}"
             error_line(message)
+            raise typer.Exit(2) from None
+        except OSError as err:  # disk full, read-only, permission, a file in the way: one sentence, no traceback
+            if os.environ.get("COMBO_DEBUG"):
+                raise
+            error_line(describe_os_error(err))
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -75,6 +84,28 @@ def split_list(value: str | None) -> list[str] | None:
 
 def is_tty() -> bool:
     return sys.stderr.isatty()
+
+
+_OS_REASONS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder, not a file",
+    errno.EEXIST: "something is already in the way",
+    errno.ENOENT: "no such file or folder",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One sentence for a file-system fault: the path at fault (when known) and the cause in words."""
+    reason = _OS_REASONS.get(err.errno or -1) or (err.strerror or str(err)).rstrip(".").lower()
+    path = err.filename if err.filename is not None else None
+    where = f"{path}: " if path is not None else ""
+    also = f" (and {err.filename2})" if getattr(err, "filename2", None) else ""
+    return f"{where}{reason}{also}"
 
 
 # ------------------------------------------------------------------------------------------ printing user text
