@@ -50,6 +50,14 @@ class DemoConfig:
             raise ValueError("--models: give at least one timm ViT name")
         if self.image_size < 16:
             raise ValueError(f"--image-size {self.image_size}: use at least one 16px patch")
+        checks = [(self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+                  (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+                  (self.width >= 1 and self.width % self.num_heads == 0,
+                   f"--width {self.width}: must be a positive multiple of the {self.num_heads} heads"),
+                  (self.depth >= 0, f"--depth must be >= 0, got {self.depth}")]
+        for ok, message in checks:  # before anything is extracted
+            if not ok:
+                raise ValueError(message)
 
     def describe(self) -> dict[str, Any]:
         return {
