@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -9,8 +10,19 @@ from typing import Iterator, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-from .clikit import configure_threads, console, friendly_errors, split_list, threads_option
+from .clikit import (
+    configure_threads,
+    console,
+    describe_os_error,
+    error_line,
+    friendly_errors,
+    plain,
+    say,
+    split_list,
+    threads_option,
+)
 
 
 def _rate(task) -> str:  # images/s column
@@ -32,7 +44,7 @@ class _RateColumn(TextColumn):
 def progress_bars() -> Iterator:
     """A rich progress bar per task: images done, images/s and ETA."""
     with Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", markup=False, style="bold"),  # task names are user text
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
@@ -57,30 +69,53 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+NUM_WORKERS_HELP = ("Image-decoding worker processes (0: decode in the main process). Default: up to 4, one fewer "
+                    "than the CPUs this process may use, so the decoders leave a CPU to the backbone's own threads.")
+
+
+def _shards(n: int) -> str:
+    return f"{n} shard{'s' if n != 1 else ''}"
+
+
+def _kept_clause(state) -> str:
+    """What an interrupted or failed run leaves behind, in words (no markup: printed as plain text)."""
+    if state.removed or state.store is None or not state.store.exists():
+        return "nothing was written"
+    if state.task is None or not state.shards_kept:
+        return f"no shard was finished; what {state.store} held before is kept"
+    verb = "is" if state.shards_kept == 1 else "are"
+    return (f"{_shards(state.shards_kept)} of task {state.task} written to {state.store} {verb} kept; "
+            "rerun the same command to resume")
+
+
 @friendly_errors
 def extract_command(
     model: str = typer.Option(..., "--model", "-m", help="Alias (sam, clip, dfn-clip, siglip, dinov2, in21k, in21k-augreg, mae) or any timm ViT name."),
-    dataset: str = typer.Option("digits", "--dataset", "-d", help="vtab | folder | parquet | digits (bundled, offline)."),
+    dataset: str = typer.Option("vtab", "--dataset", "-d", help="vtab (needs --root) | folder | parquet | digits (bundled, offline demo data)."),
     root: Optional[str] = typer.Option(None, "--root", help="Dataset root folder (vtab, folder) or Parquet file/folder."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Comma-separated tasks (vtab); default: every task under --root."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Store root; the store goes to OUT/<model>/<dataset>.zarr. Default $COMBO_STORE_ROOT or ./stores."),
     random_init: bool = typer.Option(False, "--random-init", help="Random weights (seeded, recorded in the store) instead of pretrained ones."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local .safetensors/.pth checkpoint to load instead of timm's pretrained weights."),
-    seed: int = typer.Option(0, "--seed", help="Seed for --random-init."),
-    image_size: int = typer.Option(224, "--image-size", help="Square input size (bilinear resize, no crop)."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per forward pass."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for --random-init."),
+    image_size: int = typer.Option(224, "--image-size", min=1, help="Square input size (bilinear resize, no crop); a multiple of the model's patch size (16; 14 for dinov2)."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu ...; default: CUDA when present."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16 or float32."),
     rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard", min=1, help="Images per shard (one object); default: as many as fit in 32 MiB."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record undecodable images in the store's metadata and go on."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute tasks (or replace a store made with other settings)."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Image-decoding worker processes (default: up to 4)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0, help=NUM_WORKERS_HELP),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="--dataset parquet: the image-bytes column (default: image, img, ... or the first binary / {bytes, path} column)."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="--dataset parquet: the label column (default: label, labels or target)."),
+    split_column: Optional[str] = typer.Option(None, "--split-column", help="--dataset parquet: the split column (default: split; without one, the split comes from the file names, else a 70/10/20 cut)."),
     threads: Optional[int] = threads_option(),
 ) -> None:
     """Run a frozen backbone once over a dataset and store every layer's tokens."""
     configure_threads(threads)
-    from extract.pipeline import ExtractConfig, extract
+    from extract.pipeline import ExtractConfig, ExtractState, check_config, extract
     from store_schema import default_store_root
+    from store_schema.manifest import describe_missing
 
     cfg_kwargs = dict(
         model=model,
@@ -98,26 +133,48 @@ def extract_command(
         rows_per_shard=rows_per_shard,
         skip_bad=skip_bad,
         overwrite=overwrite,
+        image_column=image_column,
+        label_column=label_column,
+        split_column=split_column,
     )
     if num_workers is not None:
         cfg_kwargs["num_workers"] = num_workers
     cfg = ExtractConfig(**cfg_kwargs)
+    check_config(cfg)  # bad options fail before anything is printed (extract() checks again: it is free)
     if random_init:
-        console.print(f"[yellow]note[/yellow]: {model} has RANDOM weights (--random-init, seed {seed}); features are not pretrained")
-    with progress_bars() as factory:
-        result = extract(cfg, progress=factory)
-    table = Table(title=f"store {result.store}")
+        say(("note", "yellow"), ": ", model, f" has RANDOM weights (--random-init, seed {seed}); features are not pretrained")
+    state = ExtractState()
+
+    def warn(message: str) -> None:
+        say(("warning", "yellow"), ": ", message)
+
+    try:
+        with progress_bars() as factory:
+            result = extract(cfg, progress=factory, state=state, warn=warn)
+    except KeyboardInterrupt:
+        error_line(_kept_clause(state), label="interrupted", style="yellow")
+        raise typer.Exit(130) from None
+    except OSError as err:
+        if os.environ.get("COMBO_DEBUG") or (isinstance(err, FileNotFoundError) and err.errno is None):
+            raise
+        # a file-system fault (disk full, read-only, permission): the path and cause, then what is kept
+        cause = describe_os_error(err) if err.errno is not None else str(err)
+        error_line(f"{cause}; {_kept_clause(state)}" if state.task is not None else cause)
+        raise typer.Exit(2) from None
+    table = Table(title=Text.assemble("store ", str(result.store)))
     for column in ("task", "status", "images run", "skipped", "seconds", "img/s"):
         table.add_column(column, justify="right" if column not in ("task", "status") else "left")
     for t in result.tasks:
         rate = f"{t.images / t.seconds:.1f}" if t.seconds > 0 and t.images else "-"
-        table.add_row(t.task, t.status, str(t.images), str(len(t.skipped)), f"{t.seconds:.1f}", rate)
+        table.add_row(plain(t.task), t.status, str(t.images), str(len(t.skipped)), f"{t.seconds:.1f}", rate)
     console.print(table)
     for t in result.tasks:
+        if t.repaired:
+            how = "the whole task was extracted again" if t.whole_task else "their shards were extracted again"
+            say(("repaired", "green"), " ", t.task, f": {len(t.repaired)} object(s) missing or resized since the task "
+                f"was finished ({describe_missing(t.repaired)}); {how}")
         for s in t.skipped:
-            console.print(f"[yellow]skipped[/yellow] {t.task}: {s.sample_id}: {s.error}")
+            say(("skipped", "yellow"), " ", t.task, ": ", s.sample_id, ": ", s.error)
     rate = result.images / result.seconds if result.seconds > 0 else 0.0
-    console.print(
-        f"{result.images} images in {result.seconds:.1f} s ({rate:.1f} img/s); "
-        f"{human_bytes(result.bytes_on_disk)} on disk at {result.store}"
-    )
+    say(f"{result.images} images in {result.seconds:.1f} s ({rate:.1f} img/s); "
+        f"{human_bytes(result.bytes_on_disk)} on disk at ", str(result.store))

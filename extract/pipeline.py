@@ -7,8 +7,14 @@ background thread while the next batches run through the model.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
+import shutil
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,18 +32,40 @@ from store_schema import (
     Skipped,
     StoreInfo,
     StoreLayout,
+    StoreError,
     StoreMismatchError,
     StoreWriter,
     TaskWriter,
     build_sample_table,
     default_store_root,
+    is_url,
     store_path,
 )
+from store_schema.writer import JOURNAL_NAME, shard_block
 
-from .backbones import Backbone, block_tokens, inference_context, load_backbone, pick_device
-from .datasets import TaskPlan, plan_dataset, vtab_group
+from .backbones import (
+    Backbone,
+    BackboneSpec,
+    _patch_size,
+    block_tokens,
+    inference_context,
+    load_backbone,
+    pick_device,
+    resolve_model,
+)
+from .datasets import DATASET_KINDS, DatasetError, TaskPlan, plan_dataset, vtab_group
 from .images import ImageDecodeError, PlanImages, collate_plan_images
 from .order import RowOrder, natural_order, row_order
+
+
+def default_num_workers() -> int:
+    """Image-decoding worker processes: up to 4, leaving one CPU to the backbone's own threads (on a
+    one-CPU machine, 0: images are decoded in the main process between forward passes)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return min(4, max(0, cpus - 1))
 
 
 @dataclass(frozen=True)
@@ -57,9 +85,13 @@ class ExtractConfig:
     rows_per_shard: int | None = None  # None: sized by bytes (StoreLayout.shard_bytes)
     skip_bad: bool = False
     overwrite: bool = False
-    num_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    num_workers: int = field(default_factory=default_num_workers)
     layout: StoreLayout | None = None
     model_kwargs: dict[str, Any] | None = None
+    # --dataset parquet: column names (default: detected, see extract.datasets.parquet)
+    image_column: str | None = None
+    label_column: str | None = None
+    split_column: str | None = None
 
 
 @dataclass
@@ -67,8 +99,10 @@ class TaskResult:
     task: str
     images: int  # images run through the backbone in this call
     seconds: float
-    status: str  # "extracted" | "resumed" | "already complete"
+    status: str  # "extracted" | "resumed" | "repaired" | "already complete"
     skipped: list[Skipped] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)  # store keys found missing or resized, extracted again
+    whole_task: bool = False  # repaired by extracting the whole task again (not only shards were damaged)
 
 
 @dataclass
@@ -83,7 +117,139 @@ class ExtractResult:
         return sum(t.images for t in self.tasks)
 
 
+@dataclass
+class ExtractState:
+    """Where a run stands, for a caller that has to explain an interruption or a failure."""
+
+    store: Path | None = None
+    task: str | None = None  # the task being written
+    shards_kept: int = 0  # shards of `task` finished and journaled (this run's and earlier runs')
+    shards_total: int = 0
+    removed: bool = False  # the run created the store, failed before its first shard, and removed it again
+
+
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
+WarnFn = Callable[[str], None]
+
+_PATCH_IN_NAME = re.compile(r"_patch(\d+)")
+
+
+def known_patch_size(spec: BackboneSpec, model_kwargs: dict[str, Any] | None = None) -> int | None:
+    """The patch size a timm name spells (vit_base_patch16_224 -> 16), before building anything."""
+    given = (model_kwargs or {}).get("patch_size")
+    if given is not None:
+        return given if isinstance(given, int) else None
+    match = _PATCH_IN_NAME.search(spec.timm_name)
+    return int(match.group(1)) if match else None
+
+
+def check_image_size(image_size: int, patch: int, model: str) -> None:
+    """Refuse an input size that is not a multiple of the patch size (the patch embedding would drop pixels)."""
+    if image_size < patch:
+        raise ValueError(f"--image-size {image_size} is smaller than the patch size {patch} of {model}; "
+                         f"use {patch} or another multiple of {patch}")
+    if image_size % patch:
+        low = image_size // patch * patch
+        raise ValueError(
+            f"--image-size {image_size} is not a multiple of the patch size {patch} of {model}: the last "
+            f"{image_size - low} pixel rows and columns would be dropped; use {low} or {low + patch}"
+        )
+
+
+def _check_int(option: str, value: Any, low: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{option} must be an integer >= {low}, got {value!r}")
+
+
+def check_config(cfg: ExtractConfig) -> BackboneSpec:
+    """Every check that costs nothing, before a backbone is built or an image read: options, the
+    dataset root, the model name (timm's registry) and, for names that spell it, the patch size."""
+    if cfg.dataset not in DATASET_KINDS:
+        raise DatasetError(f"--dataset {cfg.dataset!r} is not a dataset kind; choose one of {', '.join(DATASET_KINDS)}")
+    _check_int("--batch-size", cfg.batch_size, 1)
+    _check_int("--num-workers", cfg.num_workers, 0)
+    _check_int("--image-size", cfg.image_size, 1)
+    _check_int("--rows-per-shard", cfg.rows_per_shard, 1)
+    _check_int("--seed", cfg.seed, 0)
+    if cfg.layout is None:
+        StoreLayout(dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard)  # refuses an unknown --dtype
+    columns = [f"--{n.replace('_', '-')}" for n in ("image_column", "label_column", "split_column") if getattr(cfg, n)]
+    if columns and cfg.dataset != "parquet":
+        raise ValueError(f"{', '.join(columns)}: only --dataset parquet has columns (this run: --dataset {cfg.dataset})")
+    if cfg.dataset in ("vtab", "folder", "parquet"):
+        if cfg.root is None:
+            what = {"vtab": "the folder holding the VTAB-1k tasks (<root>/<task>/train800.txt ...)",
+                    "folder": "the image folder (one sub-folder per class)",
+                    "parquet": "a Parquet file or a folder of them"}[cfg.dataset]
+            hint = "; for the bundled offline demo data use --dataset digits" if cfg.dataset == "vtab" else ""
+            raise DatasetError(f"--dataset {cfg.dataset} needs --root, {what}{hint}")
+        root = os.path.abspath(os.path.expanduser(str(cfg.root)))
+        if not os.path.exists(root):
+            raise DatasetError(f"--root {root} does not exist")
+        if cfg.dataset != "parquet" and not os.path.isdir(root):
+            raise DatasetError(f"--root {root} is not a folder")
+    spec = resolve_model(cfg.model)
+    patch = known_patch_size(spec, cfg.model_kwargs)
+    if patch:
+        check_image_size(cfg.image_size, patch, cfg.model)
+    return spec
+
+
+def check_writable(out: str, store: Path) -> None:
+    """Can this run create or extend `store` under the store root `out`? Checked before the model is
+    loaded: a read-only or unwritable folder, or a file where a folder should be, is one sentence."""
+    if is_url(out):
+        raise StoreError(f"--out {out}: extraction writes local stores; extract under a local --out, then copy "
+                         "the store with `combo store push`")
+    existing = store.absolute()
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == Path(out).absolute():
+            raise ValueError(f"--out {out} is a file, not a folder (stores go to OUT/<model>/<dataset>.zarr)")
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        code = errno.EACCES
+        try:
+            if os.statvfs(existing).f_flag & os.ST_RDONLY:
+                code = errno.EROFS
+        except (AttributeError, OSError):
+            pass
+        raise OSError(code, os.strerror(code), str(existing))
+    try:  # what os.access cannot see (a read-only mount for root, quotas, a full disk)
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".combo-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(existing)) from None
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    out = []
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def _has_shards(task_dir: Path) -> bool:
+    """A task some run finished a shard of (journaled) or completed. A shard file without a journal
+    line is a write cut short (a full disk, a kill): not data."""
+    if (task_dir / JOURNAL_NAME).exists():
+        return True
+    try:
+        doc = json.loads((task_dir / "zarr.json").read_text())
+        return bool(((doc.get("attributes") or {}).get("combo_task") or {}).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _single_class(plan: TaskPlan) -> bool:
+    return len(set(plan.labels)) < 2
 
 
 def store_info(backbone: Backbone, *, dataset: str, root: str | None) -> StoreInfo:
@@ -115,10 +281,30 @@ def store_info(backbone: Backbone, *, dataset: str, root: str | None) -> StoreIn
     )
 
 
-def extract(cfg: ExtractConfig, *, progress: ProgressFactory | None = None) -> ExtractResult:
-    """Run `cfg.model` once over every image of `cfg.dataset` and write the store; resumable."""
+def extract(
+    cfg: ExtractConfig,
+    *,
+    progress: ProgressFactory | None = None,
+    state: ExtractState | None = None,
+    warn: WarnFn | None = None,
+) -> ExtractResult:
+    """Run `cfg.model` once over every image of `cfg.dataset` and write the store; resumable.
+
+    Order: free checks (options, --root, model name, patch size), then whether the store can be
+    written, then the backbone, then the dataset plan (which may hash every image), then the store.
+    A run that fails before its first shard removes the store / task it created (nothing an earlier
+    run wrote); shards already written stay, and rerunning the same command resumes.
+    `state` (optional) is kept up to date for a caller that must explain an interruption; `warn`
+    receives warnings (default: `warnings.warn`).
+    """
     started = time.perf_counter()
+    state = state if state is not None else ExtractState()
+    warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
+    spec = check_config(cfg)
     layout = cfg.layout or StoreLayout(dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard)
+    path = Path(store_path(cfg.out, spec.alias, cfg.dataset))
+    check_writable(cfg.out, path)
+    state.store = path
     device = pick_device(cfg.device)
     backbone = load_backbone(
         cfg.model,
@@ -128,13 +314,42 @@ def extract(cfg: ExtractConfig, *, progress: ProgressFactory | None = None) -> E
         seed=cfg.seed,
         model_kwargs=cfg.model_kwargs,
     )
+    check_image_size(cfg.image_size, _patch_size(backbone.model)[0], cfg.model)
     backbone.model.to(device)
-    plans = plan_dataset(cfg.dataset, root=cfg.root, tasks=list(cfg.tasks) if cfg.tasks else None, num_workers=cfg.num_workers)
-    path = Path(store_path(cfg.out, backbone.spec.alias, cfg.dataset))
+    plans = plan_dataset(cfg.dataset, root=cfg.root, tasks=list(cfg.tasks) if cfg.tasks else None,
+                         num_workers=cfg.num_workers, image_column=cfg.image_column,
+                         label_column=cfg.label_column, split_column=cfg.split_column)
+    for plan in plans:
+        if _single_class(plan):
+            label = plan.labels[0] if plan.labels else None
+            name = plan.classes[label] if label is not None and label < len(plan.classes) else "?"
+            warn(f"task {plan.task} has a single class ({name}, {len(plan)} images): its features are "
+                 "stored, but no probe can be trained on it (combo probe refuses one-class tasks)")
+    created = _missing_dirs(path)
     results: list[TaskResult] = []
-    with StoreWriter(path, store_info(backbone, dataset=cfg.dataset, root=cfg.root), layout, overwrite=cfg.overwrite) as writer:
-        for plan in plans:
-            results.append(_extract_task(cfg, writer, backbone, plan, device=device, progress=progress))
+    try:
+        with StoreWriter(path, store_info(backbone, dataset=cfg.dataset, root=cfg.root), layout, overwrite=cfg.overwrite) as writer:
+            for plan in plans:
+                existed = (path / plan.task).exists()
+                try:
+                    results.append(_extract_task(cfg, writer, backbone, plan, device=device, progress=progress, state=state))
+                except BaseException:
+                    if not existed and not _has_shards(path / plan.task):
+                        try:
+                            writer.drop_task(plan.task)  # created by this run, nothing in it: leave no trace
+                        except Exception:  # noqa: BLE001 - the original failure is what matters
+                            pass
+                    raise
+    except BaseException:
+        if created and path.is_dir() and not any(c.is_dir() for c in path.iterdir()):
+            shutil.rmtree(path, ignore_errors=True)  # the store this run created holds no task: remove it
+            for folder in created[1:]:
+                try:
+                    folder.rmdir()  # only while empty
+                except OSError:
+                    break
+            state.removed = True
+        raise
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return ExtractResult(store=path, tasks=results, bytes_on_disk=size, seconds=time.perf_counter() - started)
 
@@ -151,7 +366,8 @@ def _sample_table(order: RowOrder):
     )
 
 
-def _task_writer(cfg: ExtractConfig, writer: StoreWriter, backbone: Backbone, plan: TaskPlan) -> tuple[TaskWriter, TaskPlan]:
+def _task_writer(cfg: ExtractConfig, writer: StoreWriter, backbone: Backbone, plan: TaskPlan, *,
+                 overwrite: bool | None = None) -> tuple[TaskWriter, TaskPlan]:
     """Open (create or resume) the task; returns it with the plan in the store's row order (extract/order.py)."""
     order = row_order(plan)
     task_kwargs = dict(
@@ -162,7 +378,7 @@ def _task_writer(cfg: ExtractConfig, writer: StoreWriter, backbone: Backbone, pl
         protocols=plan.protocols,
         classes=plan.classes,
         group=vtab_group(plan.task) if plan.dataset == "vtab" else None,
-        overwrite=cfg.overwrite,
+        overwrite=cfg.overwrite if overwrite is None else overwrite,
     )
     try:
         task_writer = writer.task(plan.task, samples=_sample_table(order), row_order=order.attrs, **task_kwargs)
@@ -206,13 +422,28 @@ def _extract_task(
     *,
     device: torch.device,
     progress: ProgressFactory | None,
+    state: ExtractState | None = None,
 ) -> TaskResult:
     started = time.perf_counter()
-    task_writer, plan = _task_writer(cfg, writer, backbone, plan)  # plan: samples in store row order
+    # A finished task whose shards were deleted or cut short since: the manifest against one listing.
+    damaged = [] if cfg.overwrite else writer.damaged(plan.task)
+    whole_task = any(shard_block(plan.task, key) is None for key in damaged)
+    natural = plan
+    # plan: samples in store row order
+    task_writer, plan = _task_writer(cfg, writer, backbone, natural, overwrite=True if whole_task else None)
     if task_writer.complete:
-        return TaskResult(plan.task, 0, 0.0, "already complete", [task_writer.skipped[r] for r in sorted(task_writer.skipped)])
+        if not damaged:
+            return TaskResult(plan.task, 0, 0.0, "already complete", [task_writer.skipped[r] for r in sorted(task_writer.skipped)])
+        if task_writer.reopen_for_repair(damaged) is None:
+            whole_task = True  # a shard the manifest does not list: extract the whole task again
+            task_writer, plan = _task_writer(cfg, writer, backbone, natural, overwrite=True)
     pending = task_writer.pending()
-    status = "resumed" if len(pending) < len(task_writer.blocks) else "extracted"
+    if damaged:
+        status = "repaired"
+    else:
+        status = "resumed" if len(pending) < len(task_writer.blocks) else "extracted"
+    if state is not None:
+        state.task, state.shards_total, state.shards_kept = plan.task, len(task_writer.blocks), len(task_writer.done)
     rows = [r for b in pending for r in task_writer.blocks[b]]
     block_of_row = {r: b for b in pending for r in task_writer.blocks[b]}
     dataset = PlanImages(plan, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std)
@@ -271,10 +502,21 @@ def _extract_task(
                 done_images += len(row_ids)
                 if advance:
                     advance(len(row_ids))
-        finally:
+        except BaseException:
             # Whatever happened, shards already handed to the writer are finished and journaled.
             for fut in writes:
+                try:
+                    fut.result()
+                except BaseException:  # noqa: BLE001 - the first failure is the one to report
+                    pass
+            raise
+        else:
+            for fut in writes:
                 fut.result()
+        finally:
+            if state is not None:
+                state.shards_kept = len(task_writer.done)
     task_writer.finalize()
     skipped = [task_writer.skipped[r] for r in sorted(task_writer.skipped)]
-    return TaskResult(plan.task, done_images, time.perf_counter() - started, status, skipped)
+    return TaskResult(plan.task, done_images, time.perf_counter() - started, status, skipped,
+                      repaired=damaged, whole_task=whole_task)

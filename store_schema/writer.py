@@ -28,8 +28,8 @@ import zarr
 from . import samples as sample_table
 from .errors import SchemaVersionError, StoreError, StoreLockedError, StoreMismatchError
 from .layout import StoreLayout
-from .location import Location, fsync_dir, is_hidden, resolve
-from .manifest import MANIFEST_NAME, Entry, Manifest, sha256_bytes
+from .location import Location, fsync_dir, is_hidden, list_sizes, resolve
+from .manifest import MANIFEST_NAME, Entry, Manifest, absent_or_resized, sha256_bytes
 from .metadata import (
     FORMAT_MAJOR,
     FORMAT_MINOR,
@@ -58,6 +58,15 @@ RESERVED_NAMES = frozenset({TOKENS, PREFIX, "layer", *COORDINATES, *TOKEN_DIMS, 
 def shard_key(task: str, array: str, block: int) -> str:
     """Store key of shard `block` of an array (zarr v3 default chunk-key encoding)."""
     return f"{task}/{array}/c/{block}/0/0/0"
+
+
+def shard_block(task: str, key: str) -> int | None:
+    """Block index of a shard key of `task`'s tokens or prefix array (inverse of `shard_key`); None otherwise."""
+    parts = key.split("/")
+    if len(parts) == 7 and parts[0] == task and parts[1] in (TOKENS, PREFIX) and parts[2] == "c" \
+            and parts[3].isdigit() and parts[4:] == ["0", "0", "0"]:
+        return int(parts[3])
+    return None
 
 
 def _json_normal(obj: Any) -> Any:
@@ -260,6 +269,36 @@ class StoreWriter:
             self.publish(fresh)
         for task in complete:
             (self.path / task / JOURNAL_NAME).unlink(missing_ok=True)
+
+    def damaged(self, task: str) -> list[str]:
+        """Objects of a complete task that the manifest records but the disk lacks or holds at another
+        size (a deleted or truncated shard): one listing of the task's folder, nothing read. Empty when
+        the task is intact, incomplete or not in the manifest (then the journal, not the manifest, rules)."""
+        if not _task_complete(self.path / task):
+            return []
+        entries = self.manifest().for_task(task)
+        if not entries:
+            return []
+        listed = list_sizes(self.location, prefix=f"{task}/") or {}
+        missing, resized = absent_or_resized(entries, listed)
+        return sorted({*missing, *resized})
+
+    def drop_task(self, name: str) -> None:
+        """Remove a task this writer created and wrote no shard of (a run that failed before its first
+        shard leaves nothing half-made behind); the manifest is rewritten for the root zarr.json."""
+        task_dir = self.path / name
+        if _task_complete(task_dir) or (task_dir / JOURNAL_NAME).exists():
+            raise StoreError(f"task {name!r} in {self.path} has written shards; not removing it")
+        if task_dir.exists():
+            shutil.rmtree(task_dir)
+        root_attrs = self.attrs
+        if name in root_attrs["tasks"]:
+            root_attrs["tasks"] = [t for t in root_attrs["tasks"] if t != name]
+            self.group.attrs[ROOT_ATTR] = root_attrs
+        if (self.path / MANIFEST_NAME).exists():
+            self.publish()
+        else:
+            self.consolidate()
 
     # -- tasks ----------------------------------------------------------------------------
     @property
@@ -471,6 +510,55 @@ class TaskWriter:
                     self.skipped[int(s["row"])] = Skipped(**s)
             else:
                 self.done.pop(int(entry["block"]), None)
+
+    def reopen_for_repair(self, damaged: Iterable[str]) -> list[int] | None:
+        """Reopen a complete task whose listing lacks (or resized) the shards `damaged` so that only
+        their blocks are extracted again; returns those blocks, or None when `damaged` holds anything
+        but shards (then the task has to be extracted again as a whole).
+
+        Crash-safe in this order: the intact blocks are journaled from the manifest's entries (size
+        checked by the listing that found the damage), the damaged shards are deleted, the task loses
+        its `complete` flag, and the manifest is republished without it. A kill anywhere leaves either
+        the old complete task (still damaged, found again) or an incomplete one that resumes from the journal.
+        """
+        damaged = sorted(set(damaged))
+        blocks = sorted({shard_block(self.name, k) for k in damaged})
+        if not damaged or None in blocks:
+            return None
+        manifest = self.store.manifest().for_task(self.name)
+        skipped = [Skipped(**s) for s in self.attrs.get("skipped") or []]
+        redo = set(blocks)
+        lines = []
+        done: dict[int, dict[str, str]] = {}
+        sizes: dict[str, int] = {}
+        for block, rows in enumerate(self.blocks):
+            if block in redo:
+                continue
+            keys = [shard_key(self.name, a, block) for a, _ in self._arrays()]
+            if any(k not in manifest for k in keys):
+                return None  # a shard the manifest does not know: no way to trust the rest either
+            done[block] = {k: manifest[k].sha256 for k in keys}
+            sizes.update({k: int(manifest[k].size or 0) for k in keys})
+            lines.append({"block": block, "checksums": done[block], "sizes": {k: sizes[k] for k in keys},
+                          "skipped": [s.__dict__ for s in skipped if s.row in rows]})
+        with self._journal_lock:
+            with open(self._journal_path, "w") as handle:
+                handle.write("".join(json.dumps(line) + "\n" for line in lines))
+                handle.flush()
+                os.fsync(handle.fileno())
+            fsync_dir(self.store.path / self.name)
+            for block in blocks:
+                for array_name, _array in self._arrays():
+                    (self.store.path / shard_key(self.name, array_name, block)).unlink(missing_ok=True)
+            attrs = self.attrs
+            attrs.update(complete=False, skipped=[])
+            attrs.pop("completed", None)
+            self.group.attrs[TASK_ATTR] = attrs
+            _fsync_file(self.store.path / self.name / "zarr.json")
+            self.store.publish()  # the manifest no longer claims the task
+            self.done, self.sizes = done, sizes
+            self.skipped = {s.row: s for s in skipped if any(s.row in self.blocks[b] for b in done)}
+        return blocks
 
     def write_block(
         self,

@@ -563,3 +563,33 @@ def test_plans_pickle_for_spawned_workers_and_have_unique_ids(tmp_path):
         assert clone == plan
         last = len(plan.samples) - 1
         np.testing.assert_array_equal(np.asarray(clone.load_image(last)), np.asarray(plan.load_image(last)))
+
+
+def test_datasets_package_keeps_every_public_name():
+    import importlib
+
+    import extract.datasets as datasets
+
+    for name in datasets.__all__:
+        assert hasattr(datasets, name), name
+    for kind in ("vtab", "folder", "parquet", "digits", "common"):
+        importlib.import_module(f"extract.datasets.{kind}")
+    assert datasets.plan_parquet.__module__ == "extract.datasets.parquet"
+    assert datasets.TaskPlan.__module__ == "extract.datasets.common"
+
+
+def test_parquet_split_column_option(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "d.parquet"
+    make_parquet(f, n=12, layout="bytes", image_column="pixels", label_column="cls")
+    table = pq.read_table(f)
+    table = table.append_column("part", pa.array(["train", "train", "dev", "test"] * 3))
+    pq.write_table(table, f)
+    (plan,) = plan_parquet(f, image_column="pixels", label_column="cls", split_column="part")
+    assert plan.splits == {"train": 6, "val": 3, "trainval": 9, "test": 3}
+    with pytest.raises(DatasetError, match="no split column 'parts'"):
+        plan_parquet(f, image_column="pixels", label_column="cls", split_column="parts")
+    with pytest.raises(DatasetError, match="--label-column"):
+        plan_parquet(f, image_column="pixels")

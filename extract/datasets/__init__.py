@@ -1,0 +1,98 @@
+"""Plan which images go into a feature store, in which row order, with which split memberships.
+
+A `TaskPlan` is everything stage 1 needs to know about one task before touching a backbone: one
+`Sample` per *unique* image (store row order), each sample's label and split memberships, and the
+(train, eval) split pairs of the dev and final protocols. Planning reads split files / directory
+listings and, for VTAB, hashes images to fold the train800val200 copies onto the train800/val200
+rows; it never resizes or normalises (that is `extract.images`).
+
+Row order is a pure function of the dataset on disk (file order, sorted names, fixed seeds), so two
+plans of the same data are equal and a store can be resumed or verified against `fingerprint()`.
+
+The kinds live in one module each (`vtab`, `folder`, `parquet`, `digits`); `common` holds what
+they share (Sample, TaskPlan, readers, DatasetError, split constants). Import from here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from .common import (  # noqa: F401 - _digits_arrays, _open_image_bytes: used by extract.order, benchmarks
+    DATASET_KINDS,
+    GENERIC_PROTOCOLS,
+    IMAGE_EXTENSIONS,
+    VTAB_PROTOCOLS,
+    VTAB_SPLITS,
+    DatasetError,
+    DigitsReader,
+    ParquetReader,
+    Sample,
+    TaskPlan,
+    _digits_arrays,
+    _existing_dir,
+    _open_image_bytes,
+    open_image_file,
+)
+from .digits import plan_digits
+from .folder import plan_folder
+from .parquet import plan_parquet
+from .vtab import VTAB_NUM_CLASSES, VTAB_TASKS, discover_vtab_tasks, plan_vtab, read_split_file, vtab_group
+
+__all__ = [
+    "DATASET_KINDS",
+    "DatasetError",
+    "DigitsReader",
+    "GENERIC_PROTOCOLS",
+    "IMAGE_EXTENSIONS",
+    "ParquetReader",
+    "Sample",
+    "TaskPlan",
+    "VTAB_NUM_CLASSES",
+    "VTAB_PROTOCOLS",
+    "VTAB_SPLITS",
+    "VTAB_TASKS",
+    "discover_vtab_tasks",
+    "open_image_file",
+    "plan_dataset",
+    "plan_digits",
+    "plan_folder",
+    "plan_parquet",
+    "plan_vtab",
+    "read_split_file",
+    "vtab_group",
+]
+
+
+def plan_dataset(
+    kind: str,
+    *,
+    root: str | os.PathLike | None = None,
+    tasks: Iterable[str] | None = None,
+    num_workers: int = 0,
+    dedup: bool = True,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    split_column: str | None = None,
+) -> list[TaskPlan]:
+    """Plan a dataset of the given kind ("vtab", "folder", "parquet", "digits")."""
+    if kind not in DATASET_KINDS:
+        raise DatasetError(
+            f"option dataset: unknown kind {kind!r}; choose one of {', '.join(DATASET_KINDS)}"
+        )
+    if kind == "vtab":
+        root = _existing_dir(root, option="root")
+        return plan_vtab(root, tasks, dedup=dedup, num_workers=num_workers)
+    if tasks is not None:
+        own = "digits" if kind == "digits" else "default"
+        if list(tasks) not in ([], [own]):
+            raise DatasetError(
+                f"option tasks: only vtab has several tasks; {kind} has the one task {own!r}"
+            )
+    if kind == "digits":
+        return plan_digits()
+    if root is None:
+        raise DatasetError(f"option root: --dataset {kind} needs a root")
+    if kind == "folder":
+        return plan_folder(root)
+    return plan_parquet(root, image_column=image_column, label_column=label_column, split_column=split_column)
