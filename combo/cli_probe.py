@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from .progress import run_progress
-from .clikit import GRID_HELP, configure_threads, console, err_console, friendly_errors, parse_grid, split_list, threads_option
+from .clikit import (GRID_HELP, configure_threads, console, err_console, friendly_errors, parse_grid, plain, say, split_list,
+                     threads_option)
 
 STORES_HELP = "Comma-separated stores: short names (resolved as <store root>/<name>/<dataset>.zarr), paths or URLs."
 
@@ -26,18 +27,19 @@ def parse_weights(items: Optional[list[str]]) -> dict[str, str]:
 
 
 def _log(message: str) -> None:
-    err_console.print(f"[dim]{message}[/dim]", highlight=False)
+    err_console.print(plain(message, "dim"), highlight=False, soft_wrap=True)  # task names are user text
 
 
 def _pct(value: Any) -> str:
     return "-" if value is None or value == "" else f"{100 * float(value):.1f}"
 
 
-def results_table(rows: list[dict[str, Any]], *, title: str, vtab: bool) -> Table:
-    """Per-task accuracy; for VTAB also the group means and the overall mean (mean of the group means)."""
-    from probe.results import GROUP_ORDER, GROUP_TITLES, VTAB_GROUPS, group_means
+def results_table(rows: list[dict[str, Any]], *, title: str, vtab: bool, partial: str | None = None) -> Table:
+    """Per-task accuracy; for VTAB also the group means and the overall mean (mean of the group means).
+    ``partial`` (``partial: k of n planned tasks finished``) is shown as the caption, and no mean is computed."""
+    from probe.results import GROUP_ORDER, GROUP_TITLES, PARTIAL_MEANS, VTAB_GROUPS, group_means
 
-    table = Table(title=title)
+    table = Table(title=plain(title), caption=plain(f"{partial}; {PARTIAL_MEANS}", "yellow") if partial else None)
     for column, justify in (("task", "left"), ("group", "left"), ("split", "left"), ("n", "right"), ("accuracy (%)", "right")):
         table.add_column(column, justify=justify)
 
@@ -49,8 +51,8 @@ def results_table(rows: list[dict[str, Any]], *, title: str, vtab: bool) -> Tabl
         return (GROUP_ORDER.index(g) if g in GROUP_ORDER else len(GROUP_ORDER), str(row["task"]))
 
     for row in sorted(rows, key=order):
-        table.add_row(str(row["task"]), group_of(row), str(row["split"]), str(row["n"]), _pct(row["accuracy"]))
-    if vtab:
+        table.add_row(plain(row["task"]), plain(group_of(row)), plain(row["split"]), str(row["n"]), _pct(row["accuracy"]))
+    if vtab and not partial:
         means, overall = group_means(rows)
         table.add_section()
         for g in GROUP_ORDER:
@@ -88,6 +90,7 @@ def probe_command(
     width: int = typer.Option(128, "--width", hidden=True, help="Adapter width (paper: 128; smaller only for tests/demos)."),
     depth: int = typer.Option(6, "--depth", hidden=True, help="Adapter depth (paper: 6)."),
     heads: int = typer.Option(2, "--heads", hidden=True, help="Adapter heads (paper: 2)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Finish the missing tasks of an interrupted run folder (give the run's options again). Rerunning the same command resumes the newest unfinished run under --out by itself."),
     init: str = typer.Option("timm", "--init", help="Init of the adapter's Linear layers: timm (trunc-normal 0.02, the authors') or torch (PyTorch's default; leaves chance level sooner in short runs, see the README)."),
     threads: Optional[int] = threads_option(),
 ) -> None:
@@ -101,13 +104,16 @@ def probe_command(
     configure_threads(threads)
     from probe.data import budget_from_text
     from probe.results import GROUP_ORDER
-    from probe.run import ProbeConfig, run_probe
+    from probe.run import ProbeConfig
+    from probe.runstate import check_out_folder
 
     from .cli_store import storage_options
 
     refs = split_list(stores)
     if not refs:
         raise ValueError("--stores: give at least one store (short names, paths or URLs, comma-separated)")
+    if resume is not None and select:
+        raise ValueError("--resume works with plain probe runs, not with --select")
     options = storage_options(storage_option, *refs, store_root)
     kwargs: dict[str, Any] = {}
     if cache_budget:
@@ -125,6 +131,8 @@ def probe_command(
         cache=cache, device=device, out=out, storage_options=options or None, width=width, depth=depth,
         num_heads=heads, shuffle_window=shuffle_window, pool=pool, init=init, **kwargs,
     )
+    if resume is None:
+        check_out_folder(cfg.out)  # a file or a read-only folder fails here, before any store is opened
     if selection is not None:
         from probe.relevance import run_select
 
@@ -136,20 +144,41 @@ def probe_command(
         chosen.add_column("task")
         chosen.add_column("kept")
         for name, kept in result.chosen.items():
-            chosen.add_row(name, ", ".join(kept))
+            chosen.add_row(plain(name), plain(", ".join(kept)))
         console.print(chosen)
         from .cli_study import print_warnings
 
         print_warnings(result.relevance.warnings)
     else:
-        with run_progress(err_console) as progress:
-            run = run_probe(cfg, log=_log, progress=progress)
+        run = _probe_or_resume(cfg, resume)
         rows, run_dir = run.metrics, run.run_dir
-        names = ", ".join(Path(r).stem if "/" in r else r for r in refs)
-        title = f"{method} on {names} ({dataset}, protocol {protocol})"
+        title = run.title  # the stores' own dataset and backbones, also for stores given as paths
     vtab = any(r.get("group") in GROUP_ORDER for r in rows)  # VTAB stores record each task's group
     console.print(results_table(rows, title=title, vtab=vtab))
-    console.print(f"run folder: [bold]{run_dir}[/bold]", soft_wrap=True)
+    say("run folder: ", (str(run_dir), "bold"))
+
+
+def _probe_or_resume(cfg: Any, resume: Optional[Path]) -> Any:
+    """run_probe, resuming ``--resume RUN``, or else the newest unfinished run under --out with the same options
+    (rerunning the same command finishes it); Ctrl-C says what finished and how to go on."""
+    from probe.run import RunInterrupted, resume_options, run_probe
+    from probe.runstate import find_unfinished, read_state
+
+    if resume is not None:
+        if not resume.is_dir():
+            raise ValueError(f"--resume {resume}: no such run folder")
+    else:
+        resume = find_unfinished(cfg.out, resume_options(cfg))
+        if resume is not None:
+            state = read_state(resume)
+            say(("resuming", "bold"), f" {resume}: {len(state.done)} of {len(state.tasks)} tasks done", console_=err_console)
+    try:
+        with run_progress(err_console) as progress:
+            return run_probe(cfg, log=_log, progress=progress, resume=resume)
+    except RunInterrupted as stop:
+        say(("interrupted", "yellow"), f": {stop.done} of {stop.planned} tasks finished in {stop.run_dir}; rerun the same "
+            f"command (or `combo probe ... --resume {stop.run_dir}`) to finish the rest", console_=err_console)
+        raise typer.Exit(130) from None
 
 
 # -------------------------------------------------------------------------------------------------- predict
@@ -170,26 +199,31 @@ def predict_command(
 ) -> None:
     """Run the recorded backbones and the trained adapter on new images; print/write the predicted classes."""
     configure_threads(threads)
-    from .predict import predict_images, write_predictions
+    from .predict import check_output_file, predict_images, write_predictions
 
+    if out is not None:
+        check_output_file(out)  # before any backbone is loaded
     result = predict_images(probe, images, task=task, device=device, batch_size=batch_size,
                             weights=parse_weights(weights), skip_bad=skip_bad, log=_log)
-    console.print(f"{result.task}: {len(result.rows)} image(s), backbones {', '.join(result.backbones)}", soft_wrap=True)
+    if result.partial:
+        say(("warning", "yellow"), f": {probe} is an unfinished run ({result.partial}); task {result.task} finished "
+            "and is used", console_=err_console)
+    say(f"{result.task}: {len(result.rows)} image(s), backbones {', '.join(result.backbones)}")
     base = images if images.is_dir() else images.parent
-    table = Table(title=f"predictions ({base})" if images.is_dir() else None)
+    table = Table(title=plain(f"predictions ({base})") if images.is_dir() else None)
     for column, justify in (("image", "left"), ("class", "left"), ("index", "right"), ("confidence", "right")):
         table.add_column(column, justify=justify, overflow="fold")
     for row in result.rows[: max(0, show)]:
         shown = Path(row["path"]).relative_to(base).as_posix() if Path(row["path"]).is_relative_to(base) else row["path"]
         if row["error"]:
-            table.add_row(shown, f"[red]{row['error']}[/red]", "-", "-")
+            table.add_row(plain(shown), plain(row["error"], "red"), "-", "-")
         else:
-            table.add_row(shown, row["class"], str(row["prediction"]), f"{row['confidence']:.3f}")
+            table.add_row(plain(shown), plain(row["class"]), str(row["prediction"]), f"{row['confidence']:.3f}")
     console.print(table)
     if len(result.rows) > show:
         console.print(f"... {len(result.rows) - show} more row(s)" + ("" if out else "; pass --out FILE.csv to keep them all"))
     if out:
-        console.print(f"predictions: [bold]{write_predictions(result, out)}[/bold]", soft_wrap=True)
+        say("predictions: ", (str(write_predictions(result, out)), "bold"))
 
 
 # ----------------------------------------------------------------------------------------------------- demo

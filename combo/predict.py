@@ -33,12 +33,14 @@ from extract.datasets import IMAGE_EXTENSIONS, open_image_file
 from extract.images import preprocess
 from probe.align import make_prepare
 from probe.run import build_model, linear_prepare
+from probe.runstate import read_state
 
 __all__ = [
     "PredictError",
     "PredictResult",
     "RecordedBackbone",
     "TrainedTask",
+    "check_output_file",
     "list_images",
     "load_trained",
     "predict_images",
@@ -105,6 +107,7 @@ class TrainedTask:
     backbones: list[RecordedBackbone]
     grid: tuple[int, int]
     weights: Path
+    partial: str | None = None  # "partial: k of n planned tasks finished" for an unfinished run
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
@@ -127,6 +130,14 @@ def load_trained(run_dir: str | os.PathLike, task: str | None = None) -> Trained
     if kind not in RUN_KINDS:
         raise PredictError(f"{run_dir} is a {kind!r} run; predict needs a probe, relevance or select run")
     tasks = doc.get("tasks") or {}
+    state = read_state(run_dir)
+    partial = state.describe() if state is not None and state.partial else None
+    if partial:  # an unfinished run: only the tasks its state says finished are usable
+        tasks = {t: v for t, v in tasks.items() if t in state.done}
+        if task is not None and task not in tasks and task in state.tasks:
+            finished = f"finished: {', '.join(tasks)}" if tasks else "no task finished"
+            raise PredictError(f"{run_dir}: task {task} did not finish in this run ({partial}; {finished}); "
+                               "resume the run to train it")
     if not tasks:
         raise PredictError(f"{run_dir}: no trained task recorded in config.json (did the run finish a task?)")
     if task is None:
@@ -155,7 +166,7 @@ def load_trained(run_dir: str | os.PathLike, task: str | None = None) -> Trained
     if len(classes) < num_classes:
         classes += [str(i) for i in range(len(classes), num_classes)]
     return TrainedTask(run_dir=run_dir, task=task, kind=model_kind, model_config=model_config, classes=classes,
-                       backbones=stores, grid=(int(grid[0]), int(grid[1])), weights=weights)
+                       backbones=stores, grid=(int(grid[0]), int(grid[1])), weights=weights, partial=partial)
 
 
 def load_model(trained: TrainedTask) -> torch.nn.Module:
@@ -250,6 +261,7 @@ class PredictResult:
     classes: list[str]
     backbones: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)  # path, prediction, class, confidence, error
+    partial: str | None = None  # the run's "partial: k of n planned tasks finished", when it did not finish
 
     @property
     def predictions(self) -> np.ndarray:
@@ -320,7 +332,8 @@ def predict_images(
     else:
         uses_prefix = [False] * len(trained.backbones)
         prepare = make_prepare([b.token_grid for b in trained.backbones], target=trained.grid)
-    result = PredictResult(task=trained.task, classes=trained.classes, backbones=[b.alias for b in trained.backbones])
+    result = PredictResult(task=trained.task, classes=trained.classes, backbones=[b.alias for b in trained.backbones],
+                           partial=trained.partial)
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         decoded, kept = [], []
@@ -347,6 +360,24 @@ def predict_images(
             name = trained.classes[k] if k < len(trained.classes) else str(k)
             result.rows.append({"path": str(path), "prediction": int(k), "class": name, "confidence": float(p), "error": None})
     return result
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Refuse, before any backbone is loaded, a CSV path that cannot be written: a folder, a file or folder in
+    its way, or a read-only / unwritable place."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise PredictError(f"--out {path} is a folder; give a file name such as {path / 'predictions.csv'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PredictError(f"--out {path} is not writable (read-only or no permission)")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise PredictError(f"--out {path} cannot be created: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PredictError(f"--out {path} cannot be written: {folder} is read-only or not writable")
+    return path
 
 
 def write_predictions(result: PredictResult, path: str | os.PathLike) -> Path:

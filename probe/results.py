@@ -48,7 +48,10 @@ def new_run_dir(out: str | Path, label: str) -> Path:
 
 
 def write_json(path: Path, doc: Any) -> None:
-    path.write_text(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
+    """Replaced atomically: a crash or a full disk mid-write leaves the previous document, never half of one."""
+    from .runstate import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def write_table(rows: Sequence[dict[str, Any]], path_stem: Path, *, columns: Sequence[str] | None = None) -> None:
@@ -89,9 +92,19 @@ def group_means(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, float], float
     return means, overall
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], *, title: str, vtab: bool) -> str:
-    """One row per task (accuracy in %), then group means and the overall mean for VTAB."""
-    lines = [f"# {title}", "", "| task | group | split | n | accuracy (%) |", "|---|---|---|---|---|"]
+PARTIAL_MEANS = "no group or overall mean is computed from a partial run: it would not be comparable to a whole one"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], *, title: str, vtab: bool, partial: str | None = None) -> str:
+    """One row per task (accuracy in %), then group means and the overall mean for VTAB.
+
+    ``partial`` (e.g. ``partial: 3 of 19 planned tasks finished``) marks an unfinished run: it is said under the
+    title and no mean is computed (a mean over the tasks that happened to finish is not the run's score)."""
+    lines = [f"# {title}", ""]
+    if partial:
+        lines += [f"**{partial}**; {PARTIAL_MEANS}.", ""]
+        vtab = False
+    lines += ["| task | group | split | n | accuracy (%) |", "|---|---|---|---|---|"]
     ordered = sorted(rows, key=lambda r: (GROUP_ORDER.index(r.get("group") or VTAB_GROUPS.get(r["task"], "zz")) if (r.get("group") or VTAB_GROUPS.get(r["task"])) in GROUP_ORDER else 9, str(r["task"])))
     for row in ordered:
         group = row.get("group") or VTAB_GROUPS.get(str(row["task"]), "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -23,6 +24,7 @@ from .align import default_grid, make_prepare, normalise_maps
 from .data import CACHE_MODES, CachePlan, SplitSource, default_budget, eval_batches, plan_cache, training_batches
 from .linear import LinearProbe
 from .progress import RunProgress
+from .runstate import DONE, check_out_folder, finished_rows, new_state, open_resumed
 from .results import GROUP_ORDER, VTAB_GROUPS, markdown_table, new_run_dir, sanitise_url, write_json, write_table
 from .stores import AlignedTask, align_tasks, common_tasks, open_stores
 from .train import TrainConfig, evaluate, pick_device, set_seed, train_steps
@@ -215,11 +217,9 @@ def model_and_prepare(aligned: AlignedTask, source: SplitSource, cfg: ProbeConfi
 # --------------------------------------------------------------------------------------------- training
 
 
-def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, group_lambda: float | None = None,
-             log: Callable[[str], None] | None = None, progress: RunProgress | None = None,
-             label: str | None = None) -> TaskFit:
-    """Train on the protocol's training split and evaluate the final weights on its evaluation split.
-    ``progress`` hears the fit start (as ``label``, default the task), its steps and its end."""
+def task_splits(aligned: AlignedTask, cfg: ProbeConfig) -> tuple[str, str, np.ndarray, np.ndarray]:
+    """The protocol's (training split, evaluation split, their rows), refused when no classifier can be trained
+    or measured on them: a training split of one class would score 100% while learning nothing."""
     protocols = aligned.reference.protocols
     if cfg.protocol not in protocols:
         raise ValueError(
@@ -229,6 +229,19 @@ def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, gr
     train_rows, eval_rows = aligned.rows(train_split), aligned.rows(eval_split)
     if train_rows.size == 0 or eval_rows.size == 0:
         raise ValueError(f"task {aligned.name}: split {train_split!r} or {eval_split!r} has no samples")
+    seen = np.unique(np.asarray(aligned.labels)[train_rows])
+    if seen.size < 2:
+        raise ValueError(f"task {aligned.name}: the training split {train_split} holds one class (label {int(seen[0])}); "
+                         "a classifier cannot be trained or measured on it")
+    return train_split, eval_split, train_rows, eval_rows
+
+
+def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, group_lambda: float | None = None,
+             log: Callable[[str], None] | None = None, progress: RunProgress | None = None,
+             label: str | None = None) -> TaskFit:
+    """Train on the protocol's training split and evaluate the final weights on its evaluation split.
+    ``progress`` hears the fit start (as ``label``, default the task), its steps and its end."""
+    train_split, eval_split, train_rows, eval_rows = task_splits(aligned, cfg)
     train_source = sources_for(aligned, train_rows, cfg.method, pool=cfg.pool)
     eval_source = sources_for(aligned, eval_rows, cfg.method, pool=cfg.pool)
     set_seed(cfg.seed)
@@ -297,44 +310,121 @@ def save_fit(run_dir: Path, fit: TaskFit, aligned: AlignedTask, *, prefix: str =
 
 @dataclass
 class ProbeRun:
+    """A finished run: ``metrics`` of every planned task (resumed ones read back from the folder), ``fits`` of the
+    tasks trained by this call, and the dataset and backbones the opened stores recorded."""
+
     run_dir: Path
     metrics: list[dict[str, Any]]
     fits: list[TaskFit]
+    dataset: str = ""
+    backbones: list[str] = field(default_factory=list)
+    resumed: int = 0  # tasks that were already finished in the folder
+
+    @property
+    def title(self) -> str:
+        method = self.metrics[0]["method"] if self.metrics else "probe"
+        protocol = self.metrics[0]["protocol"] if self.metrics else "?"
+        return f"{method} on {' + '.join(self.backbones)} ({self.dataset}, protocol {protocol})"
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, with what is true of the folder it leaves (for the CLI's message)."""
+
+    def __init__(self, run_dir: Path, done: int, planned: int) -> None:
+        super().__init__(f"{done} of {planned} tasks finished in {run_dir}")
+        self.run_dir, self.done, self.planned = run_dir, done, planned
+
+
+def resume_options(cfg: ProbeConfig) -> dict[str, Any]:
+    """The options that decide a run's results, as JSON values: a resumed run must be given the same ones
+    (``out`` may differ: the folder is named; storage options are never written)."""
+    doc = asdict(cfg)
+    for key in ("out", "storage_options"):
+        doc.pop(key, None)
+    doc["stores"] = [sanitise_url(r) for r in cfg.stores]
+    doc["store_root"] = sanitise_url(cfg.store_root) if cfg.store_root else None
+    return json.loads(json.dumps(doc, default=str))
 
 
 def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run_dir: Path | None = None,
-              progress: RunProgress | None = None) -> ProbeRun:
-    """Train and evaluate on every requested task of the stores; write the run folder."""
+              progress: RunProgress | None = None, resume: str | os.PathLike | None = None) -> ProbeRun:
+    """Train and evaluate on every requested task of the stores; write the run folder.
+
+    The folder's state.json records the planned tasks and which finished, after every task; ``resume`` names an
+    unfinished folder whose missing tasks are trained (each task is seeded on its own, so the results equal an
+    uninterrupted run's). Ctrl-C raises `RunInterrupted`, which says what finished."""
+    if resume is None:
+        check_out_folder(run_dir.parent if run_dir is not None else cfg.out)
     device = pick_device(cfg.device)
     stores = open_stores(cfg.stores, store_root=cfg.store_root, dataset=cfg.dataset, storage_options=cfg.storage_options)
     tasks = common_tasks(stores, cfg.tasks)
     aligned_tasks = [align_tasks(stores, t) for t in tasks]  # check every task before anything trains
-    label = f"{cfg.method}-" + "+".join(s.backbone["alias"] for s in stores)
-    run_dir = run_dir or new_run_dir(cfg.out, label)
-    config_doc = run_config(cfg, stores, device=device)
-    config_doc["tasks"] = {}
-    write_json(run_dir / "config.json", config_doc)
-    fits, rows = [], []
-    if progress:
-        progress.plan(len(aligned_tasks))
     for aligned in aligned_tasks:
-        fit = fit_task(aligned, cfg, device=device, log=log, progress=progress)
-        save_fit(run_dir, fit, aligned)
-        config_doc["tasks"][aligned.name] = {"model": fit.model_config, "classes": aligned.classes, "grids": [list(g) for g in aligned.grids]}
+        task_splits(aligned, cfg)
+    backbones = [str(s.backbone["alias"]) for s in stores]
+    dataset = stores_dataset(stores)
+    planned = [a.name for a in aligned_tasks]
+    rows: list[dict[str, Any]] = []
+    if resume is not None:
+        run_dir = Path(resume)
+        state, config_doc = open_resumed(run_dir, resume_options(cfg), planned)
+        rows = finished_rows(run_dir, state.done)
+        config_doc["tasks"] = {t: v for t, v in (config_doc.get("tasks") or {}).items() if t in state.done}
+    else:
+        run_dir = run_dir or new_run_dir(cfg.out, f"{cfg.method}-" + "+".join(backbones))
+        state = new_state(planned, resume_options(cfg))
+        state.save(run_dir)
+        config_doc = run_config(cfg, stores, device=device)
+        config_doc["tasks"] = {}
         write_json(run_dir / "config.json", config_doc)
+    resumed = len(rows)
+    fits: list[TaskFit] = []
+    todo = [a for a in aligned_tasks if a.name not in state.done]
+    if progress:
+        progress.plan(len(todo))
+    for aligned in todo:
+        try:
+            state.tasks[aligned.name] = "running"
+            state.save(run_dir)
+            fit = fit_task(aligned, cfg, device=device, log=log, progress=progress)
+            save_fit(run_dir, fit, aligned)
+            config_doc["tasks"][aligned.name] = {"model": fit.model_config, "classes": aligned.classes,
+                                                 "grids": [list(g) for g in aligned.grids]}
+            write_json(run_dir / "config.json", config_doc)
+            rows = [r for r in rows if r["task"] != aligned.name] + [fit.metrics]
+            rows.sort(key=lambda r: planned.index(r["task"]))
+            write_table(rows, run_dir / "metrics")  # rewritten after each task: a crash keeps finished ones
+            state.tasks[aligned.name] = DONE
+            state.save(run_dir)
+        except BaseException as err:
+            state.tasks[aligned.name] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            try:
+                state.save(run_dir)  # best effort: a full disk may refuse this too; the last saved state holds
+            except OSError:
+                pass
+            if isinstance(err, KeyboardInterrupt):
+                raise RunInterrupted(run_dir, len(state.done), len(planned)) from None
+            raise
         fits.append(fit)
-        rows.append(fit.metrics)
-        write_table(rows, run_dir / "metrics")  # rewritten after each task: a crash keeps finished ones
-    title = f"{cfg.method} on {' + '.join(s.backbone['alias'] for s in stores)} ({cfg.dataset}, protocol {cfg.protocol})"
+    title = f"{cfg.method} on {' + '.join(backbones)} ({dataset}, protocol {cfg.protocol})"
     vtab = any(s.dataset == "vtab" for s in stores) or any(r.get("group") in GROUP_ORDER for r in rows)
     (run_dir / "results.md").write_text(markdown_table(rows, title=title, vtab=vtab))
-    return ProbeRun(run_dir=run_dir, metrics=rows, fits=fits)
+    state.complete = True
+    state.save(run_dir)
+    return ProbeRun(run_dir=run_dir, metrics=rows, fits=fits, dataset=dataset, backbones=backbones, resumed=resumed)
+
+
+def stores_dataset(stores: Sequence[FeatureStore]) -> str:
+    """The dataset the stores recorded (not the --dataset default, which only resolves short names)."""
+    names = list(dict.fromkeys(str(s.dataset) for s in stores))
+    return "+".join(names)
 
 
 def run_config(cfg: ProbeConfig, stores: Sequence[FeatureStore], *, device: torch.device) -> dict[str, Any]:
     doc = {"kind": "probe", **asdict(cfg)}
     doc.pop("storage_options", None)  # may hold endpoints or keys: never written
     doc["stores"] = [store_provenance(s) for s in stores]
+    doc["dataset"] = stores_dataset(stores)  # a store given as a path is read as what it holds
     doc["store_refs"] = [sanitise_url(r) for r in cfg.stores]
     doc["store_root"] = sanitise_url(cfg.store_root) if cfg.store_root else None
     doc["device"] = str(device)
@@ -363,6 +453,7 @@ __all__ = [
     "PROTOCOL_STEPS",
     "ProbeConfig",
     "ProbeRun",
+    "RunInterrupted",
     "TaskFit",
     "build_model",
     "fit_task",
@@ -371,8 +462,11 @@ __all__ = [
     "probe_grid",
     "replace",
     "run_config",
+    "resume_options",
     "run_probe",
+    "stores_dataset",
     "save_fit",
     "sources_for",
     "store_provenance",
+    "task_splits",
 ]
