@@ -30,19 +30,18 @@ from rich.text import Text
 from store_schema import default_store_root, parse_storage_options, validate_store
 from store_schema.catalog import DEFAULT_DEPTH, StoreSummary, human_bytes, list_stores, store_info
 from store_schema.errors import StoreError
-from store_schema.location import redact, secret_option_paths, url_has_password
+from store_schema.location import connection_problem, redact, secret_option_paths, url_has_password
 from store_schema.pack import pack_store
 from store_schema.transfer import TransferProgress, copy_store
 
-from .clikit import console, err_console, friendly_errors
+from .clikit import console, err_console, friendly_errors, say
 
 app = typer.Typer(help="Inspect, validate and share feature stores.", no_args_is_help=True)
 
 StorageOptions = Annotated[
     list[str] | None,
     typer.Option(
-        "--storage-option",
-        "-o",
+        "--storage-option",  # no short name: `-o` is --out in extract / probe / relevance / atlas
         help="fsspec option for remote locations, KEY=VALUE, repeatable (endpoint_url=http://..., anon=true, "
         "profile=NAME). Credentials come from the environment / config files, not from here.",
     ),
@@ -89,8 +88,9 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextlib.contextmanager
-def scrubbed(options: dict[str, Any] | None) -> Iterator[None]:
-    """Errors leave with secrets masked; network and permission errors become one clear line."""
+def scrubbed(options: dict[str, Any] | None, *where: str) -> Iterator[None]:
+    """Errors leave with secrets masked; network and permission errors become one clear line (a connection
+    that failed: `cannot reach WHERE: connection refused`)."""
     try:
         yield
     except (typer.Exit, KeyboardInterrupt):
@@ -102,6 +102,10 @@ def scrubbed(options: dict[str, Any] | None) -> Iterator[None]:
             raise StoreError(clean) from None
         if isinstance(err, (ValueError, RuntimeError, FileNotFoundError, KeyError)):
             raise
+        reason = connection_problem(err)
+        if reason is not None:
+            places = " or ".join(redact(str(w), options) for w in where if w) or "the server"
+            raise StoreError(f"cannot reach {places}: {redact(reason, options)}") from err
         if isinstance(err, _network_errors()):
             raise StoreError(f"{type(err).__name__}: {clean}") from err
         raise
@@ -161,18 +165,21 @@ def ls_command(
     """List the stores under a root; incomplete or broken ones are shown as such."""
     root = root or default_store_root()
     options = storage_options(storage_option, root)
-    with scrubbed(options):
+    with scrubbed(options, root):
         summaries = list_stores(root, storage_options=options, max_depth=depth)
     if json_output:
         echo_json([s.to_dict() for s in summaries], options)
         return
     if not summaries:
-        console.print(Text(f"no stores under {redact(root, options)}"))
+        console.print(Text(f"no stores under {redact(root, options)}"), soft_wrap=True)
         return
     width = _width()
-    console.print(Text(f"stores under {redact(root, options)}", style="bold"))
-    for line in _ls_lines(summaries, width, options):
-        console.print(line)
+    shown = redact(root, options)
+    heading = [f"stores under {shown}"] if cell_len(shown) + 13 <= width else ["stores under", shown]
+    for line in heading:  # the root whole on a line of its own rather than broken
+        console.print(Text(line, style="bold"), soft_wrap=True)
+    for line in _ls_lines(summaries, width, options):  # lines already fit `width`; a longer name is never broken
+        console.print(line, soft_wrap=True)
 
 
 # Plain-text rendering for `ls` and `info`: it must stay legible in an 80-column terminal and when
@@ -325,11 +332,21 @@ def _ls_lines(summaries: list[StoreSummary], width: int, options: dict[str, Any]
     ]
     order = ["store", "status", "backbone", "timm", "dataset", "tasks", "splits", "samples", "dtype", "size", "created", "ver"]
     columns = _fit(essential, optional, width)
+    own_line: set[int] = set()
+    if columns is None:  # a long store name? it goes on a line of its own above its row, the table stays
+        rest = sum(c.width for c in essential[1:]) + GAP * (len(essential) - 1)
+        cap = width - rest
+        if cap >= 16:
+            own_line = {i for i, s in enumerate(summaries) if cell_len(s.name) > cap}
+            essential[0] = _Column("store", [Text("") if i in own_line else Text(s.name) for i, s in enumerate(summaries)])
+            columns = _fit(essential, optional, width)
     if columns is None:
         return _ls_blocks(summaries, width, options)
     table = _table_lines(columns, order)
     lines = table[:2]
-    for s, row in zip(summaries, table[2:]):
+    for i, (s, row) in enumerate(zip(summaries, table[2:])):
+        if i in own_line:  # whole, never cut or broken (it may be longer than the terminal)
+            lines.append(Text(s.name))  # its row follows with the store cell blank
         lines.append(row)
         if s.reason:
             lines += _reason_lines(redact(s.reason, options), STATUS_STYLE.get(s.status, ""), width)
@@ -378,13 +395,13 @@ def info_command(
 ) -> None:
     """Provenance of a store: model, weights, preprocessing, layout, library versions, tasks."""
     options = storage_options(storage_option, store)
-    with scrubbed(options):
+    with scrubbed(options, store):
         doc = store_info(store, storage_options=options)
     if json_output:
         echo_json(doc, options)
         return
     for line in _info_lines(doc, _width(), options):
-        console.print(line)
+        console.print(line, soft_wrap=True)
 
 
 def _info_lines(doc: dict[str, Any], width: int, options: dict[str, Any]) -> list[Text]:
@@ -420,6 +437,9 @@ def _info_lines(doc: dict[str, Any], width: int, options: dict[str, Any]) -> lis
     lines: list[Text] = []
     for key, items, sep in rows:
         items = [redact(str(item), options) for item in items]
+        if key == "store" and cell_len(items[0]) > value_width:  # a path is never broken: on a line of its own
+            lines += [Text(key, style="bold"), Text(items[0])]
+            continue
         if value_width < 30:  # very narrow: the value under its key
             lines.append(Text(key, style="bold"))
             lines += [Text("  " + part) for part in _wrap_items(items, width - 2, sep or " ")]
@@ -443,6 +463,7 @@ def _task_lines(details: dict[str, Any], width: int, options: dict[str, Any]) ->
         return [Text("" if name not in ok else str(fn(ok[name]))) for name in names]
 
     status = [Text("error", style="red") if name not in ok else
+              Text("damaged", style="red") if ok[name].get("problems") else
               Text("complete", style="green") if ok[name]["complete"] else Text("incomplete", style="yellow") for name in names]
     essential = [
         _Column("task", [Text(n) for n in names]),
@@ -473,6 +494,8 @@ def _task_lines(details: dict[str, Any], width: int, options: dict[str, Any]) ->
             lines += [Text(" " * offset + part) for part in wrapped[name][1:]]
         else:
             lines += [Text("    splits " + wrapped[name][0])] + [Text("           " + part) for part in wrapped[name][1:]]
+        for problem in (ok.get(name) or {}).get("problems") or []:
+            lines += _reason_lines(redact(f"{problem}; run `combo store validate`", options), "red", width)
     return lines
 
 
@@ -490,7 +513,7 @@ def validate_command(
 ) -> None:
     """Check structure, completeness and checksums; exit 1 listing every problem (array + chunk)."""
     options = storage_options(storage_option, store)
-    with scrubbed(options):
+    with scrubbed(options, store):
         report = validate_store(store, storage_options=options, checksums="sample" if quick else "all", sample_fraction=fraction)
     if json_output:
         echo_json({"location": report.location, "ok": report.ok, "tasks": report.tasks, "problems": report.problems,
@@ -498,10 +521,10 @@ def validate_command(
         raise typer.Exit(0 if report.ok else 1)
     where = redact(report.location, options)
     if report.ok:
-        console.print(f"[green]valid[/green]: {where} ({len(report.tasks)} task(s); "
-                      f"{report.chunks_checked} of {report.chunks_total} shards checksummed)", highlight=False)
+        say(("valid", "green"), f": {where} ({len(report.tasks)} task(s); "
+            f"{report.chunks_checked} of {report.chunks_total} shards checksummed)")
         return
-    err_console.print(f"[bold red]invalid[/bold red]: {where} ({len(report.problems)} problem(s))", highlight=False)
+    say(("invalid", "bold red"), f": {where} ({len(report.problems)} problem(s))", console_=err_console)
     for problem in report.problems:
         err_console.print(f"  - {redact(problem, options)}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
@@ -514,19 +537,17 @@ def _copy(label: str, source: str, destination: str, *, verify: str, workers: in
     if verify not in ("written", "all", "sample", "none"):
         raise ValueError(f"--verify {verify!r}: choose written, all, sample or none")
     options = storage_options(items, source, destination)
-    with scrubbed(options), RichTransferProgress(label) as progress:
+    with scrubbed(options, source, destination), RichTransferProgress(label) as progress:
         result = copy_store(source, destination, storage_options=options, verify=verify, workers=workers, progress=progress)
     if json_output:
         echo_json(result.to_dict(), options)
         return
     check = {"written": f"{result.verified} written object(s) read back", "all": "every checksum",
              "sample": "sampled checksums", "none": "structure only"}[verify]
-    console.print(
-        f"[green]{label}[/green] {result.source} -> {redact(result.destination, options)}: copied {result.copied} "
+    say((label, "green"),
+        f" {redact(str(result.source), options)} -> {redact(result.destination, options)}: copied {result.copied} "
         f"object(s) ({human_bytes(result.bytes_copied)}, {result.mb_per_s:.1f} MB/s), {result.skipped} already there; "
-        f"verified ({check}): valid",
-        highlight=False,
-    )
+        f"verified ({check}): valid")
 
 
 @app.command("push")
@@ -564,18 +585,24 @@ def pull_command(
 @friendly_errors
 def pack_command(
     source: Annotated[str, typer.Argument(help="Store: folder or URL.")],
-    target: Annotated[str, typer.Argument(help="Zip file to write (e.g. sam-vtab.zarr.zip).")],
+    target: Annotated[str | None, typer.Argument(help="Zip file to write (e.g. sam-vtab.zarr.zip); or give it with -o.")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Zip file to write (the same as TARGET).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing zip.")] = False,
     verify: VerifyOption = "all",
     json_output: JsonFlag = False,
     storage_option: StorageOptions = None,
 ) -> None:
     """Pack a store into one uncompressed .zip (readable by zarr's ZipStore and `combo` as is)."""
+    if target and out and target != out:
+        raise ValueError(f"two zip files given ({target} and --out {out}): give one")
+    target = target or out
+    if not target:
+        raise ValueError("give the zip file to write: `combo store pack STORE FILE.zarr.zip` (or -o FILE.zarr.zip)")
     options = storage_options(storage_option, source)
-    with scrubbed(options), RichTransferProgress("pack") as progress:
+    with scrubbed(options, source), RichTransferProgress("pack") as progress:
         result = pack_store(source, target, storage_options=options, overwrite=overwrite, verify=verify, progress=progress)
     if json_output:
         echo_json(result.to_dict(), options)
         return
-    console.print(f"[green]packed[/green] {result.source} -> {result.target}: {result.objects} objects, "
-                  f"{human_bytes(result.bytes_packed)}; valid", highlight=False)
+    say(("packed", "green"), f" {redact(str(result.source), options)} -> {result.target}: {result.objects} objects, "
+        f"{human_bytes(result.bytes_packed)}; valid")

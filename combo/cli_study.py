@@ -7,9 +7,11 @@ from typing import Any, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from .progress import run_progress
-from .clikit import GRID_HELP, configure_threads, console, err_console, friendly_errors, parse_grid, split_list, threads_option
+from .clikit import (GRID_HELP, configure_threads, console, err_console, friendly_errors, parse_grid, plain, say, split_list,
+                     threads_option)
 
 SELECT_HELP = (
     "Also pick backbones per task and retrain ComBo on them WITHOUT the penalty: 'top-K' keeps the K most "
@@ -41,7 +43,12 @@ def _storage_options(items: Optional[list[str]]) -> dict[str, Any] | None:
 
 
 def _log(message: str) -> None:
-    err_console.print(f"[dim]{message}[/dim]", highlight=False)
+    err_console.print(Text(str(message), style="dim"), highlight=False, soft_wrap=True)
+
+
+def _run_folder(run_dir: Any) -> None:
+    """The run folder on one line of its own, never wrapped (a wrapped path breaks copy-paste)."""
+    say("run folder: ", (str(run_dir), "bold"))
 
 
 def _pct(value: Any) -> str:
@@ -62,9 +69,9 @@ def relevance_command(
     layer_heldout: bool = typer.Option(False, "--layer-heldout", help="Also measure each layer's held-out drop (one evaluation per layer of every backbone) for layer_relevance.csv and the report."),
     protocol: str = typer.Option("final", "--protocol", help=PROTOCOL_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: the protocol's, 1600 final / 1300 dev; the relevance pass: 1300)."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
-    lr: float = typer.Option(1e-3, "--lr", min=0.0),
-    seed: int = typer.Option(42, "--seed"),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Training batch size (paper: 64)."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Peak learning rate (paper: 1e-3)."),
+    seed: int = typer.Option(42, "--seed", help="Seed for the init and the sample order (paper: 42)."),
     grid: Optional[str] = typer.Option(None, "--grid", help=GRID_HELP),
     cache: str = typer.Option("auto", "--cache", help="Where the training split lives: auto, device, ram, stream."),
     cache_budget: Optional[str] = typer.Option(None, "--cache-budget", help="Memory for the cached split, e.g. 8GiB (default: half the RAM)."),
@@ -113,22 +120,20 @@ def relevance_command(
                                        title=f"Relevance (lambda = {group_lambda:g}) and ComBo retrained on {result.selection.describe()}"))
         run_dir, warnings = result.run_dir, result.relevance.warnings
     print_warnings(warnings)
-    console.print(f"run folder: [bold]{run_dir}[/bold]")
+    _run_folder(run_dir)
 
 
 def print_warnings(warnings: list[str]) -> None:
     """Each warning of a relevance run as its own paragraph, on stderr (user text escaped)."""
-    from rich.markup import escape
-
     for text in warnings:
-        err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(text)}", highlight=False)
+        err_console.print(Text.assemble(("warning:", "bold yellow"), " ", str(text)), highlight=False)
 
 
 def _relevance_table(importances, penalised, selected, names, *, title: str) -> Table:
-    table = Table(title=title)
+    table = Table(title=plain(title))
     table.add_column("task")
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(plain(name), justify="right")
     table.add_column("held-out acc. (%)", justify="right")
     if selected:
         table.add_column("selected", style="bold")
@@ -142,11 +147,11 @@ def _relevance_table(importances, penalised, selected, names, *, title: str) -> 
             text = f"{r['importance_normalised']:.3f} (#{r['rank']})"
             if "heldout_drop" in r:
                 text += f"\n{100 * r['heldout_drop']:+.1f} ± {100 * (r['heldout_high'] - r['heldout_drop']):.1f} pts (#{r['heldout_rank']})"
-            cells.append(f"[bold green]{text}[/bold green]" if (name in chosen or (not selected and r["rank"] == 1)) else text)
-        extra = [_pct(penalised.get(task, {}).get("accuracy"))]
+            cells.append(plain(text, "bold green" if (name in chosen or (not selected and r["rank"] == 1)) else ""))
+        extra = [plain(_pct(penalised.get(task, {}).get("accuracy")))]
         if selected:
-            extra += [", ".join(n for n in names if n in chosen), _pct(selected.get(task, {}).get("accuracy"))]
-        table.add_row(task, *cells, *extra)
+            extra += [plain(", ".join(n for n in names if n in chosen)), plain(_pct(selected.get(task, {}).get("accuracy")))]
+        table.add_row(plain(task), *cells, *extra)
     return table
 
 
@@ -156,17 +161,17 @@ def _relevance_table(importances, penalised, selected, names, *, title: str) -> 
 @friendly_errors
 def atlas_command(
     stores: str = typer.Option(..., "--stores", "-s", help="Comma-separated stores: short names (under --store-root), paths or URLs."),
-    dataset: str = typer.Option("vtab", "--dataset", "-d"),
+    dataset: str = typer.Option("vtab", "--dataset", "-d", help="Dataset of the stores (short names resolve to <root>/<name>/<dataset>.zarr)."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Comma-separated tasks; default: every task of the stores."),
     protocol: str = typer.Option("dev", "--protocol", help="dev: train800 -> val200 (default); final: train800val200 -> test."),
     pooling: str = typer.Option("cls,mean", "--pooling", help="cls (prefix token 0, where stored) and/or mean (of the patch tokens)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: the protocol's)."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
-    lr: float = typer.Option(1e-3, "--lr", min=0.0),
-    seed: int = typer.Option(42, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device"),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Training batch size (paper: 64)."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Peak learning rate (paper: 1e-3)."),
+    seed: int = typer.Option(42, "--seed", help="Seed for the init and the sample order (paper: 42)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu, mps; default: the best available."),
     out: str = typer.Option("runs", "--out", "-o", help="Folder for run folders."),
-    store_root: Optional[str] = typer.Option(None, "--store-root"),
+    store_root: Optional[str] = typer.Option(None, "--store-root", help="Where short store names live (default $COMBO_STORE_ROOT or ./stores)."),
     storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE (repeatable)."),
     threads: Optional[int] = threads_option(),
 ) -> None:
@@ -180,24 +185,35 @@ def atlas_command(
             batch_size=batch_size, lr=lr, seed=seed, device=device, out=out, store_root=store_root,
             storage_options=_storage_options(storage_option), log=_log, progress=progress,
         )
-    table = Table(title=f"Best layer per task (linear probe, {run.best[0]['split'] if run.best else ''})")
+    table = Table(title=plain(f"Best layer per task (linear probe, {run.best[0]['split'] if run.best else ''})"))
     for col, justify in (("task", "left"), ("backbone", "left"), ("layer", "right"), ("pooling", "left"),
                          ("accuracy (%)", "right"), ("last layer (%)", "right")):
         table.add_column(col, justify=justify)
     for b in run.best:
-        table.add_row(b["task"], b["backbone"], str(b["layer"]), b["pooling"], _pct(b["accuracy"]), _pct(b["last_layer_accuracy"]))
+        table.add_row(*[plain(v) for v in (b["task"], b["backbone"], b["layer"], b["pooling"], _pct(b["accuracy"]),
+                                            _pct(b["last_layer_accuracy"]))])
     console.print(table)
     for path in run.figures:
-        console.print(f"figure: {path}")
-    console.print(f"run folder: [bold]{run.run_dir}[/bold]")
+        say("figure: ", _relative(path, run.run_dir))
+    _run_folder(run.run_dir)
 
 
 # ------------------------------------------------------------------------------------------------ report
 
 
+def _relative(path: Any, folder: Any) -> str:
+    """`path` relative to `folder` when it lies inside it (so every row of a files table looks the same)."""
+    try:
+        return str(Path(path).relative_to(Path(folder)))
+    except ValueError:
+        return str(path)
+
+
 @friendly_errors
 def report_command(
     run: Path = typer.Argument(..., help="A run folder written by combo probe, relevance or atlas."),
+    json_output: bool = typer.Option(False, "--json", help="Print the files written and the summary as one JSON "
+                                     "document (for scripts) instead of tables."),
 ) -> None:
     """Render a run folder as report.md plus PNG figures (VTAB table, relevance bars, layer heat map, atlas curves)."""
     from probe.report import read_csv, render_report, run_kind
@@ -207,19 +223,27 @@ def report_command(
     written = render_report(run)
     kind = run_kind(run)
     metrics_file = {"atlas": "atlas_best.csv"}.get(kind, "metrics.csv")
-    if (run / metrics_file).exists():
-        rows = read_csv(run / metrics_file)
-        table = Table(title=f"{kind} run: {run.name}")
-        cols = ["task", "backbone", "layer", "pooling", "accuracy"] if kind == "atlas" else ["task", "group", "split", "n", "accuracy"]
+    rows = read_csv(run / metrics_file) if (run / metrics_file).exists() else []
+    cols = ["task", "backbone", "layer", "pooling", "accuracy"] if kind == "atlas" else ["task", "group", "split", "n", "accuracy"]
+    files = [{"path": _relative(path, run), "bytes": path.stat().st_size} for path in written]
+    if json_output:
+        import json
+
+        doc = {"run_folder": str(run), "kind": kind, "files": files,
+               "summary": [{c: r.get(c) for c in cols} for r in rows]}
+        typer.echo(json.dumps(doc, indent=2, default=str))
+        return
+    if rows:
+        table = Table(title=plain(f"{kind} run: {run.name}"))
         for col in cols:
             table.add_column(col + (" (%)" if col == "accuracy" else ""), justify="right" if col in ("n", "layer", "accuracy") else "left")
         for r in rows:
-            table.add_row(*[_pct(r.get(c)) if c == "accuracy" else str(r.get(c) if r.get(c) is not None else "") for c in cols])
+            table.add_row(*[plain(_pct(r.get(c)) if c == "accuracy" else (r.get(c) if r.get(c) is not None else "")) for c in cols])
         console.print(table)
-    files = Table(title="files written")
-    files.add_column("file")
-    files.add_column("bytes", justify="right")
-    for path in written:
-        files.add_row(str(path), f"{path.stat().st_size:,}")
-    console.print(files)
-    console.print(f"run folder: [bold]{run}[/bold]")
+    table = Table(title="files written", title_justify="left")
+    table.add_column("file", overflow="ellipsis", no_wrap=True)
+    table.add_column("bytes", justify="right", no_wrap=True)
+    for f in files:
+        table.add_row(plain(f["path"]), plain(f"{f['bytes']:,}"))
+    console.print(table)
+    _run_folder(run)

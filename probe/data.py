@@ -41,6 +41,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from store_schema import StoreError, TaskStore, shard_key
+from store_schema.writer import PREFIX, TOKENS
+
 from .stores import AlignedTask
 from .train import epoch_permutation
 
@@ -113,10 +116,45 @@ class SplitSource:
     def read(self, positions: np.ndarray) -> list[np.ndarray]:
         """Features of the given positions (any order), one array per store, rows in `positions` order."""
         positions = np.asarray(positions, dtype=np.int64)
-        return [
-            part.read(row_map[self.rows[positions]], layers=self.layers_of(k), prefix=self.prefix_of(k))
-            for k, (part, row_map) in enumerate(zip(self.task.parts, self.task.row_maps))
-        ]
+        out = []
+        for k, (part, row_map) in enumerate(zip(self.task.parts, self.task.row_maps)):
+            stored = row_map[self.rows[positions]]
+            block = part.read(stored, layers=self.layers_of(k), prefix=self.prefix_of(k))
+            if block.dtype.kind == "f" and not _all_finite(block):  # one pass per block read
+                raise non_finite_error(part, stored, block, prefix=self.prefix_of(k))
+            out.append(block)
+        return out
+
+
+def _all_finite(block: np.ndarray, max_values: int = 2**24) -> bool:
+    """np.isfinite(block).all(), a slice of rows at a time: the temporary mask stays small (16 MiB) however
+    large the block, so the check does not add a block-sized allocation to a budgeted stream."""
+    rows = max(1, max_values // max(1, int(np.prod(block.shape[1:]))))
+    if block.dtype == np.float16 and block.flags.c_contiguous:
+        # exponent bits all ones = inf or NaN: 3x faster than np.isfinite, which has no float16 fast path
+        bits = block.view(np.uint16)
+        return not any(bool(((bits[i:i + rows] & 0x7C00) == 0x7C00).any()) for i in range(0, block.shape[0], rows))
+    return all(bool(np.isfinite(block[i:i + rows]).all()) for i in range(0, block.shape[0], rows))
+
+
+def non_finite_error(part: TaskStore, stored_rows: np.ndarray, block: np.ndarray, *, prefix: bool) -> StoreError:
+    """The sentence for rows that read NaN or inf (a format 1 store's damage, or a row never written that
+    slipped through): the store, the array, the rows and their shards, and what to run. Training on them
+    would only say "loss became nan"."""
+    bad_at = ~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
+    rows = np.unique(stored_rows[bad_at])
+    array = f"{part.name}/{PREFIX if prefix else TOKENS}"
+    per_shard = part.rows_per_shard
+    shards = sorted({int(r) // per_shard for r in rows})
+    keys = [shard_key(part.name, PREFIX if prefix else TOKENS, b) for b in shards[:3]]
+    more = f" and {len(shards) - 3} more" if len(shards) > 3 else ""
+    shown = ", ".join(str(int(r)) for r in rows[:5]) + (f" (+{rows.size - 5} more)" if rows.size > 5 else "")
+    where = f"row {shown}" if rows.size == 1 else f"{rows.size} rows from {int(rows[0])} to {int(rows[-1])} (rows {shown})"
+    url = part.store.url
+    return StoreError(
+        f"{url}: array {array} holds non-finite values (NaN or inf) in {where}, shard {', '.join(keys)}{more}: "
+        f"damaged, or never written. Nothing is trained on them; run `combo store validate {url}`"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- sample order
@@ -412,6 +450,11 @@ def plan_cache(source: SplitSource, *, mode: str, budget_bytes: int, device: tor
             mode = "ram" if fits else "stream"
     if mode == "device" and device.type != "cuda":
         mode, note = "ram", f"no CUDA device ({device}): cached in RAM"
+    if mode in ("ram", "device") and not fits:  # asked for: the whole split is read, whatever the budget
+        over = (f"warning: --cache {mode} holds the whole training split ({split_bytes / 2**20:.1f} MiB) in "
+                f"{'RAM' if mode == 'ram' else 'GPU memory'}, over the cache budget ({budget_bytes / 2**20:.1f} MiB), "
+                "which it does not honour; use --cache stream (or auto) to stay within --cache-budget")
+        note = f"{note}; {over}" if note else over
     window: int | None = None
     if mode == "stream":
         if shuffle_window is not None:

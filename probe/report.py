@@ -18,9 +18,13 @@ from typing import Any
 import numpy as np
 
 from .results import GROUP_ORDER, GROUP_TITLES, VTAB_GROUPS, group_means, markdown_table
+from .runstate import read_state
 
 __all__ = [
     "ReportError",
+    "accuracy_figure",
+    "colour_scale_label",
+    "layer_heatmap_figure",
     "plot_accuracy",
     "plot_atlas",
     "plot_layer_heatmap",
@@ -255,6 +259,20 @@ def plot_heldout(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 def plot_layer_heatmap(rows: Sequence[Mapping[str, Any]], path: Path, *, value: str = "importance") -> Path:
     """Per task: backbone x layer heat map of ||W[:, l, :]|| (where the adapter reads its features), or with
     ``value="heldout_drop"`` of each layer's held-out drop (accuracy points lost when it alone is shuffled)."""
+    return _save(layer_heatmap_figure(rows, value=value), Path(path))
+
+
+def colour_scale_label(label: str, vmin: float | None) -> str:
+    """A colour bar's label, saying so when its scale does not start at zero (colours then exaggerate
+    differences: a scale from 1.42 makes 1.5 look three times 1.45)."""
+    if vmin is None or not math.isfinite(vmin) or abs(vmin) < 1e-12:
+        return label
+    return f"{label}\n(scale from {vmin:.3g}, not 0)"
+
+
+def layer_heatmap_figure(rows: Sequence[Mapping[str, Any]], *, value: str = "importance"):
+    """The figure of `plot_layer_heatmap`. Norms are >= 0 and their colour scale starts at 0; held-out drops
+    may be negative, so that scale spans the values and its colour bar says where it starts."""
     if not rows:
         raise ReportError("no per-layer relevance rows to plot")
     names = _backbones(rows)
@@ -270,7 +288,12 @@ def plot_layer_heatmap(rows: Sequence[Mapping[str, Any]], path: Path, *, value: 
                 scale = 100.0 if value == "heldout_drop" else 1.0
                 grid[names.index(r["backbone"]), pos] = scale * float(r[value])
                 labels.setdefault(pos, r["layer"])
-        image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest")
+        finite = grid[np.isfinite(grid)]
+        low = float(finite.min()) if finite.size else 0.0
+        vmin = min(0.0, low) if value == "importance" else low  # norms: from zero; drops: their range
+        vmax = float(finite.max()) if finite.size else 1.0
+        image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest",
+                          vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1e-9)
         if np.isfinite(grid).any():
             i, j = np.unravel_index(np.nanargmax(grid), grid.shape)
             ax.plot([j], [i], marker="*", color="white", markeredgecolor="black", markersize=12, linestyle="none")
@@ -279,15 +302,22 @@ def plot_layer_heatmap(rows: Sequence[Mapping[str, Any]], path: Path, *, value: 
         ax.set_xlabel("layer (block index)")
         ax.set_ylabel("backbone")
         ax.set_title(task, fontsize=10)
-        fig.colorbar(image, ax=ax, label="||W[:, l, :]||" if value == "importance" else "held-out drop (points)")
+        fig.colorbar(image, ax=ax, label=colour_scale_label(
+            "||W[:, l, :]||" if value == "importance" else "held-out drop (points)", vmin))
     fig.suptitle("Per-layer importance: norm of Lambda's slice for each layer (star = largest)" if value == "importance"
                  else "Per-layer held-out drop: accuracy lost when one layer is shuffled (star = largest)", fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    return _save(fig, Path(path))
+    return fig
 
 
 def plot_accuracy(series: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *, title: str) -> Path:
     """Grouped bars of accuracy per task (one bar per series), tasks ordered by VTAB group, group means dotted."""
+    return _save(accuracy_figure(series, title=title), Path(path))
+
+
+def accuracy_figure(series: Mapping[str, Sequence[Mapping[str, Any]]], *, title: str):
+    """The figure of `plot_accuracy`: each task's group is named above its tasks (tasks of one group side by
+    side, groups parted by a line) and the task labels are coloured per group, with a legend of the groups."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -314,15 +344,43 @@ def plot_accuracy(series: Mapping[str, Sequence[Mapping[str, Any]]], path: Path,
     ax.set_xticks(range(len(tasks)), tasks, rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_xlabel("task")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 115)  # room above 100 for the group names
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title(title, fontsize=11)
+    # the task's group: named over its tasks, the tick labels in the group's colour, groups parted by a line
+    group_of = {t: _group(next(r for r in all_rows if r["task"] == t)) for t in tasks}
+    groups = list(dict.fromkeys(group_of[t] for t in tasks))
+    if not any(g in GROUP_ORDER for g in groups):  # not VTAB (digits, a folder): no groups to name
+        groups = []
+        ax.set_ylim(0, 105)
+    group_colours = _group_colours(groups)
+    for tick, task in zip(ax.get_xticklabels(), tasks):
+        if group_of[task] in group_colours:
+            tick.set_color(group_colours[group_of[task]])
+    for g, group in enumerate(groups):
+        span = [i for i, t in enumerate(tasks) if group_of[t] == group]
+        ax.text((min(span) + max(span)) / 2, 108, GROUP_TITLES.get(group, group), ha="center", va="center",
+                fontsize=9, fontweight="bold", color=group_colours[group], gid="group-label")
+        if g:
+            ax.axvline(min(span) - 0.5, color="grey", linewidth=0.8, linestyle="-", alpha=0.6)
     handles = [Patch(facecolor=colours[l], edgecolor="black", label=l) for l in labels]
     if any(_group(r) in GROUP_ORDER for r in all_rows):
         handles.append(Line2D([], [], color="grey", linestyle=":", label="VTAB group mean"))
-    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    handles += [Line2D([], [], color=group_colours[g], marker="s", linestyle="none", label=f"group: {GROUP_TITLES.get(g, g)}")
+                for g in groups]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, never over a bar
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return fig
+
+
+GROUP_COLOURS = {"natural": "#1b7837", "specialised": "#2166ac", "structured": "#b2182b"}
+
+
+def _group_colours(groups: Sequence[str]) -> dict[str, Any]:
+    """A fixed colour per VTAB group (the same in every report); other groups grey shades."""
+    spare = ["#555555", "#8c510a", "#762a83", "#01665e"]
+    return {g: GROUP_COLOURS.get(g, spare[i % len(spare)]) for i, g in enumerate(groups)}
 
 
 # ------------------------------------------------------------------------------------------------ markdown
@@ -466,11 +524,18 @@ def render_report(run_dir: str | Path) -> list[Path]:
     where = f"dataset {config.get('dataset', '?')}, protocol {config.get('protocol', '?')}"
     setup = _setup_section(config, names) if kind != "atlas" else []
     if kind == "probe":
-        metrics = read_csv(run_dir / "metrics.csv")
+        state = read_state(run_dir)  # an unfinished run: said, its finished tasks only, and no mean computed
+        partial = state.describe() if state is not None and state.partial else None
+        metrics = read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() or not partial else []
+        if state is not None and partial:
+            metrics = [r for r in metrics if r["task"] in state.done]
         title = f"{config.get('method', 'probe')} on {' + '.join(names) or '?'} ({where})"
-        md.append(markdown_table(metrics, title=title, vtab=_is_vtab(config, metrics)))
-        figures.append(plot_accuracy({config.get("method", "probe"): metrics}, run_dir / "accuracy.png", title=title))
-        md += _image(figures[-1], "accuracy per task")
+        md.append(markdown_table(metrics, title=title, vtab=_is_vtab(config, metrics), partial=partial))
+        if metrics:
+            figure_title = f"{title}, {partial}" if partial else title
+            figures.append(plot_accuracy({config.get("method", "probe"): metrics}, run_dir / "accuracy.png",
+                                         title=figure_title))
+            md += _image(figures[-1], "accuracy per task")
     elif kind in ("relevance", "select"):
         importances = read_csv(run_dir / "relevance.csv")
         layers = read_csv(run_dir / "layer_relevance.csv")

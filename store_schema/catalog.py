@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import SchemaVersionError, StoreError, StoreNotFoundError
-from .location import Location, can_list, is_hidden, list_sizes, redact, resolve
+from .location import Location, can_list, is_hidden, list_sizes, redact, resolve, unreachable_error
 from .manifest import Manifest, absent_or_resized, load_manifest
 from .metadata import ROOT_ATTR, SCHEMA_VERSION, TASK_ATTR, format_major
 from .reader import FeatureStore, _load_json, check_root_attrs, task_document
@@ -181,7 +181,9 @@ def _journal_entries(location: Location, task: str) -> int | None:
 def _summarize_zip(path: str, *, name: str) -> StoreSummary:
     try:
         return summarize_store(resolve(path), name=name)
-    except Exception as err:  # noqa: BLE001 - not a zip at all
+    except StoreError as err:  # cut short or not a zip at all: the error says so
+        return StoreSummary(name=name, url=path, status="invalid", reason=str(err))
+    except Exception as err:  # noqa: BLE001
         return StoreSummary(name=name, url=path, status="invalid", reason=f"unreadable zip: {err}")
 
 
@@ -207,8 +209,11 @@ def list_stores(
     if location.kind == "zip":
         return [summarize_store(location, name=os.path.basename(location.url))]
     if not can_list(location):
-        if location.exists(ROOT_KEY):
+        try:
+            location.read_bytes(ROOT_KEY)  # not `exists`: that says False for a server that cannot be reached
             return [summarize_store(location)]
+        except StoreNotFoundError:
+            pass
         raise StoreError(
             f"cannot list {redact(location.url)}: a plain web server has no listing; "
             "give the URL of a store itself (…/<backbone>/<dataset>.zarr)"
@@ -217,6 +222,9 @@ def list_stores(
     try:
         is_dir = location.fs.isdir(base) if base else True
     except Exception as err:  # noqa: BLE001 - e.g. access denied on the bucket
+        unreachable = unreachable_error(location.url, err)
+        if unreachable is not None:
+            raise unreachable from err
         raise StoreError(f"cannot list {redact(location.url)}: {redact(str(err), storage_options)}") from err
     if not is_dir:
         raise StoreNotFoundError(f"no store root at {redact(location.url)} (nothing there)")
@@ -256,6 +264,17 @@ def store_info(location: str | os.PathLike, *, storage_options: dict[str, Any] |
     store = FeatureStore(loc)
     attrs = dict(store.attrs)
     tasks: dict[str, Any] = {}
+    try:
+        sizes = list_sizes(loc)
+    except Exception:  # noqa: BLE001
+        sizes = None
+    manifest: Manifest | None = None
+    manifest_error = ""
+    if store.format_major >= 2:
+        try:
+            manifest = load_manifest(loc, format_major=store.format_major)
+        except StoreError as err:
+            manifest_error = redact(str(err))
     for task in store.tasks:
         try:
             task_attrs = (_load_json(loc, f"{task}/zarr.json").get("attributes") or {}).get(TASK_ATTR) or {}
@@ -272,15 +291,35 @@ def store_info(location: str | os.PathLike, *, storage_options: dict[str, Any] |
             "skipped": len(task_attrs.get("skipped") or []),
             "skipped_samples": [s.get("sample_id") for s in task_attrs.get("skipped") or []][:20],
             "completed": task_attrs.get("completed"),
+            "problems": _object_problems(task, bool(task_attrs.get("complete")), manifest, manifest_error, sizes),
         }
-    try:
-        sizes = list_sizes(loc)
-    except Exception:  # noqa: BLE001
-        sizes = None
     attrs["location"] = redact(loc.url)
     attrs["size_bytes"] = None if sizes is None else int(sum(v for k, v in sizes.items() if not is_hidden(k)))
     attrs["task_details"] = tasks
     return attrs
+
+
+def _object_problems(task: str, complete: bool, manifest: Manifest | None, manifest_error: str,
+                     sizes: dict[str, int] | None) -> list[str]:
+    """What a listing shows wrong with a complete task's objects (missing, or of another size than the manifest
+    records), as `ls` checks it: cheap, no checksum (that is `validate`'s job)."""
+    if not complete:
+        return []
+    if manifest_error:
+        return [manifest_error]
+    if manifest is None or sizes is None:
+        return []
+    entries = manifest.for_task(task)
+    if not entries:
+        return ["not in manifest.json (writer killed while finishing it)"]
+    missing, resized = absent_or_resized(entries, sizes)
+    out = []
+    if missing:
+        out.append(f"{len(missing)} object(s) missing (first: {missing[0]})")
+    if resized:
+        out.append(f"{', '.join(resized[:3])}{' ...' if len(resized) > 3 else ''} of another size than manifest.json "
+                   "records (truncated or replaced)")
+    return out
 
 
 def human_bytes(size: int | None) -> str:

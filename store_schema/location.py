@@ -11,6 +11,7 @@ import os
 import posixpath
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,47 @@ def url_has_password(url: str) -> bool:
     return bool(match and ":" in match.group(0)[len(match["scheme"]):])
 
 
+def connection_problem(err: BaseException) -> str | None:
+    """What stopped a connection to a server, in words ("connection refused", "host name not found",
+    "timed out"), or None when `err` is not a connection failure (a missing object, a bad file)."""
+    import errno as errno_codes
+    import socket
+
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [getattr(e, "os_error", None), e.__cause__, e.__context__]
+    names = {type(e).__name__ for e in seen}
+    for e in seen:
+        code = getattr(e, "errno", None)
+        if isinstance(e, ConnectionRefusedError) or code == errno_codes.ECONNREFUSED:
+            return "connection refused (nothing is listening there)"
+        if isinstance(e, socket.gaierror) or "ClientConnectorDNSError" in names:
+            return "host name not found"
+        if code in (errno_codes.EHOSTUNREACH, errno_codes.ENETUNREACH):
+            return "host unreachable"
+        if isinstance(e, ConnectionResetError):
+            return "connection reset by the server"
+    if "EndpointConnectionError" in names or "ConnectTimeoutError" in names:
+        return f"cannot connect to the endpoint ({err})"
+    for e in seen:
+        if isinstance(e, (TimeoutError, ConnectionError)) or "ServerTimeoutError" in names:
+            return f"{'timed out' if isinstance(e, TimeoutError) else 'connection failed'} ({e})"
+        if type(e).__name__ in ("ClientConnectorError", "ClientConnectionError", "ServerDisconnectedError"):
+            return f"connection failed ({e})"
+    return None
+
+
+def unreachable_error(url: str, err: BaseException) -> StoreError | None:
+    """`cannot reach URL: connection refused` for a connection failure, else None."""
+    reason = connection_problem(err)
+    return None if reason is None else StoreError(f"cannot reach {redact(url)}: {reason}")
+
+
 @dataclass
 class Location:
     """A resolved store location: fsspec filesystem + path, and how to open it with zarr."""
@@ -161,6 +203,14 @@ class Location:
             return self.fs.cat_file(self.key_path(key))
         except FileNotFoundError as err:
             raise StoreNotFoundError(f"{self.url}: missing {key}") from err
+        except zipfile.BadZipFile as err:  # a damaged entry (CRC) or archive
+            raise StoreError(f"{self.url}: {key} cannot be read from the zip ({err}); "
+                             f"run `combo store validate {self.url}`") from err
+        except Exception as err:  # noqa: BLE001 - a server that cannot be reached says so; the rest as it is
+            unreachable = unreachable_error(self.url, err) if self.kind == "remote" else None
+            if unreachable is not None:
+                raise unreachable from err
+            raise
 
     @property
     def is_s3(self) -> bool:
@@ -303,6 +353,10 @@ def resolve(location: str | os.PathLike, *, storage_options: dict[str, Any] | No
         if not path.is_file():
             raise StoreNotFoundError(f"no zip store at {path}")
         # no instance cache: a zip rewritten in place (pack --overwrite) must not be read from a stale index
-        fs = fsspec.filesystem("zip", fo=str(path), skip_instance_cache=True)
+        try:
+            fs = fsspec.filesystem("zip", fo=str(path), skip_instance_cache=True)
+        except zipfile.BadZipFile as err:  # cut short (an interrupted download) or not a zip at all
+            raise StoreError(f"{path} is not a readable zip file ({err}: truncated or corrupt, e.g. an interrupted "
+                             "copy); copy it again, or pack the store again with `combo store pack`") from None
         return Location(url=str(path), fs=fs, root="", kind="zip")
     return Location(url=str(path), fs=fsspec.filesystem("file"), root=str(path.resolve()), kind="local")

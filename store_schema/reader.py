@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
@@ -25,14 +26,15 @@ from .writer import PREFIX, SAMPLES_NAME, TOKENS, shard_key
 def _load_json(location: Location, key: str) -> dict[str, Any]:
     try:
         raw = location.read_bytes(key)
-    except StoreNotFoundError:
+    except StoreError:  # missing, unreachable, a damaged zip entry: each already names the store and key
         raise
     except Exception as err:  # noqa: BLE001 - network / permission errors name the key
         raise StoreError(f"{location.url}: cannot read {key}: {err}") from err
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StoreError(f"{location.url}/{key} is not valid JSON (truncated or corrupt): {err}") from err
+        raise StoreError(f"{location.url}: {key} is not valid JSON ({err}; truncated or corrupt); "
+                         f"run `combo store validate {location.url}`") from err
 
 
 def check_root_attrs(location: Location, doc: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +217,7 @@ def read_rows(array: zarr.Array, rows: Sequence[int] | np.ndarray, *, layers: Se
         first, last = np.searchsorted(sorted_rows, [lo, hi])
         try:
             block = array[lo:hi] if layer_list is None else array.oindex[lo:hi, layer_list]
-        except (RuntimeError, ValueError, OSError) as err:  # zstd / crc32c checksum, truncated object
+        except (RuntimeError, ValueError, OSError, zipfile.BadZipFile) as err:  # zstd / crc32c / zip CRC, truncated object
             first_shard, last_shard = lo // rows_per_shard, (hi - 1) // rows_per_shard
             shards = ", ".join(f"{array.path}/c/{b}/0/0/0" for b in range(first_shard, min(last_shard, first_shard + 2) + 1))
             raise StoreError(
@@ -241,16 +243,24 @@ class TaskStore:
         if not isinstance(attrs, dict):
             raise StoreError(f"{store.url}/{name}: task group has no '{TASK_ATTR}' attribute")
         self.attrs: dict[str, Any] = attrs
+        self.tokens: zarr.Array = self._array(TOKENS)
+        self.prefix: zarr.Array | None = self._array(PREFIX) if store.num_prefix_tokens else None
+
+    def _array(self, array: str) -> zarr.Array:
+        """An array of the task; a missing or unreadable array metadata document is named (zarr reads it
+        itself where the root has no consolidated metadata, and would only say "Unterminated string ...")."""
+        url, key = self.store.url, f"{self.name}/{array}/zarr.json"
         try:
-            self.tokens: zarr.Array = store.group[f"{name}/{TOKENS}"]
+            return self.store.group[f"{self.name}/{array}"]
         except KeyError as err:
-            raise StoreError(f"{store.url}/{name}: the '{TOKENS}' array is missing") from err
-        self.prefix: zarr.Array | None = None
-        if store.num_prefix_tokens:
-            try:
-                self.prefix = store.group[f"{name}/{PREFIX}"]
-            except KeyError as err:
-                raise StoreError(f"{store.url}/{name}: the '{PREFIX}' array is missing") from err
+            raise StoreError(f"{url}/{self.name}: the '{array}' array is missing") from err
+        except StoreError:
+            raise
+        except zipfile.BadZipFile as err:
+            raise StoreError(f"{url}: {key} cannot be read from the zip ({err}); run `combo store validate {url}`") from err
+        except (ValueError, TypeError, UnicodeDecodeError) as err:
+            what = "is not valid JSON" if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)) else "is not valid array metadata"
+            raise StoreError(f"{url}: {key} {what} ({err}; truncated or corrupt); run `combo store validate {url}`") from err
 
     # -- metadata ---------------------------------------------------------------------------
     @property
@@ -312,7 +322,11 @@ class TaskStore:
         data = self.store.location.read_bytes(key)
         if self.complete and self.store.format_major >= 2:
             verify_bytes(self.store.manifest, key, data, where=self.store.url)
-        return sample_table.from_bytes(data)
+        try:
+            return sample_table.from_bytes(data)
+        except (pa.ArrowException, ValueError, OSError) as err:
+            raise StoreError(f"{self.store.url}: {key} is not a readable Parquet table ({err}; truncated or corrupt); "
+                             f"run `combo store validate {self.store.url}`") from err
 
     @cached_property
     def labels(self) -> np.ndarray:

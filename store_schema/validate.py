@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import samples as sample_table
-from .errors import StoreError, StoreValidationError
+from .errors import StoreError, StoreNotFoundError, StoreValidationError
 from .location import is_hidden, list_sizes, resolve
 from .manifest import MANIFEST_NAME, Manifest, sha256_bytes
 from .metadata import ROOT_ATTR, TASK_ATTR
@@ -89,7 +89,12 @@ def validate_store(
     """
     if checksums not in ("all", "sample", "none"):
         raise ValueError(f"checksums must be 'all', 'sample' or 'none', not {checksums!r}")
-    loc = resolve(location, storage_options=storage_options)
+    try:
+        loc = resolve(location, storage_options=storage_options)
+    except StoreNotFoundError:
+        raise
+    except StoreError as err:  # e.g. a zip cut short: a problem of the store, listed like the others
+        return ValidationReport(location=str(location), problems=[str(err)])
     report = ValidationReport(location=loc.url)
     try:
         store = FeatureStore(loc)
@@ -240,7 +245,12 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
                 continue
             if block in to_hash:
                 report.chunks_checked += 1
-                if sha256_bytes(loc.read_bytes(key)) != digests[local_key]:
+                try:
+                    data = loc.read_bytes(key)
+                except StoreError as err:  # a zip entry failing its CRC
+                    problems.append(f"{where} cannot be read: {str(err).split('; run `combo store validate', 1)[0]}")
+                    continue
+                if sha256_bytes(data) != digests[local_key]:
                     problems.append(f"{where} is corrupt (checksum mismatch)")
     return "ok"
 
@@ -285,6 +295,14 @@ def _check_task_objects(store: FeatureStore, task: str, arrays: list[str], num_b
         if key in shard_keys and key not in to_hash:
             continue
         report.chunks_checked += key in shard_keys
-        if sha256_bytes(loc.read_bytes(key)) != entry.sha256:
+        try:
+            data = loc.read_bytes(key)
+        except StoreNotFoundError:
+            problems.append(f"{where} is missing (it would read as NaN, never as data)")
+            continue
+        except StoreError as err:  # a zip entry failing its CRC, an unreachable server: listed, not fatal
+            problems.append(f"{where} cannot be read: {str(err).split('; run `combo store validate', 1)[0]}")
+            continue
+        if sha256_bytes(data) != entry.sha256:
             problems.append(f"{where} is corrupt (does not match its sha256 in {MANIFEST_NAME})")
     return "ok"

@@ -215,3 +215,95 @@ def test_cli_report(probe_run, tmp_path):
     missing = runner.invoke(app, ["report", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "no run folder" in missing.output
     assert re.search(r"error", missing.output)
+
+
+def long_probe_run(tmp_path):
+    """A probe run folder deep under a long path, with a bracketed task and backbone name."""
+    folder = tmp_path / ("runs-[final]-" + "x" * 60) / "probe-[a]"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"kind": "probe", "method": "combo", "dataset": "vtab",
+                                                    "protocol": "final", "stores": [{"backbone": {"alias": "dino[v2]"}}]}))
+    write_csv(folder / "metrics.csv", [{**PROBE_METRICS[0], "task": "cifar[red]"}, *PROBE_METRICS[1:]])
+    return folder
+
+
+def test_cli_report_files_table_is_relative_and_the_folder_whole(tmp_path):
+    """At 80 columns: the files table lists names relative to the run folder (every row alike, none broken),
+    the folder is printed once, whole on one line, and bracketed task names are printed as they are."""
+    folder = long_probe_run(tmp_path)
+    result = CliRunner().invoke(app, ["report", str(folder)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert f"run folder: {folder}" in lines, result.output  # never hard-wrapped mid-name
+    assert result.output.count(str(folder)) == 1
+    rows = [line for line in lines if line.startswith("│") and (".png" in line or ".md" in line)]
+    assert [line.split()[1] for line in rows] == ["report.md", "accuracy.png"], result.output
+    assert all(len(line) <= 80 for line in lines if not line.startswith("run folder:"))
+    assert "cifar[red]" in result.output
+
+
+def test_cli_report_json(tmp_path):
+    folder = long_probe_run(tmp_path)
+    result = CliRunner().invoke(app, ["report", str(folder), "--json"], env={"COLUMNS": "40"})
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["run_folder"] == str(folder) and doc["kind"] == "probe"
+    assert [f["path"] for f in doc["files"]] == ["report.md", "accuracy.png"]
+    assert all(f["bytes"] == (folder / f["path"]).stat().st_size for f in doc["files"])
+    assert {r["task"]: r["accuracy"] for r in doc["summary"]}["cifar[red]"] == 0.5
+
+
+def test_accuracy_figure_names_each_tasks_group():
+    from probe.report import accuracy_figure
+
+    fig = accuracy_figure({"combo": PROBE_METRICS}, title="t")
+    ax = fig.axes[0]
+    groups = {t.get_text(): t.get_position()[0] for t in ax.texts if t.get_gid() == "group-label"}
+    assert set(groups) == {"Natural", "Specialised"}
+    ticks = {t.get_text(): t.get_color() for t in ax.get_xticklabels()}
+    assert ticks["cifar"] == ticks["dtd"] == ticks["svhn"] != ticks["eurosat"]  # coloured per group
+    assert groups["Natural"] == pytest.approx(1.0) and groups["Specialised"] == pytest.approx(3.0)  # over their tasks
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "group: Natural" in legend and "group: Specialised" in legend
+
+
+def layer_rows(values):
+    return [{"task": "dtd", "backbone": "clip", "store_index": 0, "layer": i, "layer_position": i, "importance": v,
+             "heldout_drop": v / 100} for i, v in enumerate(values)]
+
+
+def test_layer_heatmap_scale_starts_at_zero_or_says_so():
+    from probe.report import colour_scale_label, layer_heatmap_figure
+
+    fig = layer_heatmap_figure(layer_rows([1.42, 2.0, 3.5]))  # norms: the colour scale starts at 0
+    image = fig.axes[0].images[0]
+    assert image.get_clim()[0] == 0
+    assert "not 0" not in fig.axes[1].get_ylabel()
+    fig = layer_heatmap_figure(layer_rows([1.42, 2.0, 3.5]), value="heldout_drop")  # drops: their range, said
+    image = fig.axes[0].images[0]
+    assert image.get_clim()[0] == pytest.approx(1.42)
+    assert "scale from 1.42, not 0" in fig.axes[1].get_ylabel()
+    assert colour_scale_label("x", 0.0) == "x" and "not 0" in colour_scale_label("x", -2.5)
+
+
+def test_relevance_warnings_print_bracketed_names_verbatim(capsys):
+    from combo.cli_study import print_warnings
+
+    print_warnings(["store [red]clip[/red] ranks task [b]dtd[/b] first; class [x] too"])
+    err = capsys.readouterr().err
+    assert "store [red]clip[/red] ranks task [b]dtd[/b] first; class [x] too" in " ".join(err.split())
+
+
+def test_relevance_table_prints_bracketed_names_verbatim():
+    from rich.console import Console
+
+    from combo.cli_study import _relevance_table
+
+    rows = [{"task": "dtd[1k]", "backbone": name, "importance_normalised": share, "rank": rank}
+            for name, share, rank in (("clip[red]", 0.7, 1), ("sam", 0.3, 2))]
+    table = _relevance_table(rows, {"dtd[1k]": {"accuracy": 0.5}}, None, ["clip[red]", "sam"], title="relevance [x]")
+    console = Console(width=200, record=True, color_system=None)
+    console.print(table)
+    text = console.export_text()
+    assert "dtd[1k]" in text and "clip[red]" in text and "relevance [x]" in text
+    assert "0.700 (#1)" in text

@@ -89,9 +89,11 @@ def piped(monkeypatch):
     monkeypatch.setattr(os, "get_terminal_size", no_terminal)
 
 
-def assert_fits(output: str, width: int) -> list[str]:
+def assert_fits(output: str, width: int, *, paths: tuple[str, ...] = ()) -> list[str]:
+    """Every line fits, except a path (in `paths`) longer than the width: it has a line of its own and is
+    never broken (a broken path cannot be copied)."""
     lines = output.splitlines()
-    too_long = [line for line in lines if len(line) > width]
+    too_long = [line for line in lines if len(line) > width and line.strip() not in paths]
     assert not too_long, f"lines over {width} columns:\n" + "\n".join(too_long)
     return lines
 
@@ -141,7 +143,8 @@ def test_ls_piped_is_80_columns_and_legible(root, piped):
 
 def test_ls_narrow_terminal_switches_to_one_block_per_store(root):
     output = invoke("ls", str(root), columns=50)
-    assert_fits(output, 50)
+    assert_fits(output, 50, paths=(str(root),))
+    assert str(root) in output.splitlines()
     assert_stores_legible(output, root)
     assert "samples" in output and "tasks dtd, flowers" in output
 
@@ -178,7 +181,8 @@ def test_info_lines_fit_80_columns(root, columns, request):
 
 def test_info_narrow_terminal(root):
     output = invoke("info", str(root / "vit" / "vtab.zarr"), columns=40)
-    assert_fits(output, 40)
+    assert_fits(output, 40, paths=(str(root / "vit" / "vtab.zarr"),))
+    assert str(root / "vit" / "vtab.zarr") in output.splitlines()  # whole, never broken
     assert "vit_base_patch16_224.augreg_in21k" in output
     assert re.search(r"^dtd\s+20\s.*incomplete", output, re.M)
 
@@ -217,3 +221,47 @@ def test_real_pipe(root):
     assert "\x1b[" not in result.stdout
     assert_fits(result.stdout, 80)
     assert_stores_legible(result.stdout, root)
+
+
+LONG_NAME = "team-[b]vision[/b]-" + "n" * 41  # 60 characters, markup-like brackets included
+
+
+@pytest.fixture(scope="module")
+def long_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("long-name") / "stores"
+    make_store(root / LONG_NAME / "vtab.zarr", alias="dinov2[reg]")
+    return root
+
+
+@pytest.mark.parametrize("columns", [80, None])
+def test_ls_and_info_with_a_60_character_store_name(long_root, columns, request):
+    """Every line within 80 columns, the name never broken; info prints the store's location whole on a line of
+    its own when it does not fit beside its key (a path broken over two lines cannot be copied)."""
+    assert len(LONG_NAME) == 60
+    if columns is None:
+        request.getfixturevalue("piped")
+    output = invoke("ls", str(long_root), columns=columns)
+    lines = assert_fits(output, 80, paths=(str(long_root),))
+    assert any(line.startswith(f"{LONG_NAME}/vtab.zarr") for line in lines), output
+    assert any(line.split()[:3] == ["store", "status", "backbone"] for line in lines), output  # still a table
+    row = lines[next(i for i, line in enumerate(lines) if line.startswith(LONG_NAME)) + 1]  # the row under the name
+    assert row.split()[:3] == ["ok", "dinov2[reg]", "vtab"], output
+    assert "dinov2[reg]" in output
+    store = long_root / LONG_NAME / "vtab.zarr"
+    output = invoke("info", str(store), columns=columns)
+    lines = assert_fits(output, 80, paths=(str(store),))
+    assert str(store) in [line.strip() for line in lines], output
+    assert "dinov2[reg]" in output
+
+
+def test_validate_and_pack_print_bracketed_paths_verbatim(tmp_path):
+    store = make_store(tmp_path / "[red]team[/red]" / "vtab.zarr", alias="clip", tasks=("dtd",))
+    result = runner.invoke(app, ["store", "validate", str(store)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0 and f"valid: {store} (" in result.output, result.output
+    target = tmp_path / "clip[final].zarr.zip"
+    result = runner.invoke(app, ["store", "pack", str(store), str(target)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert f"packed {store} -> {target}:" in result.output, result.output
+    (store / "dtd" / "samples.parquet").write_bytes(b"junk")
+    result = runner.invoke(app, ["store", "validate", str(store)], env={"COLUMNS": "300"})
+    assert result.exit_code == 1 and f"invalid: {store} (" in result.output, result.output
