@@ -217,10 +217,12 @@ def report_command(
 ) -> None:
     """Render a run folder as report.md plus PNG figures (VTAB table, relevance bars, layer heat map, atlas curves)."""
     from probe.report import read_csv, render_report, run_kind
+    from probe.runstate import partial_note
 
     if not run.exists():
         raise FileNotFoundError(f"no run folder at {run}")
     written = render_report(run)
+    partial = partial_note(run)  # an interrupted run: its table has no means, and the user must hear it
     kind = run_kind(run)
     metrics_file = {"atlas": "atlas_best.csv"}.get(kind, "metrics.csv")
     rows = read_csv(run / metrics_file) if (run / metrics_file).exists() else []
@@ -229,8 +231,8 @@ def report_command(
     if json_output:
         import json
 
-        doc = {"run_folder": str(run), "kind": kind, "files": files,
-               "summary": [{c: r.get(c) for c in cols} for r in rows]}
+        doc = {"run_folder": str(run), "kind": kind, "complete": partial is None, "state": partial or "complete",
+               "files": files, "summary": [{c: r.get(c) for c in cols} for r in rows]}
         typer.echo(json.dumps(doc, indent=2, default=str))
         return
     if rows:
@@ -246,4 +248,7 @@ def report_command(
     for f in files:
         table.add_row(plain(f["path"]), plain(f"{f['bytes']:,}"))
     console.print(table)
+    if partial:
+        say((partial, "bold yellow"), "; no group or overall mean is computed from it. Finish it by rerunning the "
+            f"same command, or `combo probe ... --resume {run}`.")
     _run_folder(run)

@@ -6,6 +6,7 @@ import errno
 import functools
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -133,7 +134,7 @@ def say(*parts: Any, console_: Console | None = None) -> None:
 # --------------------------------------------------------------------------------------------------- threads
 
 THREADS_HELP = ("CPU threads for torch and BLAS (default: $OMP_NUM_THREADS when set, else the CPUs this process "
-                "may use that are not busy, judged by the 1-minute load average).")
+                "may use that other processes are not keeping busy, sampled for 0.2 s at start).")
 
 
 def available_cpus() -> int:
@@ -143,22 +144,47 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat; None where there is no /proc (macOS, Windows)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cpus(sample_seconds: float = 0.2) -> float:
+    """CPUs other processes keep busy now, measured over ``sample_seconds`` (this process sleeps meanwhile).
+
+    Not the load average: it lags by a minute and counts tasks blocked on I/O (on the CI VM an idle
+    machine reads 0.9), so it would take a core away from an idle 2-core machine."""
+    first = _cpu_times()
+    if first is None:
+        try:
+            return float(os.getloadavg()[0])
+        except (AttributeError, OSError):
+            return 0.0
+    time.sleep(sample_seconds)
+    second = _cpu_times()
+    busy, total = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or 1) * busy / total if total > 0 else 0.0
+
+
 def default_threads() -> int:
     """Threads that do not fight other processes for cores.
 
-    Measured on the 2-core CI machine with one busy competing process (benchmarks/threads.py): 2 torch
-    threads made an adapter step ~5x slower than 1, because OpenMP threads spin-wait at every barrier
-    for a sibling that the scheduler has parked. So: $OMP_NUM_THREADS when set, else the CPUs this process
-    may use minus those the 1-minute load average says are busy, at least 1."""
+    Measured on the 2-core CI machine with one busy competing process (benchmarks/threads.py): torch's
+    default of one thread per core made an adapter step several times slower than 1 thread, because
+    OpenMP threads wait at every barrier for a sibling that the scheduler has parked. So:
+    $OMP_NUM_THREADS when set, else the CPUs this process may use minus those other processes keep busy
+    (rounded), at least 1."""
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
     cpus = available_cpus()
-    try:
-        busy = int(round(os.getloadavg()[0]))
-    except (AttributeError, OSError):
-        busy = 0
-    return max(1, min(cpus, cpus - busy))
+    return max(1, min(cpus, cpus - int(round(busy_cpus()))))
 
 
 def configure_threads(threads: int | None) -> int:
@@ -170,7 +196,6 @@ def configure_threads(threads: int | None) -> int:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         if threads is not None or not os.environ.get(var):
             os.environ[var] = str(n)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a parked sibling costs a wait, not a spinning core
     import torch
 
     torch.set_num_threads(n)

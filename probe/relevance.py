@@ -43,7 +43,7 @@ from .adapter import ComboAdapter
 from .heldout import HELDOUT_REPEATS, chance_accuracy, descending_ranks, heldout_drops, layer_heldout_drops, near_chance
 from .results import markdown_table, new_run_dir, write_json, write_table
 from .progress import RunProgress
-from .run import ProbeConfig, TaskFit, fit_task, run_config, save_fit
+from .run import ProbeConfig, TaskFit, fit_task, run_config, save_fit, stores_dataset
 from .stores import AlignedTask, align_tasks, common_tasks, open_stores
 from .train import pick_device
 
@@ -406,9 +406,9 @@ def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log
     run = _relevance_pass(cfg, stores=stores, aligned_tasks=aligned_tasks, device=device, group_lambda=group_lambda,
                           run_dir=run_dir, config_doc=doc, metrics_stem="metrics", weights_prefix="", log=log,
                           heldout_repeats=heldout_repeats, layer_heldout=layer_heldout, progress=progress)
-    title = (f"ComBo with group penalty (lambda={group_lambda:g}) on {' + '.join(names)} ({cfg.dataset}, "
+    title = (f"ComBo with group penalty (lambda={group_lambda:g}) on {' + '.join(names)} ({stores_dataset(stores)}, "
              f"protocol {RELEVANCE_PROTOCOL}: held-out accuracy)")
-    text = markdown_table(run.metrics, title=title, vtab=_is_vtab(cfg, run.metrics)) + _warnings_md(run.warnings)
+    text = markdown_table(run.metrics, title=title, vtab=_is_vtab(stores, run.metrics)) + _warnings_md(run.warnings)
     (run_dir / "results.md").write_text(text)
     return run
 
@@ -479,13 +479,14 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
         write_table(selection_rows, run_dir / "selection")
         write_table(metrics, run_dir / "metrics")
         write_table(comparison, run_dir / "comparison")
-    vtab = _is_vtab(cfg, metrics)
-    title = f"ComBo on the backbones chosen by relevance ({selection.describe()}) ({cfg.dataset}, protocol {cfg.protocol})"
+    vtab = _is_vtab(stores, metrics)
+    title = f"ComBo on the backbones chosen by relevance ({selection.describe()}) ({stores_dataset(stores)}, protocol {cfg.protocol})"
     text = markdown_table(metrics, title=title, vtab=vtab)
     text += "\n" + markdown_table(relevance.metrics, title=f"Penalised ComBo on all of {' + '.join(names)} (lambda={group_lambda:g}; protocol {RELEVANCE_PROTOCOL}: held-out accuracy)", vtab=vtab)
     (run_dir / "results.md").write_text(text + _warnings_md(relevance.warnings))
     return SelectRun(run_dir=run_dir, relevance=relevance, selection=selection, chosen=chosen, metrics=metrics, fits=fits)
 
 
-def _is_vtab(cfg: ProbeConfig, rows: Sequence[dict[str, Any]]) -> bool:
-    return cfg.dataset == "vtab" or any(r.get("group") for r in rows)
+def _is_vtab(stores: Sequence[FeatureStore], rows: Sequence[dict[str, Any]]) -> bool:
+    """VTAB when the stores say so (not the --dataset default, which only resolves short names)."""
+    return stores_dataset(stores) == "vtab" or any(r.get("group") for r in rows)

@@ -310,12 +310,14 @@ def layer_heatmap_figure(rows: Sequence[Mapping[str, Any]], *, value: str = "imp
     return fig
 
 
-def plot_accuracy(series: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *, title: str) -> Path:
-    """Grouped bars of accuracy per task (one bar per series), tasks ordered by VTAB group, group means dotted."""
-    return _save(accuracy_figure(series, title=title), Path(path))
+def plot_accuracy(series: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *, title: str,
+                  means: bool = True) -> Path:
+    """Grouped bars of accuracy per task (one bar per series), tasks ordered by VTAB group, group means dotted
+    (``means=False``: none, e.g. for a partial run whose means would be over the finished tasks only)."""
+    return _save(accuracy_figure(series, title=title, means=means), Path(path))
 
 
-def accuracy_figure(series: Mapping[str, Sequence[Mapping[str, Any]]], *, title: str):
+def accuracy_figure(series: Mapping[str, Sequence[Mapping[str, Any]]], *, title: str, means: bool = True):
     """The figure of `plot_accuracy`: each task's group is named above its tasks (tasks of one group side by
     side, groups parted by a line) and the task labels are coloured per group, with a legend of the groups."""
     from matplotlib.lines import Line2D
@@ -337,8 +339,7 @@ def accuracy_figure(series: Mapping[str, Sequence[Mapping[str, Any]]], *, title:
         xs = [i + (s - (len(labels) - 1) / 2) * width for i, t in enumerate(tasks) if t in by_task]
         ax.bar(xs, [100 * by_task[t] for t in tasks if t in by_task], width=width, color=colours[label], label=label,
                edgecolor="black", linewidth=0.5)
-        means, _ = group_means(series[label])
-        for group, mean in means.items():
+        for group, mean in (group_means(series[label])[0] if means else {}).items():
             span = [i for i, t in enumerate(tasks) if _group(next(r for r in all_rows if r["task"] == t)) == group]
             ax.hlines(100 * mean, min(span) - 0.45, max(span) + 0.45, colors=colours[label], linestyles=":", linewidth=1.5)
     ax.set_xticks(range(len(tasks)), tasks, rotation=40, ha="right", fontsize=8)
@@ -364,7 +365,7 @@ def accuracy_figure(series: Mapping[str, Sequence[Mapping[str, Any]]], *, title:
         if g:
             ax.axvline(min(span) - 0.5, color="grey", linewidth=0.8, linestyle="-", alpha=0.6)
     handles = [Patch(facecolor=colours[l], edgecolor="black", label=l) for l in labels]
-    if any(_group(r) in GROUP_ORDER for r in all_rows):
+    if means and any(_group(r) in GROUP_ORDER for r in all_rows):
         handles.append(Line2D([], [], color="grey", linestyle=":", label="VTAB group mean"))
     handles += [Line2D([], [], color=group_colours[g], marker="s", linestyle="none", label=f"group: {GROUP_TITLES.get(g, g)}")
                 for g in groups]
@@ -534,7 +535,7 @@ def render_report(run_dir: str | Path) -> list[Path]:
         if metrics:
             figure_title = f"{title}, {partial}" if partial else title
             figures.append(plot_accuracy({config.get("method", "probe"): metrics}, run_dir / "accuracy.png",
-                                         title=figure_title))
+                                         title=figure_title, means=not partial))
             md += _image(figures[-1], "accuracy per task")
     elif kind in ("relevance", "select"):
         importances = read_csv(run_dir / "relevance.csv")

@@ -114,12 +114,27 @@ def test_default_threads_honours_omp_and_leaves_busy_cores_alone(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert clikit.default_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr(clikit.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    busy = {"cpus": 0.1}
+    monkeypatch.setattr(clikit, "busy_cpus", lambda: busy["cpus"])
     assert clikit.default_threads() == 8
-    monkeypatch.setattr(clikit.os, "getloadavg", lambda: (2.6, 0.0, 0.0))  # ~3 cores busy elsewhere
+    busy["cpus"] = 2.6  # ~3 cores kept busy by other processes
     assert clikit.default_threads() == 5
-    monkeypatch.setattr(clikit.os, "getloadavg", lambda: (30.0, 0.0, 0.0))
+    busy["cpus"] = 30.0
     assert clikit.default_threads() == 1
+
+
+def test_busy_cpus_sees_a_competing_process():
+    import subprocess
+    import sys
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert clikit.busy_cpus(0.5) >= 0.7  # one whole core taken by the spinner
+    finally:
+        spinner.kill()
 
 
 def test_demo_refuses_zero_steps_before_extracting(tmp_path):
