@@ -40,6 +40,7 @@ from .results import VTAB_GROUPS, new_run_dir, sanitise_url, write_json, write_t
 from .run import PROTOCOL_STEPS, store_provenance
 from .stores import align_tasks, open_stores
 from .progress import RunProgress
+from .runstate import DONE, new_state
 from .train import TrainConfig, evaluate_layers, ordered_batches, pick_device, seeded_batches, set_seed, train_steps
 
 __all__ = ["POOLINGS", "AtlasError", "AtlasRun", "best_per_task", "pool_split", "probe_layers", "run_atlas"]
@@ -181,6 +182,8 @@ def run_atlas(
     }
     write_json(run_dir / "config.json", doc)
     rows: list[dict[str, Any]] = []
+    state = new_state(list(task_list), options={})  # an interrupted atlas must not look finished
+    state.save(run_dir)
     if progress:
         progress.plan(sum(task in store.tasks for task in task_list for store in opened))
     for task in task_list:
@@ -192,6 +195,8 @@ def run_atlas(
             rows += _atlas_one(store, name, k, task, poolings=poolings, protocol=protocol, cfg=cfg,
                                device=torch_device, log=log, progress=progress)
             write_table(rows, run_dir / "atlas")  # rewritten as it goes: a crash keeps what finished
+        state.tasks[task] = DONE
+        state.save(run_dir)
     if not rows:
         raise AtlasError("nothing was probed: no store holds the requested tasks with the requested poolings")
     best = best_per_task(rows)
@@ -201,6 +206,8 @@ def run_atlas(
         from .report import plot_atlas
 
         paths = plot_atlas(rows, run_dir)
+    state.complete = True
+    state.save(run_dir)
     return AtlasRun(run_dir=run_dir, rows=rows, best=best, figures=paths)
 
 

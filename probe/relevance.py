@@ -43,6 +43,7 @@ from .adapter import ComboAdapter
 from .heldout import HELDOUT_REPEATS, chance_accuracy, descending_ranks, heldout_drops, layer_heldout_drops, near_chance
 from .results import markdown_table, new_run_dir, write_json, write_table
 from .progress import RunProgress
+from .runstate import DONE, RunState, new_state
 from .run import ProbeConfig, TaskFit, fit_task, run_config, save_fit, stores_dataset
 from .stores import AlignedTask, align_tasks, common_tasks, open_stores
 from .train import pick_device
@@ -320,7 +321,7 @@ def _relevance_pass(cfg: ProbeConfig, *, stores: Sequence[FeatureStore], aligned
                     device: torch.device, group_lambda: float, run_dir: Path, config_doc: dict[str, Any],
                     metrics_stem: str, weights_prefix: str, log: Log, top_k: int = 1,
                     heldout_repeats: int = HELDOUT_REPEATS, layer_heldout: bool = False,
-                    progress: RunProgress | None = None) -> RelevanceRun:
+                    progress: RunProgress | None = None, state: RunState | None = None) -> RelevanceRun:
     cfg = relevance_config(cfg)
     names = backbone_names(stores)
     layer_ids = [_layer_ids(s) for s in stores]
@@ -356,6 +357,9 @@ def _relevance_pass(cfg: ProbeConfig, *, stores: Sequence[FeatureStore], aligned
         write_table(importances, run_dir / "relevance")
         write_table(layers, run_dir / "layer_relevance")
         write_table(metrics, run_dir / metrics_stem)
+        if state is not None:
+            state.tasks[aligned.name] = DONE
+            state.save(run_dir)
         if log:
             ranked = sorted(rows, key=lambda r: r["rank"])
             log(f"{aligned.name}: " + ", ".join(
@@ -401,15 +405,19 @@ def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log
     run_dir = run_dir or new_run_dir(cfg.out, "relevance-" + "+".join(names))
     doc = _config_doc(cfg, stores, device, kind="relevance", group_lambda=group_lambda)
     write_json(run_dir / "config.json", doc)
+    state = new_state([a.name for a in aligned_tasks], options={})  # an interrupted run must not look finished
+    state.save(run_dir)
     if progress:
         progress.plan(len(aligned_tasks))
     run = _relevance_pass(cfg, stores=stores, aligned_tasks=aligned_tasks, device=device, group_lambda=group_lambda,
                           run_dir=run_dir, config_doc=doc, metrics_stem="metrics", weights_prefix="", log=log,
-                          heldout_repeats=heldout_repeats, layer_heldout=layer_heldout, progress=progress)
+                          heldout_repeats=heldout_repeats, layer_heldout=layer_heldout, progress=progress, state=state)
     title = (f"ComBo with group penalty (lambda={group_lambda:g}) on {' + '.join(names)} ({stores_dataset(stores)}, "
              f"protocol {RELEVANCE_PROTOCOL}: held-out accuracy)")
     text = markdown_table(run.metrics, title=title, vtab=_is_vtab(stores, run.metrics)) + _warnings_md(run.warnings)
     (run_dir / "results.md").write_text(text)
+    state.complete = True
+    state.save(run_dir)
     return run
 
 
@@ -435,6 +443,8 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
     doc["select"] = {"text": str(select) if isinstance(select, str) else selection.describe(), **asdict(selection)}
     doc["selection"] = {}
     write_json(run_dir / "config.json", doc)
+    state = new_state([a.name for a in aligned_tasks], options={})  # a task is done once retrained
+    state.save(run_dir)
     if progress:
         progress.plan(2 * len(aligned_tasks))  # the penalised pass, then the retraining per task
     relevance = _relevance_pass(cfg, stores=stores, aligned_tasks=aligned_tasks, device=device,
@@ -479,11 +489,15 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
         write_table(selection_rows, run_dir / "selection")
         write_table(metrics, run_dir / "metrics")
         write_table(comparison, run_dir / "comparison")
+        state.tasks[aligned.name] = DONE
+        state.save(run_dir)
     vtab = _is_vtab(stores, metrics)
     title = f"ComBo on the backbones chosen by relevance ({selection.describe()}) ({stores_dataset(stores)}, protocol {cfg.protocol})"
     text = markdown_table(metrics, title=title, vtab=vtab)
     text += "\n" + markdown_table(relevance.metrics, title=f"Penalised ComBo on all of {' + '.join(names)} (lambda={group_lambda:g}; protocol {RELEVANCE_PROTOCOL}: held-out accuracy)", vtab=vtab)
     (run_dir / "results.md").write_text(text + _warnings_md(relevance.warnings))
+    state.complete = True
+    state.save(run_dir)
     return SelectRun(run_dir=run_dir, relevance=relevance, selection=selection, chosen=chosen, metrics=metrics, fits=fits)
 
 

@@ -524,6 +524,11 @@ def render_report(run_dir: str | Path) -> list[Path]:
     md: list[str] = []
     where = f"dataset {config.get('dataset', '?')}, protocol {config.get('protocol', '?')}"
     setup = _setup_section(config, names) if kind != "atlas" else []
+    run_state = read_state(run_dir)
+    unfinished = run_state.describe() if run_state is not None and run_state.partial else None
+    if unfinished and kind != "probe":  # relevance, select, atlas: said first, and no means below
+        md += [f"**{unfinished}**: this run was interrupted; the tables hold the finished tasks only and no "
+               "group or overall mean is computed. Rerun the command to measure every task.", ""]
     if kind == "probe":
         state = read_state(run_dir)  # an unfinished run: said, its finished tasks only, and no mean computed
         partial = state.describe() if state is not None and state.partial else None
@@ -552,20 +557,22 @@ def render_report(run_dir: str | Path) -> list[Path]:
             penalised = read_csv(run_dir / "penalised_metrics.csv")
             rule = (config.get("select") or {}).get("text", "?")
             vtab = _is_vtab(config, metrics)
-            md.append(markdown_table(metrics, title=f"ComBo retrained on the backbones chosen by relevance (--select {rule}; {where})", vtab=vtab))
+            md.append(markdown_table(metrics, title=f"ComBo retrained on the backbones chosen by relevance (--select {rule}; {where})", vtab=vtab, partial=unfinished))
             md += ["## Chosen backbones", "", "| task | selected | penalised, all backbones (%) | retrained, selected (%) |", "|---|---|---|---|"]
             acc_pen = {r["task"]: float(r["accuracy"]) for r in penalised}
             for r in sorted(metrics, key=lambda r: _ordered_tasks(metrics).index(r["task"])):
                 md.append(f"| {r['task']} | {', '.join(selected.get(str(r['task']), []))} | {100 * acc_pen.get(r['task'], float('nan')):.1f} | {100 * float(r['accuracy']):.1f} |")
             md.append("")
-            md.append(markdown_table(penalised, title=f"Penalised ComBo on all backbones (lambda = {lam})", vtab=vtab).replace("# ", "## ", 1))
+            md.append(markdown_table(penalised, title=f"Penalised ComBo on all backbones (lambda = {lam})", vtab=vtab,
+                                     partial=unfinished).replace("# ", "## ", 1))
             figures.append(plot_accuracy({"penalised, all": penalised, "retrained, selected": metrics}, run_dir / "accuracy.png",
-                                         title="Accuracy per task: penalised ComBo on all backbones vs retrained on the selection"))
+                                         title="Accuracy per task: penalised ComBo on all backbones vs retrained on the selection",
+                                         means=not unfinished))
             md += _image(figures[-1], "accuracy per task")
         else:
             metrics = read_csv(run_dir / "metrics.csv")
             md.append(markdown_table(metrics, title=f"ComBo with group penalty (lambda = {lam}) on {' + '.join(names)} ({where})",
-                                     vtab=_is_vtab(config, metrics)))
+                                     vtab=_is_vtab(config, metrics), partial=unfinished))
         md += ["## Backbone relevance", "",
                "Normalised importance s_k / sum s (rank), s_k = ||W[:, layers of k, :]||_F of the penalised model"
                + ("; bold = selected." if selected else "."), ""]
@@ -605,10 +612,11 @@ def render_report(run_dir: str | Path) -> list[Path]:
         for b in sorted(best_per_task(rows), key=lambda r: _ordered_tasks(rows).index(r["task"])):
             md.append(f"| {b['task']} | {_group(b)} | {b['backbone']} | {b['layer']} | {b['pooling']} | "
                       f"{100 * float(b['accuracy']):.1f} | {100 * float(b['last_layer_accuracy']):.1f} |")
-        md += ["", "## Last layer vs best layer", "",
-               "Per backbone and pooling: the last layer's probe, and the best layer chosen per task on the evaluation split "
-               "(an oracle, as in the paper's figure)" + (", as VTAB group means (Overall = mean of the group means)." if vtab else "."), ""]
-        md += _atlas_summary(rows, vtab) + [""]
+        if not unfinished:  # means over the finished tasks only would pass for the whole benchmark's
+            md += ["", "## Last layer vs best layer", "",
+                   "Per backbone and pooling: the last layer's probe, and the best layer chosen per task on the evaluation split "
+                   "(an oracle, as in the paper's figure)" + (", as VTAB group means (Overall = mean of the group means)." if vtab else "."), ""]
+            md += _atlas_summary(rows, vtab) + [""]
         for path in plot_atlas(rows, run_dir):
             figures.append(path)
             md += _image(path, path.stem)

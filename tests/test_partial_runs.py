@@ -344,3 +344,52 @@ def test_a_training_split_of_one_class_is_refused(tmp_path):
     assert not (tmp_path / "runs").exists() and not any(p.is_dir() and p.name != "s.zarr" for p in tmp_path.iterdir())
     run = run_probe(ProbeConfig(**base, tasks=("dtd",)))
     assert run.metrics[0]["accuracy"] == 0.0  # every test sample is of a class never trained on: allowed
+
+
+@pytest.mark.parametrize("command", ["relevance", "atlas"])
+def test_interrupted_relevance_and_atlas_runs_are_reported_as_partial(store, tmp_path, monkeypatch, command):
+    """Relevance and atlas runs cannot be resumed yet, but an interrupted one must never look finished."""
+    import probe.atlas
+    import probe.relevance
+
+    calls = {"n": 0}
+    if command == "relevance":
+        real = probe.relevance.fit_task
+
+        def fit_then_stop(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(probe.relevance, "fit_task", fit_then_stop)
+        other = write_multi_store(tmp_path / "stores" / "other" / "features.zarr", alias="other")
+        args = ["relevance", "--stores", f"{store},{other}", "--steps", "8", "--batch-size", "8", "--width", "8",
+                "--depth", "1", "--device", "cpu", "--out", tmp_path / "runs"]
+    else:
+        real = probe.atlas._atlas_one
+
+        def one_then_stop(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(probe.atlas, "_atlas_one", one_then_stop)
+        args = ["atlas", "--stores", str(store), "--steps", "8", "--pooling", "mean", "--device", "cpu",
+                "--out", tmp_path / "runs"]
+    result = cli(*args)
+    assert result.exit_code == 130, result.output
+    (run,) = list((tmp_path / "runs").iterdir())
+    state = read_state(run)
+    assert state is not None and state.partial and state.done == ["cifar"], state
+    result = cli("report", run)
+    assert result.exit_code == 0, result.output
+    assert "partial: 1 of 3 planned tasks finished" in " ".join(result.output.split())
+    report = (run / "report.md").read_text()
+    assert "partial: 1 of 3 planned tasks finished" in report and "Overall" not in report
+    monkeypatch.undo()
+    done = cli(*args)  # the same command again runs every task and says nothing is partial
+    assert done.exit_code == 0, done.output
+    (finished,) = [p for p in (tmp_path / "runs").iterdir() if p != run]
+    assert not read_state(finished).partial and "partial" not in cli("report", finished).output
