@@ -37,7 +37,7 @@ from .data import SplitSource, eval_batches
 from .linear import MultiLayerLinearProbe
 from .relevance import backbone_names
 from .results import VTAB_GROUPS, new_run_dir, sanitise_url, write_json, write_table
-from .run import PROTOCOL_STEPS, store_provenance
+from .run import PROTOCOL_STEPS, store_provenance, stores_dataset
 from .stores import align_tasks, open_stores
 from .progress import RunProgress
 from .runstate import DONE, new_state
@@ -176,7 +176,7 @@ def run_atlas(
     run_dir = run_dir or new_run_dir(out, "atlas-" + "+".join(names))
     doc = {
         "kind": "atlas", "stores": [store_provenance(s) for s in opened], "store_refs": [sanitise_url(str(r)) for r in stores],
-        "backbones": names, "dataset": dataset, "tasks": task_list, "protocol": protocol, "poolings": list(poolings),
+        "backbones": names, "dataset": stores_dataset(opened), "tasks": task_list, "protocol": protocol, "poolings": list(poolings),
         "steps": total_steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
         "device": str(torch_device), "feature_normalisation": "per (image, layer) over channels, no parameters",
     }

@@ -141,3 +141,16 @@ def test_demo_refuses_zero_steps_before_extracting(tmp_path):
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--steps", "0"])
     assert result.exit_code == 2 and "--steps" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "d").exists()  # nothing was extracted
+
+
+@pytest.mark.parametrize("command, option", [("probe", "--steps"), ("probe", "--batch-size"), ("relevance", "--steps"),
+                                             ("atlas", "--batch-size"), ("predict", "--batch-size"),
+                                             ("extract", "--batch-size"), ("demo", "--steps")])
+def test_ranges_are_shown_and_enforced(command, option):
+    import click
+
+    assert "x>=1" in click.unstyle(runner.invoke(app, [command, "--help"], terminal_width=200).output)
+    args = {"probe": ["--stores", "x"], "relevance": ["--stores", "x"], "atlas": ["--stores", "x"],
+            "predict": ["--probe", "x", "--images", "y"], "extract": ["--model", "x"], "demo": []}[command]
+    result = runner.invoke(app, [command, *args, option, "0"])
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in click.unstyle(result.output), result.output
