@@ -15,8 +15,8 @@ from rich.text import Text
 from .clikit import (
     configure_threads,
     console,
-    describe_os_error,
     error_line,
+    error_message,
     friendly_errors,
     plain,
     say,
@@ -158,7 +158,7 @@ def extract_command(
         if os.environ.get("COMBO_DEBUG") or (isinstance(err, FileNotFoundError) and err.errno is None):
             raise
         # a file-system fault (disk full, read-only, permission): the path and cause, then what is kept
-        cause = describe_os_error(err) if err.errno is not None else str(err)
+        cause = error_message(err)
         error_line(f"{cause}; {_kept_clause(state)}" if state.task is not None else cause)
         raise typer.Exit(2) from None
     table = Table(title=Text.assemble("store ", str(result.store)))

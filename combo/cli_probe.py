@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .progress import run_progress
-from .clikit import (GRID_HELP, configure_threads, console, err_console, friendly_errors, parse_grid, plain, say, split_list,
+from .clikit import (GRID_HELP, configure_threads, console, err_console, friendly_errors, log_line, parse_grid, plain, say, split_list,
                      threads_option)
 
 STORES_HELP = "Comma-separated stores: short names (resolved as <store root>/<name>/<dataset>.zarr), paths or URLs."
@@ -24,10 +24,6 @@ def parse_weights(items: Optional[list[str]]) -> dict[str, str]:
             raise ValueError(f"--weights {item!r}: expected ALIAS=PATH")
         out[alias.strip()] = path.strip()
     return out
-
-
-def _log(message: str) -> None:
-    err_console.print(plain(message, "dim"), highlight=False, soft_wrap=True)  # task names are user text
 
 
 def _pct(value: Any) -> str:
@@ -137,7 +133,7 @@ def probe_command(
         from probe.relevance import run_select
 
         with run_progress(err_console) as progress:
-            result = run_select(cfg, select=selection, group_lambda=group_lambda, log=_log, progress=progress)
+            result = run_select(cfg, select=selection, group_lambda=group_lambda, log=log_line, progress=progress)
         rows, run_dir = result.metrics, result.run_dir
         title = f"ComBo on the backbones chosen per task ({selection.describe()}, lambda {group_lambda:g})"
         chosen = Table(title="selected backbones")
@@ -174,7 +170,7 @@ def _probe_or_resume(cfg: Any, resume: Optional[Path]) -> Any:
             say(("resuming", "bold"), f" {resume}: {len(state.done)} of {len(state.tasks)} tasks done", console_=err_console)
     try:
         with run_progress(err_console) as progress:
-            return run_probe(cfg, log=_log, progress=progress, resume=resume)
+            return run_probe(cfg, log=log_line, progress=progress, resume=resume)
     except RunInterrupted as stop:
         say(("interrupted", "yellow"), f": {stop.done} of {stop.planned} tasks finished in {stop.run_dir}; rerun the same "
             f"command (or `combo probe ... --resume {stop.run_dir}`) to finish the rest", console_=err_console)
@@ -204,7 +200,7 @@ def predict_command(
     if out is not None:
         check_output_file(out)  # before any backbone is loaded
     result = predict_images(probe, images, task=task, device=device, batch_size=batch_size,
-                            weights=parse_weights(weights), skip_bad=skip_bad, log=_log)
+                            weights=parse_weights(weights), skip_bad=skip_bad, log=log_line)
     if result.partial:
         say(("warning", "yellow"), f": {probe} is an unfinished run ({result.partial}); task {result.task} finished "
             "and is used", console_=err_console)
@@ -260,7 +256,7 @@ def demo_command(
         settings.add_row(key, str(value))
     console.print(settings)
     with run_progress(err_console) as progress:
-        result = run_demo(cfg, log=_log, progress=progress)
+        result = run_demo(cfg, log=log_line, progress=progress)
     for name, rows in result.metrics.items():
         console.print(results_table(rows, title=f"{name} on {' + '.join(cfg.models)} (digits, train800val200 -> test)", vtab=False))
     console.print(f"stores: [bold]{result.store_root}[/bold]", soft_wrap=True)

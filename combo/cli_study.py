@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .progress import run_progress
-from .clikit import (GRID_HELP, configure_threads, console, err_console, friendly_errors, parse_grid, plain, say, split_list,
+from .clikit import (GRID_HELP, configure_threads, console, err_console, friendly_errors, log_line, parse_grid, plain, say, split_list,
                      threads_option)
 
 SELECT_HELP = (
@@ -41,9 +41,6 @@ def _storage_options(items: Optional[list[str]]) -> dict[str, Any] | None:
 
     return parse_storage_options(items) or None
 
-
-def _log(message: str) -> None:
-    err_console.print(Text(str(message), style="dim"), highlight=False, soft_wrap=True)
 
 
 def _run_folder(run_dir: Any) -> None:
@@ -107,13 +104,13 @@ def relevance_command(
     )
     if selection is None:
         with run_progress(err_console) as progress:
-            run = run_relevance(cfg, group_lambda=group_lambda, log=_log, layer_heldout=layer_heldout, progress=progress)
+            run = run_relevance(cfg, group_lambda=group_lambda, log=log_line, layer_heldout=layer_heldout, progress=progress)
         console.print(_relevance_table(run.importances, {m["task"]: m for m in run.metrics}, None, run.backbones,
                                        title=f"Backbone relevance (lambda = {group_lambda:g}): s_k share (rank), held-out drop"))
         run_dir, warnings = run.run_dir, run.warnings
     else:
         with run_progress(err_console) as progress:
-            result = run_select(cfg, select=selection, group_lambda=group_lambda, log=_log, layer_heldout=layer_heldout,
+            result = run_select(cfg, select=selection, group_lambda=group_lambda, log=log_line, layer_heldout=layer_heldout,
                                 progress=progress)
         console.print(_relevance_table(result.relevance.importances, {m["task"]: m for m in result.relevance.metrics},
                                        {m["task"]: m for m in result.metrics}, result.relevance.backbones,
@@ -183,7 +180,7 @@ def atlas_command(
         run = run_atlas(
             _stores(stores), dataset=dataset, tasks=split_list(task), protocol=protocol, poolings=pooling, steps=steps,
             batch_size=batch_size, lr=lr, seed=seed, device=device, out=out, store_root=store_root,
-            storage_options=_storage_options(storage_option), log=_log, progress=progress,
+            storage_options=_storage_options(storage_option), log=log_line, progress=progress,
         )
     table = Table(title=plain(f"Best layer per task (linear probe, {run.best[0]['split'] if run.best else ''})"))
     for col, justify in (("task", "left"), ("backbone", "left"), ("layer", "right"), ("pooling", "left"),
@@ -249,6 +246,7 @@ def report_command(
         table.add_row(plain(f["path"]), plain(f"{f['bytes']:,}"))
     console.print(table)
     if partial:
-        say((partial, "bold yellow"), "; no group or overall mean is computed from it. Finish it by rerunning the "
-            f"same command, or `combo probe ... --resume {run}`.")
+        finish = (f"Finish it by rerunning the same command, or `combo probe ... --resume {run}`." if kind == "probe"
+                  else "Rerun the command to measure every task (this kind of run cannot be resumed yet).")
+        say((partial, "bold yellow"), f"; no group or overall mean is computed from it. {finish}")
     _run_folder(run)

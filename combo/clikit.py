@@ -37,19 +37,10 @@ def friendly_errors(fn: F) -> F:
             # true of every command.
             err_console.print(Text.assemble(("interrupted", "yellow"), ": stopped before the command finished"))
             raise typer.Exit(130) from None
-        except USER_ERRORS as err:
+        except (*USER_ERRORS, OSError) as err:  # OSError: disk full, read-only, a file in the way
             if os.environ.get("COMBO_DEBUG"):
                 raise
-            if isinstance(err, OSError) and err.errno is not None:
-                message = describe_os_error(err)  # not "[Errno 2] No such file or directory: 'x'"
-            else:
-                message = str(err) if not isinstance(err, KeyError) else f"not found: {err}"
-            error_line(message)
-            raise typer.Exit(2) from None
-        except OSError as err:  # disk full, read-only, permission, a file in the way: one sentence, no traceback
-            if os.environ.get("COMBO_DEBUG"):
-                raise
-            error_line(describe_os_error(err))
+            error_line(error_message(err))
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -100,11 +91,17 @@ _OS_REASONS = {
 }
 
 
+def error_message(err: BaseException) -> str:
+    """The one sentence `friendly_errors` prints for ``err``."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return describe_os_error(err)  # not "[Errno 2] No such file or directory: 'x'"
+    return f"not found: {err}" if isinstance(err, KeyError) else str(err)
+
+
 def describe_os_error(err: OSError) -> str:
     """One sentence for a file-system fault: the path at fault (when known) and the cause in words."""
     reason = _OS_REASONS.get(err.errno or -1) or (err.strerror or str(err)).rstrip(".").lower()
-    path = err.filename if err.filename is not None else None
-    where = f"{path}: " if path is not None else ""
+    where = f"{err.filename}: " if err.filename is not None else ""
     also = f" (and {err.filename2})" if getattr(err, "filename2", None) else ""
     return f"{where}{reason}{also}"
 
@@ -123,6 +120,11 @@ def plain(value: Any, style: str = "") -> Text:
 def error_line(message: str, *, label: str = "error", style: str = "bold red") -> None:
     """`error: <message>` on stderr, the message verbatim and never wrapped inside a word."""
     err_console.print(Text.assemble((label, style), ": ", str(message)), highlight=False, soft_wrap=True)
+
+
+def log_line(message: str) -> None:
+    """A dim progress/log line on stderr (the `log=` of the library calls), verbatim."""
+    err_console.print(plain(message, "dim"), highlight=False, soft_wrap=True)
 
 
 def say(*parts: Any, console_: Console | None = None) -> None:

@@ -50,14 +50,13 @@ class DemoConfig:
             raise ValueError("--models: give at least one timm ViT name")
         if self.image_size < 16:
             raise ValueError(f"--image-size {self.image_size}: use at least one 16px patch")
-        checks = [(self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
-                  (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-                  (self.width >= 1 and self.width % self.num_heads == 0,
-                   f"--width {self.width}: must be a positive multiple of the {self.num_heads} heads"),
-                  (self.depth >= 0, f"--depth must be >= 0, got {self.depth}")]
-        for ok, message in checks:  # before anything is extracted
-            if not ok:
-                raise ValueError(message)
+        for method in self.methods:  # ProbeConfig's own checks (steps, batch, adapter), before anything is extracted
+            self.probe_config(("<demo store>",), method)
+
+    def probe_config(self, stores: tuple[str, ...], method: str) -> ProbeConfig:
+        return ProbeConfig(stores=stores, dataset="digits", method=method, steps=self.steps, batch_size=self.batch_size,
+                           seed=self.seed, device=self.device, out=str(Path(self.out) / "runs"), width=self.width,
+                           depth=self.depth, num_heads=self.num_heads)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -97,10 +96,7 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] | None = None,
         stores.append(result.store)
     demo = DemoResult(store_root=store_root, stores=stores)
     for method in cfg.methods:
-        probe_cfg = ProbeConfig(stores=tuple(str(s) for s in stores), dataset="digits", method=method, steps=cfg.steps,
-                                batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
-                                out=str(out / "runs"), width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads)
-        run = run_probe(probe_cfg, log=log, progress=progress)
+        run = run_probe(cfg.probe_config(tuple(str(s) for s in stores), method), log=log, progress=progress)
         demo.run_dirs[method] = run.run_dir
         demo.metrics[method] = run.metrics
     demo.seconds = time.perf_counter() - started

@@ -34,6 +34,7 @@ from extract.images import preprocess
 from probe.align import make_prepare
 from probe.run import build_model, linear_prepare
 from probe.runstate import read_state
+from store_schema.location import nearest_existing
 
 __all__ = [
     "PredictError",
@@ -370,9 +371,7 @@ def check_output_file(path: str | os.PathLike) -> Path:
         raise PredictError(f"--out {path} is a folder; give a file name such as {path / 'predictions.csv'}")
     if path.exists() and not os.access(path, os.W_OK):
         raise PredictError(f"--out {path} is not writable (read-only or no permission)")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = nearest_existing(path.parent)
     if not folder.is_dir():
         raise PredictError(f"--out {path} cannot be created: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -25,17 +25,28 @@ def _duration(seconds: float) -> str:
 
 
 class _Clock:
-    """Steps per second over the current fit, and the ETA of the fit and of the run."""
+    """Which fit of how many, steps per second over the current fit, and the ETA of the fit and of the run:
+    the bookkeeping both renderers share."""
 
     def __init__(self) -> None:
         self.total = 0
         self.index = 0
         self.steps = 0
         self.done = 0
-        self.started = time.perf_counter()
-        self.fit_started = self.started
-        self.steps_before = 0  # steps of earlier fits, for the run's ETA
-        self.seconds_before = 0.0
+        self.fit_started = time.perf_counter()
+
+    def begin(self, steps: int) -> None:
+        self.index += 1
+        self.steps, self.done = steps, 0
+        self.fit_started = time.perf_counter()
+
+    def prefix(self) -> str:
+        """``[i/n] `` (nothing when the caller planned no fits)."""
+        return f"[{self.index}/{self.total}] " if self.total else ""
+
+    def done_line(self, label: str, summary: str) -> str:
+        took = time.perf_counter() - self.fit_started
+        return f"{self.prefix()}{label}: done in {_duration(took)}" + (f", {summary}" if summary else "")
 
     def rate(self) -> float:
         elapsed = time.perf_counter() - self.fit_started
@@ -53,7 +64,14 @@ class _Clock:
         return (self.steps - self.done + later) / rate
 
 
-class LineProgress(RunProgress):
+class _Clocked(RunProgress):
+    clock: _Clock
+
+    def plan(self, total: int) -> None:
+        self.clock.total += total
+
+
+class LineProgress(_Clocked):
     """Plain lines (no cursor movement): for pipes, files and CI logs."""
 
     def __init__(self, stream: TextIO | Console, *, every_percent: int = 10) -> None:
@@ -74,19 +92,11 @@ class LineProgress(RunProgress):
         else:
             print(text, file=self.out, flush=True)
 
-    def plan(self, total: int) -> None:
-        self.clock.total += total
-
-    def _prefix(self) -> str:
-        return f"[{self.clock.index}/{self.clock.total}] " if self.clock.total else ""
-
     def start(self, label: str, *, steps: int) -> None:
-        self.clock.index += 1
-        self.clock.steps, self.clock.done = steps, 0
-        self.clock.fit_started = time.perf_counter()
+        self.clock.begin(steps)
         self.label = label
         self.next_percent = self.every
-        self._print(f"{self._prefix()}{label}: training, {steps} steps")
+        self._print(f"{self.clock.prefix()}{label}: training, {steps} steps")
 
     def step(self, done: int, *, loss: float) -> None:
         c = self.clock
@@ -100,15 +110,14 @@ class LineProgress(RunProgress):
         eta = f", ETA {_duration(eta_fit)}" if eta_fit is not None else ""
         if eta_run is not None and c.total > 1:
             eta += f" (run {_duration(eta_run)})"
-        self._print(f"{self._prefix()}{self.label}: step {done}/{c.steps} ({percent}%), loss {loss:.4f}, "
+        self._print(f"{c.prefix()}{self.label}: step {done}/{c.steps} ({percent}%), loss {loss:.4f}, "
                     f"{c.rate():.1f} steps/s{eta}")
 
     def finish(self, label: str, *, summary: str = "") -> None:
-        took = time.perf_counter() - self.clock.fit_started
-        self._print(f"{self._prefix()}{label}: done in {_duration(took)}" + (f", {summary}" if summary else ""))
+        self._print(self.clock.done_line(label, summary))
 
 
-class BarProgress(RunProgress):
+class BarProgress(_Clocked):
     """A live rich bar on a terminal; each finished fit leaves one line above it."""
 
     def __init__(self, console: Console) -> None:
@@ -128,20 +137,12 @@ class BarProgress(RunProgress):
     def __exit__(self, *exc: object) -> None:
         self.bars.stop()
 
-    def plan(self, total: int) -> None:
-        self.clock.total += total
-
-    def _prefix(self) -> str:
-        return f"[{self.clock.index}/{self.clock.total}]" if self.clock.total else ""
-
     def start(self, label: str, *, steps: int) -> None:
-        c = self.clock
-        c.index += 1
-        c.steps, c.done = steps, 0
-        c.fit_started = time.perf_counter()
+        self.clock.begin(steps)
         if self.task_id is not None:
             self.bars.remove_task(self.task_id)
-        self.task_id = self.bars.add_task("", total=max(1, steps), prefix=self._prefix(), label=label, stats="")
+        self.task_id = self.bars.add_task("", total=max(1, steps), prefix=self.clock.prefix().rstrip(), label=label,
+                                          stats="")
 
     def step(self, done: int, *, loss: float) -> None:
         c = self.clock
@@ -153,9 +154,7 @@ class BarProgress(RunProgress):
         self.bars.update(self.task_id, completed=done, stats=stats)
 
     def finish(self, label: str, *, summary: str = "") -> None:
-        took = time.perf_counter() - self.clock.fit_started
-        line = f"{self._prefix()} {label}: done in {_duration(took)}" + (f", {summary}" if summary else "")
-        self.bars.console.print(Text(line), highlight=False, soft_wrap=True)
+        self.bars.console.print(Text(self.clock.done_line(label, summary)), highlight=False, soft_wrap=True)
 
 
 def run_progress(console: Console) -> BarProgress | LineProgress:

@@ -41,6 +41,7 @@ from store_schema import (
     is_url,
     store_path,
 )
+from store_schema.location import nearest_existing
 from store_schema.writer import JOURNAL_NAME, shard_block
 
 from .backbones import (
@@ -203,9 +204,7 @@ def check_writable(out: str, store: Path) -> None:
     if is_url(out):
         raise StoreError(f"--out {out}: extraction writes local stores; extract under a local --out, then copy "
                          "the store with `combo store push`")
-    existing = store.absolute()
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = nearest_existing(store.absolute())
     if not existing.is_dir():
         if existing == Path(out).absolute():
             raise ValueError(f"--out {out} is a file, not a folder (stores go to OUT/<model>/<dataset>.zarr)")

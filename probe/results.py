@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from store_schema.location import write_file_atomic
+
 # VTAB-1k task groups (shared/VTAB.md); the store's task metadata names the group when it knows it.
 VTAB_GROUPS: dict[str, str] = {
     **{t: "natural" for t in ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397")},
@@ -49,9 +51,7 @@ def new_run_dir(out: str | Path, label: str) -> Path:
 
 def write_json(path: Path, doc: Any) -> None:
     """Replaced atomically: a crash or a full disk mid-write leaves the previous document, never half of one."""
-    from .runstate import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
+    write_file_atomic(Path(path), (json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
 def write_table(rows: Sequence[dict[str, Any]], path_stem: Path, *, columns: Sequence[str] | None = None) -> None:

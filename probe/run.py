@@ -319,12 +319,7 @@ class ProbeRun:
     dataset: str = ""
     backbones: list[str] = field(default_factory=list)
     resumed: int = 0  # tasks that were already finished in the folder
-
-    @property
-    def title(self) -> str:
-        method = self.metrics[0]["method"] if self.metrics else "probe"
-        protocol = self.metrics[0]["protocol"] if self.metrics else "?"
-        return f"{method} on {' + '.join(self.backbones)} ({self.dataset}, protocol {protocol})"
+    title: str = ""  # as results.md and the console show it
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -411,7 +406,8 @@ def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run
     (run_dir / "results.md").write_text(markdown_table(rows, title=title, vtab=vtab))
     state.complete = True
     state.save(run_dir)
-    return ProbeRun(run_dir=run_dir, metrics=rows, fits=fits, dataset=dataset, backbones=backbones, resumed=resumed)
+    return ProbeRun(run_dir=run_dir, metrics=rows, fits=fits, dataset=dataset, backbones=backbones, resumed=resumed,
+                    title=title)
 
 
 def stores_dataset(stores: Sequence[FeatureStore]) -> str:

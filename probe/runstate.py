@@ -14,13 +14,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+
+from store_schema.location import nearest_existing, write_file_atomic
 
 STATE_FILE = "state.json"
 DONE = "done"
@@ -34,23 +35,6 @@ OPTION_NAMES = {
     "eval_batch_size": "eval_batch_size", "width": "--width", "depth": "--depth", "num_heads": "--heads",
     "shuffle_window": "--shuffle-window", "pool": "--pool", "init": "--init",
 }
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder: readers see the old or the new file,
-    never half of one (a full disk fails the temp write and leaves ``path`` as it was)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # open(): the umask's mode
-    try:
-        with open(tmp, "x") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 @dataclass
@@ -83,7 +67,8 @@ class RunState:
         return {"tasks": dict(self.tasks), "complete": self.complete, "started": self.started, "options": self.options}
 
     def save(self, run_dir: Path) -> None:
-        atomic_write_text(Path(run_dir) / STATE_FILE, json.dumps(self.to_doc(), indent=2, default=str) + "\n")
+        text = json.dumps(self.to_doc(), indent=2, default=str) + "\n"
+        write_file_atomic(Path(run_dir) / STATE_FILE, text.encode())
 
 
 def new_state(tasks: list[str], options: dict[str, Any]) -> RunState:
@@ -144,9 +129,7 @@ def find_unfinished(out: str | os.PathLike, options: dict[str, Any]) -> Path | N
 def check_out_folder(out: str | os.PathLike) -> Path:
     """Fail in one sentence, before any store is opened, when run folders cannot be created under ``out``."""
     out = Path(out).expanduser()
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = nearest_existing(out)
     if probe.exists() and not probe.is_dir():
         where = "is a file" if probe == out else f"cannot be created: {probe} is a file"
         raise ValueError(f"--out {out} {where}, not a folder")
@@ -184,5 +167,5 @@ def open_resumed(run_dir: Path, options: dict[str, Any], planned: list[str]) -> 
     return state, json.loads((run_dir / "config.json").read_text())
 
 
-__all__ = ["DONE", "STATE_FILE", "RunState", "atomic_write_text", "check_out_folder", "find_unfinished", "finished_rows",
+__all__ = ["DONE", "STATE_FILE", "RunState", "check_out_folder", "find_unfinished", "finished_rows",
            "new_state", "open_resumed", "option_differences", "partial_note", "read_state"]

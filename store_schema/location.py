@@ -140,6 +140,34 @@ def url_has_password(url: str) -> bool:
     return bool(match and ":" in match.group(0)[len(match["scheme"]):])
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` itself when it exists, else its closest existing parent: the folder (or file in the way) that
+    decides whether `path` can be created."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def write_file_atomic(target: str | os.PathLike, data: bytes) -> None:
+    """Write a local file so readers see the old one or the new one, never half of it (a crash or a full disk
+    mid-write leaves the old one): a temp file in the same folder (0666 less the umask), fsynced, renamed over
+    `target`, the folder fsynced."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), FILE_MODE)
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def connection_problem(err: BaseException) -> str | None:
     """What stopped a connection to a server, in words ("connection refused", "host name not found",
     "timed out"), or None when `err` is not a connection failure (a missing object, a bad file)."""
@@ -227,18 +255,7 @@ class Location:
         if self.kind == "local":
             target = Path(self.key_path(key))
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fchmod(handle.fileno(), FILE_MODE)
-                    os.fsync(handle.fileno())
-                os.replace(tmp, target)
-                fsync_dir(target.parent)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_file_atomic(target, data)
         elif sha256 is not None and self.is_s3:
             self.fs.pipe_file(self.key_path(key), data, Metadata={"sha256": sha256})
         else:

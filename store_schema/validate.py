@@ -75,6 +75,12 @@ class ValidationReport:
             raise StoreValidationError(self.location, self.problems)
 
 
+def _unreadable(where: str, err: StoreError) -> str:
+    """A problem line for an object that cannot be read (a zip entry failing its CRC, a server that cannot be
+    reached), without the error's own advice to run validate: this is validate."""
+    return f"{where} cannot be read: {str(err).split('; run `combo store validate', 1)[0]}"
+
+
 def validate_store(
     location: str | os.PathLike,
     *,
@@ -248,7 +254,7 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
                 try:
                     data = loc.read_bytes(key)
                 except StoreError as err:  # a zip entry failing its CRC
-                    problems.append(f"{where} cannot be read: {str(err).split('; run `combo store validate', 1)[0]}")
+                    problems.append(_unreadable(where, err))
                     continue
                 if sha256_bytes(data) != digests[local_key]:
                     problems.append(f"{where} is corrupt (checksum mismatch)")
@@ -301,7 +307,7 @@ def _check_task_objects(store: FeatureStore, task: str, arrays: list[str], num_b
             problems.append(f"{where} is missing (it would read as NaN, never as data)")
             continue
         except StoreError as err:  # a zip entry failing its CRC, an unreachable server: listed, not fatal
-            problems.append(f"{where} cannot be read: {str(err).split('; run `combo store validate', 1)[0]}")
+            problems.append(_unreadable(where, err))
             continue
         if sha256_bytes(data) != entry.sha256:
             problems.append(f"{where} is corrupt (does not match its sha256 in {MANIFEST_NAME})")
