@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import cli_extract, cli_probe, cli_store, cli_study
+from . import cli_compact, cli_extract, cli_probe, cli_store, cli_study
 
 app = typer.Typer(
     name="combo",
@@ -22,6 +22,7 @@ app.command("relevance")(cli_study.relevance_command)
 app.command("atlas")(cli_study.atlas_command)
 app.command("report")(cli_study.report_command)
 app.command("demo")(cli_probe.demo_command)
+cli_store.app.command("compact")(cli_compact.compact_command)
 app.add_typer(cli_store.app, name="store")
 
 

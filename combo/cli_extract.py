@@ -109,6 +109,9 @@ def extract_command(
     image_column: Optional[str] = typer.Option(None, "--image-column", help="--dataset parquet: the image-bytes column (default: image, img, ... or the first binary / {bytes, path} column)."),
     label_column: Optional[str] = typer.Option(None, "--label-column", help="--dataset parquet: the label column (default: label, labels or target)."),
     split_column: Optional[str] = typer.Option(None, "--split-column", help="--dataset parquet: the split column (default: split; without one, the split comes from the file names, else a 70/10/20 cut)."),
+    compact: Optional[str] = typer.Option(None, "--compact", help="Store the tokens encoded instead of at full size: "
+                                          "int8, pca:R or pca:R,int8 (PCA fitted on each task's training split first). "
+                                          "The store goes to OUT/<model>/<dataset>-<encoding>.zarr, e.g. vtab-pca128-int8.zarr."),
     threads: Optional[int] = threads_option(),
 ) -> None:
     """Run a frozen backbone once over a dataset and store every layer's tokens."""
@@ -136,6 +139,7 @@ def extract_command(
         image_column=image_column,
         label_column=label_column,
         split_column=split_column,
+        compact=compact,
     )
     if num_workers is not None:
         cfg_kwargs["num_workers"] = num_workers

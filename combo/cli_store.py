@@ -426,6 +426,7 @@ def _info_lines(doc: dict[str, Any], width: int, options: dict[str, Any]) -> lis
         ("storage", [str(storage.get("dtype")), f"{storage.get('codec')} level {storage.get('clevel')} {storage.get('shuffle')}",
                      f"shard {storage.get('rows_per_shard')} rows",
                      f"chunk {storage.get('rows_per_chunk')} rows x {storage.get('layers_per_chunk')} layer(s)"], ", "),
+        *_encoding_row(storage, doc.get("task_details") or {}),
         ("checksums", [str(storage.get("chunk_checksum", "?"))], ""),
         ("size", [human_bytes(doc.get("size_bytes"))], ""),
         ("created", [str(doc.get("created"))], ""),
@@ -449,6 +450,24 @@ def _info_lines(doc: dict[str, Any], width: int, options: dict[str, Any]) -> lis
     lines += [Text(""), Text("tasks", style="bold")]
     lines += _task_lines(doc["task_details"], width, options)
     return lines
+
+
+def _encoding_row(storage: dict[str, Any], details: dict[str, Any]) -> list[tuple[str, list[str], str]]:
+    """A compact store's encoding and, for PCA, the split each task's basis was fitted on."""
+    compact = storage.get("compact")
+    if not compact:
+        return [("encoding", ["full-size tokens"], "")]
+    items = [f"{compact.get('name')}: {compact.get('description')}"]
+    if compact.get("pca_components"):
+        fits = sorted({f"{t['compact'].get('fit_split')}" for t in details.values() if t.get("compact")})
+        rows = [int(t["compact"].get("fit_rows") or 0) for t in details.values() if t.get("compact")]
+        kept = [v for t in details.values() if t.get("compact") for v in t["compact"].get("explained_variance") or []]
+        items.append(f"PCA fitted per task on its training split only ({', '.join(fits) or '?'}; "
+                     f"{min(rows, default=0)}-{max(rows, default=0)} images)")
+        if kept:
+            items.append(f"variance kept {min(kept):.1%}-{max(kept):.1%} per layer")
+    items.append("map mean/std exact, token values approximate")
+    return [("encoding", items, "; ")]
 
 
 def _task_lines(details: dict[str, Any], width: int, options: dict[str, Any]) -> list[Text]:

@@ -41,15 +41,29 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def resolve_store_refs(refs: Sequence[str], *, store_root: str | None = None, dataset: str = "vtab") -> list[str]:
-    """Short names ('clip') become <store root>/clip/<dataset>.zarr; paths and URLs stay as they are."""
+    """Short names ('clip') become <store root>/clip/<dataset>.zarr; paths and URLs stay as they are.
+    A compact store's short name ('sam-int8', 'dinov2-pca128') is <store root>/sam/<dataset>-int8.zarr,
+    where `combo extract --compact` writes it, when <store root>/sam-int8/<dataset>.zarr does not exist."""
     root = store_root or default_store_root()
     out = []
     for ref in refs:
         ref = str(ref).strip()
         if not ref:
             raise ValueError("--stores: an empty store name")
-        out.append(os.path.expanduser(ref) if _looks_like_path(ref) else store_path(root, ref, dataset))
+        out.append(os.path.expanduser(ref) if _looks_like_path(ref) else _short_name(root, ref, dataset))
     return out
+
+
+def _short_name(root: str, ref: str, dataset: str) -> str:
+    plain = store_path(root, ref, dataset)
+    if is_url(plain) or os.path.exists(plain):
+        return plain
+    for i, char in enumerate(ref):
+        if char == "-" and 0 < i < len(ref) - 1:
+            compact = store_path(root, ref[:i], f"{dataset}-{ref[i + 1:]}")
+            if os.path.exists(compact):
+                return compact
+    return plain
 
 
 def open_stores(refs: Sequence[str], *, store_root: str | None = None, dataset: str = "vtab",

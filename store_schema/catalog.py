@@ -291,6 +291,7 @@ def store_info(location: str | os.PathLike, *, storage_options: dict[str, Any] |
             "skipped": len(task_attrs.get("skipped") or []),
             "skipped_samples": [s.get("sample_id") for s in task_attrs.get("skipped") or []][:20],
             "completed": task_attrs.get("completed"),
+            **({"compact": task_attrs["compact"]} if task_attrs.get("compact") else {}),
             "problems": _object_problems(task, bool(task_attrs.get("complete")), manifest, manifest_error, sizes),
         }
     attrs["location"] = redact(loc.url)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata as _importlib_metadata
 from typing import Any
 
-FORMAT_MAJOR, FORMAT_MINOR = 2, 0
+FORMAT_MAJOR, FORMAT_MINOR = 2, 1
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 SCHEMA_VERSION = FORMAT_MAJOR  # the integer format 1 readers check: they refuse anything above 1
 FORMAT_NAME = "combo-feature-store"
@@ -141,6 +141,20 @@ class StoreInfo:
     dataset: str
     dataset_root: str | None = None  # not recorded (a local path means nothing to a teammate); kept for callers
     created: str = field(default_factory=utc_now)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> "StoreInfo":
+        """The description a store records (its root attribute), e.g. to derive another store from it."""
+        b, p, f = attrs["backbone"], attrs["preprocessing"], attrs["features"]
+        return cls(
+            backbone=BackboneInfo(b["alias"], b["timm_name"], b.get("pretrained_tag"), b["weights_source"],
+                                  b.get("weights_sha256"), b.get("seed"), b.get("model_kwargs")),
+            preprocessing=Preprocessing(int(p["image_size"]), tuple(p["mean"]), tuple(p["std"]),
+                                        p.get("interpolation", "bilinear"), p.get("resize", "square, no crop")),
+            features=FeatureInfo(tuple(f["token_grid"]), int(f["num_prefix_tokens"]), tuple(f["layers"]),
+                                 int(f["feature_dim"]), f.get("kind", FeatureInfo.kind)),
+            dataset=str(attrs["dataset"]["name"]),
+        )
 
     def to_attrs(self, *, storage: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
         feats = asdict(self.features)

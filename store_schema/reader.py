@@ -16,6 +16,7 @@ import zarr
 
 from . import samples as sample_table
 from .errors import SchemaVersionError, StoreError, StoreIncompleteError, StoreNotFoundError
+from .compact import CODES, MAP_STATS, PCA_COMPONENTS, PCA_MEAN, CompactSpec, PcaBasis, decode
 from .layout import StoreLayout
 from .location import Location, list_sizes, resolve
 from .manifest import Manifest, absent_or_resized, describe_missing, load_manifest, verify_bytes
@@ -155,6 +156,11 @@ class FeatureStore:
     def layout(self) -> StoreLayout:
         return StoreLayout.from_attrs(self.attrs["storage"])
 
+    @cached_property
+    def compact(self) -> CompactSpec | None:
+        """How the tokens are encoded (store_schema/compact.py); None for full-size tokens."""
+        return CompactSpec.from_attrs(self.attrs["storage"].get("compact"))
+
     def task(self, name: str) -> "TaskStore":
         if name not in self.tasks:
             raise StoreError(f"store {self.url} has no task {name!r}; it holds: {', '.join(self.tasks) or 'none'}")
@@ -219,7 +225,7 @@ def read_rows(array: zarr.Array, rows: Sequence[int] | np.ndarray, *, layers: Se
             block = array[lo:hi] if layer_list is None else array.oindex[lo:hi, layer_list]
         except (RuntimeError, ValueError, OSError, zipfile.BadZipFile) as err:  # zstd / crc32c / zip CRC, truncated object
             first_shard, last_shard = lo // rows_per_shard, (hi - 1) // rows_per_shard
-            shards = ", ".join(f"{array.path}/c/{b}/0/0/0" for b in range(first_shard, min(last_shard, first_shard + 2) + 1))
+            shards = ", ".join(f"{array.path}/c/{b}" + "/0" * (array.ndim - 1) for b in range(first_shard, min(last_shard, first_shard + 2) + 1))
             raise StoreError(
                 f"{where}: rows {lo}..{hi - 1} cannot be decoded ({err}): shard {shards}"
                 f"{' ...' if last_shard > first_shard + 2 else ''} is damaged. Run `combo store validate` on the store"
@@ -243,8 +249,26 @@ class TaskStore:
         if not isinstance(attrs, dict):
             raise StoreError(f"{store.url}/{name}: task group has no '{TASK_ATTR}' attribute")
         self.attrs: dict[str, Any] = attrs
-        self.tokens: zarr.Array = self._array(TOKENS)
+        self.compact = store.compact
+        # a compact task's main array is its codes ([N, L, T, C]); `read` decodes them
+        self.tokens: zarr.Array = self._array(CODES if self.compact else TOKENS)
         self.prefix: zarr.Array | None = self._array(PREFIX) if store.num_prefix_tokens else None
+
+    @cached_property
+    def encoded(self) -> list[zarr.Array]:
+        """A compact task's row arrays, in `CompactSpec.arrays()` order (what `decode` takes)."""
+        if self.compact is None:
+            raise StoreError(f"task {self.name} of {self.store.url} holds full-size tokens, not a compact encoding")
+        return [self.tokens if n == CODES else self._array(n) for n in self.compact.arrays()]
+
+    @cached_property
+    def pca(self) -> PcaBasis | None:
+        """The task's PCA basis (components [L, D, R], mean [L, D]) when its encoding has PCA."""
+        if self.compact is None or self.compact.pca is None:
+            return None
+        self.require_complete()
+        return PcaBasis(np.asarray(self._array(PCA_COMPONENTS)[...], dtype=np.float32),
+                        np.asarray(self._array(PCA_MEAN)[...], dtype=np.float32))
 
     def _array(self, array: str) -> zarr.Array:
         """An array of the task; a missing or unreadable array metadata document is named (zarr reads it
@@ -349,18 +373,38 @@ class TaskStore:
         return np.nonzero(member & valid)[0].astype(np.int64)
 
     # -- data ---------------------------------------------------------------------------------
-    def read(self, rows: Sequence[int] | np.ndarray | slice, *, layers: Sequence[int] | None = None, prefix: bool = False) -> np.ndarray:
-        """Rows (any order) of the token (or prefix) array as numpy; see `read_rows`."""
+    def read(self, rows: Sequence[int] | np.ndarray | slice, *, layers: Sequence[int] | None = None, prefix: bool = False,
+             normalised: bool = False) -> np.ndarray:
+        """Rows (any order) of the token (or prefix) array as numpy; see `read_rows`. A compact task's
+        tokens come back decoded, float32 in original units (``normalised``: ComBo's per-map
+        normalisation, with the stored statistics)."""
+        if self.compact is not None and not prefix:
+            encoded = self.read_encoded(rows, layers=layers)
+            return decode(encoded, self.compact, self.pca, layers=layers, normalised=normalised)
         array = self.prefix if prefix else self.tokens
         if array is None:
             raise StoreError(f"store {self.store.url} has no prefix tokens (the backbone has none)")
         self.require_complete()
-        if isinstance(rows, slice):
-            rows = np.arange(self.num_samples)[rows]
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = self._rows(rows)
         out = read_rows(array, rows, layers=layers, rows_per_shard=self.rows_per_shard,
                         where=f"task {self.name} of {self.store.url}")
         self._check_written(out, rows, array_name=PREFIX if prefix else TOKENS)
+        return out
+
+    def _rows(self, rows: Sequence[int] | np.ndarray | slice) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(self.num_samples)[rows]
+        return np.asarray(rows, dtype=np.int64)
+
+    def read_encoded(self, rows: Sequence[int] | np.ndarray | slice, *, layers: Sequence[int] | None = None) -> list[np.ndarray]:
+        """A compact task's arrays for these rows (and layers), in `CompactSpec.arrays()` order, undecoded:
+        what a reader that decodes elsewhere (on a GPU, in the batch) needs."""
+        arrays = self.encoded
+        self.require_complete()
+        rows = self._rows(rows)
+        where = f"task {self.name} of {self.store.url}"
+        out = [read_rows(a, rows, layers=layers, rows_per_shard=self.rows_per_shard, where=where) for a in arrays]
+        self._check_written(out[-1], rows, array_name=MAP_STATS)  # map_stats: NaN where never written
         return out
 
     def _check_written(self, out: np.ndarray, rows: np.ndarray, *, array_name: str) -> None:
@@ -377,7 +421,8 @@ class TaskStore:
         bad = rows[holes & valid[rows]]
         if bad.size:
             shards = sorted({int(r) // self.rows_per_shard for r in bad})
-            keys = [shard_key(self.name, array_name, b) for b in shards]
+            ndim = self.tokens.ndim if array_name in (TOKENS, CODES) else (3 if array_name == MAP_STATS else 4)
+            keys = [shard_key(self.name, array_name, b, ndim) for b in shards]
             raise StoreIncompleteError(
                 f"task {self.name} of {self.store.url}: rows {bad[:5].tolist()} read as never written: shard "
                 f"{describe_missing(keys)} is missing. Copy the store again or run "
@@ -385,11 +430,20 @@ class TaskStore:
             )
 
     def to_dask(self, *, split: str | None = None, layer: int | None = None, prefix: bool = False) -> da.Array:
-        """Lazy view; chunks follow the shards (dask's from_zarr would use the inner chunks)."""
+        """Lazy view; chunks follow the shards (dask's from_zarr would use the inner chunks). A compact
+        task's tokens are decoded chunk by chunk (float32, original units)."""
         array = self.prefix if prefix else self.tokens
         if array is None:
             raise StoreError(f"store {self.store.url} has no prefix tokens")
         self.require_complete()
+        if self.compact is not None and not prefix:
+            lazy = _decoded_dask(self.encoded, self.compact, self.pca, (*array.shape[:3], self.store.feature_dim),
+                                 self.rows_per_shard)
+            if layer is not None:
+                lazy = lazy[:, layer]
+            if split is not None:
+                lazy = lazy[self.rows(split)]
+            return lazy
         chunks = (self.rows_per_shard, *array.shape[1:])
         lazy = da.from_zarr(array, chunks=chunks)
         if layer is not None:
@@ -397,6 +451,20 @@ class TaskStore:
         if split is not None:
             lazy = lazy[self.rows(split)]
         return lazy
+
+
+def _decoded_dask(arrays: list[zarr.Array], spec: CompactSpec, basis: PcaBasis | None, shape: tuple[int, ...],
+                  rows_per_shard: int) -> da.Array:
+    """Decoded tokens [N, L, T, D] float32 as dask, one chunk per shard, from a compact task's arrays."""
+    import dask
+
+    def shard(lo: int, hi: int) -> np.ndarray:
+        return decode([a[lo:hi] for a in arrays], spec, basis)
+
+    blocks = [da.from_delayed(dask.delayed(shard)(lo, min(lo + rows_per_shard, shape[0])),
+                              shape=(min(lo + rows_per_shard, shape[0]) - lo, *shape[1:]), dtype=np.float32)
+              for lo in range(0, shape[0], rows_per_shard)]
+    return da.concatenate(blocks, axis=0) if blocks else da.zeros((0, *shape[1:]), dtype=np.float32)
 
 
 def open_store(location: str | os.PathLike, *, storage_options: dict[str, Any] | None = None) -> FeatureStore:

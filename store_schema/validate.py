@@ -176,11 +176,15 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
     n = int(attrs["num_samples"])
     feats = store.features
     grid = feats["token_grid"]
-    expected = {TOKENS: (n, len(feats["layers"]), int(grid[0]) * int(grid[1]), int(feats["feature_dim"]))}
-    if int(feats["num_prefix_tokens"]):
-        expected[PREFIX] = (n, len(feats["layers"]), int(feats["num_prefix_tokens"]), int(feats["feature_dim"]))
     dtype = store.attrs["storage"]["dtype"]
-    for name, shape in expected.items():
+    num_layers, num_tokens, dim = len(feats["layers"]), int(grid[0]) * int(grid[1]), int(feats["feature_dim"])
+    if store.compact is not None:
+        expected = dict(store.compact.array_specs(n, num_layers, num_tokens, dim))
+    else:
+        expected = {TOKENS: ((n, num_layers, num_tokens, dim), dtype)}
+    if int(feats["num_prefix_tokens"]):
+        expected[PREFIX] = ((n, num_layers, int(feats["num_prefix_tokens"]), dim), dtype)
+    for name, (shape, array_dtype) in expected.items():
         try:
             meta = _load_json(loc, f"{task}/{name}/zarr.json")
         except StoreError as err:
@@ -188,8 +192,8 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
             continue
         if tuple(meta.get("shape", ())) != shape:
             problems.append(f"task {task}: array {name} has shape {tuple(meta.get('shape', ()))}, expected {shape}")
-        if meta.get("data_type") != dtype:
-            problems.append(f"task {task}: array {name} has dtype {meta.get('data_type')}, metadata says {dtype}")
+        if meta.get("data_type") != array_dtype:
+            problems.append(f"task {task}: array {name} has dtype {meta.get('data_type')}, metadata says {array_dtype}")
     try:
         table = sample_table.from_bytes(loc.read_bytes(f"{task}/{SAMPLES_NAME}"))
     except Exception as err:  # noqa: BLE001 - unreadable parquet, missing file, ...
@@ -226,7 +230,7 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
         )
         return "incomplete"
     if manifest is not None:
-        return _check_task_objects(store, task, list(expected), num_blocks, manifest, report,
+        return _check_task_objects(store, task, {k: len(v[0]) for k, v in expected.items()}, num_blocks, manifest, report,
                                    checksums=checksums, fraction=fraction, rng=rng)
     try:
         manifest = _load_json(loc, f"{task}/{CHECKSUMS_NAME}")["arrays"]
@@ -261,7 +265,11 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
     return "ok"
 
 
-def _check_task_objects(store: FeatureStore, task: str, arrays: list[str], num_blocks: int, manifest: Manifest,
+def _chunk(block: int, ndim: int) -> str:
+    return "(" + ", ".join([str(block)] + ["0"] * (ndim - 1)) + ")"
+
+
+def _check_task_objects(store: FeatureStore, task: str, arrays: dict[str, int], num_blocks: int, manifest: Manifest,
                         report: ValidationReport, *, checksums: str, fraction: float, rng: random.Random) -> str:
     """Format 2: every object of the task against the manifest. Small objects are always hashed
     (they are what a shifted label or an edited attribute would change); shards all or a sample."""
@@ -272,11 +280,11 @@ def _check_task_objects(store: FeatureStore, task: str, arrays: list[str], num_b
         problems.append(f"task {task}: complete, but not in {MANIFEST_NAME} (its writer was killed while finishing "
                         "it: rerun the extraction to complete it)")
         return "invalid"
-    shard_keys = {shard_key(task, name, block): (name, block) for name in arrays for block in range(num_blocks)}
+    shard_keys = {shard_key(task, name, block, ndim): (name, block) for name, ndim in arrays.items() for block in range(num_blocks)}
     for key in shard_keys:
         if key not in entries:
             name, block = shard_keys[key]
-            problems.append(f"task {task}: array {name} chunk ({block}, 0, 0, 0) [{key}] is not in {MANIFEST_NAME}")
+            problems.append(f"task {task}: array {name} chunk {_chunk(block, arrays[name])} [{key}] is not in {MANIFEST_NAME}")
     for key in (f"{task}/zarr.json", f"{task}/{SAMPLES_NAME}"):
         if key not in entries:
             problems.append(f"task {task}: {key} is not in {MANIFEST_NAME}")
@@ -288,7 +296,7 @@ def _check_task_objects(store: FeatureStore, task: str, arrays: list[str], num_b
     for key, entry in sorted(entries.items()):
         if key in shard_keys:
             name, block = shard_keys[key]
-            where = f"task {task}: array {name} chunk ({block}, 0, 0, 0) [{key}]"
+            where = f"task {task}: array {name} chunk {_chunk(block, arrays[name])} [{key}]"
         else:
             where = f"task {task}: {key}"
         present = (key in listed) if listed is not None else loc.exists(key)

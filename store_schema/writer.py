@@ -27,6 +27,19 @@ import zarr
 
 from . import samples as sample_table
 from .errors import SchemaVersionError, StoreError, StoreLockedError, StoreMismatchError
+from .compact import (
+    CHANNEL_SCALE,
+    CODES,
+    MAP_STATS,
+    OUTLIER_INDEX,
+    OUTLIER_VALUE,
+    PCA_COMPONENTS,
+    PCA_MEAN,
+    TOKEN_SCALE,
+    CompactSpec,
+    PcaBasis,
+    encode,
+)
 from .layout import StoreLayout
 from .location import Location, fsync_dir, is_hidden, list_sizes, resolve
 from .manifest import MANIFEST_NAME, Entry, Manifest, absent_or_resized, sha256_bytes
@@ -52,19 +65,38 @@ TOKEN_DIMS = ("sample", "layer", "token", "channel")
 PREFIX_DIMS = ("sample", "layer", "prefix_token", "channel")
 # 1-D coordinate arrays of a task (besides one boolean per split, named after the split)
 COORDINATES = ("sample_id", "label", "valid")
-RESERVED_NAMES = frozenset({TOKENS, PREFIX, "layer", *COORDINATES, *TOKEN_DIMS, *PREFIX_DIMS})
+# arrays of a compact task (store_schema/compact.py), written a shard of rows at a time like tokens
+COMPACT_ROW_ARRAYS = {  # name -> dimension names
+    CODES: ("sample", "layer", "token", "code"),
+    TOKEN_SCALE: ("sample", "layer", "token"),
+    CHANNEL_SCALE: ("sample", "layer", "code"),
+    OUTLIER_INDEX: ("sample", "layer", "token", "kept"),
+    OUTLIER_VALUE: ("sample", "layer", "token", "kept"),
+    MAP_STATS: ("sample", "layer", "stat"),
+}
+ROW_ARRAYS = frozenset({TOKENS, PREFIX, *COMPACT_ROW_ARRAYS})  # one shard per block of rows
+RESERVED_NAMES = frozenset({TOKENS, PREFIX, "layer", *COORDINATES, *TOKEN_DIMS, *PREFIX_DIMS, *COMPACT_ROW_ARRAYS,
+                            PCA_COMPONENTS, PCA_MEAN, "code", "kept", "stat"})
+ARRAY_DESCRIPTIONS = {
+    CODES: "encoded patch tokens (store_schema/compact.py: int8 codes, or PCA coefficients in float16)",
+    TOKEN_SCALE: "int8 scale of every token (negative: the token ignores channel_scale)",
+    CHANNEL_SCALE: "int8 scale of every channel of every (image, layer) map",
+    OUTLIER_INDEX: "channels of each token's largest values, kept beside the int8 codes",
+    OUTLIER_VALUE: "each token's largest values, kept at float16",
+    MAP_STATS: "mean and std of every (image, layer) map of the original tokens (ComBo's normalisation)",
+}
 
 
-def shard_key(task: str, array: str, block: int) -> str:
-    """Store key of shard `block` of an array (zarr v3 default chunk-key encoding)."""
-    return f"{task}/{array}/c/{block}/0/0/0"
+def shard_key(task: str, array: str, block: int, ndim: int = 4) -> str:
+    """Store key of shard `block` of an `ndim`-dimensional row array (zarr v3 default chunk-key encoding)."""
+    return f"{task}/{array}/c/{block}" + "/0" * (ndim - 1)
 
 
 def shard_block(task: str, key: str) -> int | None:
-    """Block index of a shard key of `task`'s tokens or prefix array (inverse of `shard_key`); None otherwise."""
+    """Block index of a shard key of one of `task`'s row arrays (inverse of `shard_key`); None otherwise."""
     parts = key.split("/")
-    if len(parts) == 7 and parts[0] == task and parts[1] in (TOKENS, PREFIX) and parts[2] == "c" \
-            and parts[3].isdigit() and parts[4:] == ["0", "0", "0"]:
+    if len(parts) >= 5 and parts[0] == task and parts[1] in ROW_ARRAYS and parts[2] == "c" \
+            and parts[3].isdigit() and all(p == "0" for p in parts[4:]):
         return int(parts[3])
     return None
 
@@ -122,18 +154,28 @@ def _fsync_file(path: Path) -> None:
 class StoreWriter:
     """Opens (creating if needed) a local store for writing and holds its lock until closed."""
 
-    def __init__(self, path: str | os.PathLike, info: StoreInfo, layout: StoreLayout, *, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, info: StoreInfo, layout: StoreLayout, *, overwrite: bool = False,
+                 compact: CompactSpec | None = None):
         self.location: Location = resolve(path)
         if self.location.kind != "local":
             raise StoreError(f"{path}: extraction writes local stores; copy it elsewhere with `combo store push`")
         self.path = Path(self.location.root)
         feats = info.features
-        row_bytes = len(feats.layers) * (feats.num_tokens + feats.num_prefix_tokens) * feats.feature_dim * layout.itemsize
+        if compact is not None:
+            compact.check_dim(feats.feature_dim)
+            row_bytes = compact.row_bytes(len(feats.layers), feats.num_tokens, feats.feature_dim) \
+                + len(feats.layers) * feats.num_prefix_tokens * feats.feature_dim * layout.itemsize
+        else:
+            row_bytes = len(feats.layers) * (feats.num_tokens + feats.num_prefix_tokens) * feats.feature_dim * layout.itemsize
+        self.compact = compact
         self.layout = layout.for_rows(row_bytes)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_handle = self._acquire_lock()
         try:
-            attrs = _json_normal(info.to_attrs(storage=self.layout.to_attrs(), tasks=[]))
+            storage = self.layout.to_attrs()
+            if compact is not None:
+                storage["compact"] = compact.to_attrs()
+            attrs = _json_normal(info.to_attrs(storage=storage, tasks=[]))
             self.group = self._open_or_create(attrs, info, overwrite=overwrite)
             self._repair()
         except BaseException:
@@ -194,7 +236,8 @@ class StoreWriter:
             if doc is None and not overwrite:
                 raise StoreError(f"{self.path}/zarr.json is unreadable; use --overwrite to start again")
             version = format_version(old) if isinstance(old, dict) else None
-            if not overwrite and version != (FORMAT_MAJOR, FORMAT_MINOR) and isinstance(old, dict):
+            same_major = version is not None and version[0] == FORMAT_MAJOR and version[1] <= FORMAT_MINOR
+            if not overwrite and not same_major and isinstance(old, dict):
                 shown = f"{version[0]}.{version[1]}" if version else repr(old.get("format_version") or old.get("schema_version"))
                 raise SchemaVersionError(
                     f"store {self.path} is in store format {shown}; this combo writes format {FORMAT_VERSION} "
@@ -204,7 +247,7 @@ class StoreWriter:
             diff = identity_diff(old, attrs) if isinstance(old, dict) else ["no combo metadata"]
             if diff and not overwrite:
                 raise StoreMismatchError(_mismatch_message(self.path, old, attrs, diff))
-            if not diff and version == (FORMAT_MAJOR, FORMAT_MINOR):
+            if not diff and same_major:  # a 2.0 store resumed or extended stays as it is: 2.1 only adds
                 return zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
             self._wipe()  # overwrite with other settings or another format: the whole store goes
         attrs["created"] = info.created
@@ -305,6 +348,10 @@ class StoreWriter:
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs[ROOT_ATTR])
 
+    def has_task(self, name: str) -> bool:
+        """Whether the task was created (its attribute written), finished or not."""
+        return TASK_ATTR in ((_read_doc(self.path / name / "zarr.json") or {}).get("attributes") or {})
+
     def task(
         self,
         name: str,
@@ -319,19 +366,27 @@ class StoreWriter:
         group: str | None = None,
         overwrite: bool = False,
         row_order: dict[str, Any] | None = None,
+        pca: PcaBasis | None = None,
+        compact_fit: dict[str, Any] | None = None,
     ) -> "TaskWriter":
         """Create the task group, or reopen it to resume; refuses a different sample plan.
 
         ``row_order`` (how rows were permuted from the dataset's natural order, see README "Row order") is
         recorded in the task document; a resumed task missing it (killed right after creation) gets it.
+        A compact store's task takes its PCA basis (``pca``, when the encoding has PCA), stored with the
+        task, and ``compact_fit`` (which split it was fitted on, how many rows): a resumed task keeps
+        the basis it was created with.
         """
+        if self.compact is not None and self.compact.pca is not None and pca is None \
+                and not (self.path / name / PCA_COMPONENTS / "zarr.json").exists():
+            raise StoreError(f"task {name!r}: a {self.compact.name} store needs the task's fitted PCA basis")
         if "/" in name or name.startswith("."):
             raise StoreError(f"task name {name!r} must be a plain folder name")
         task_dir = self.path / name
         if task_dir.exists() and overwrite:
             shutil.rmtree(task_dir)
         if task_dir.exists() and TASK_ATTR not in ((_read_doc(task_dir / "zarr.json") or {}).get("attributes") or {}):
-            shards = task_dir / TOKENS / "c"
+            shards = task_dir / (CODES if self.compact else TOKENS) / "c"
             if (task_dir / JOURNAL_NAME).exists() or (shards.exists() and any(shards.iterdir())):
                 raise StoreError(
                     f"task {name!r} in {self.path} has written shards but its zarr.json is unreadable; "
@@ -357,13 +412,17 @@ class StoreWriter:
         n = samples.num_rows
         task_group = self.group.create_group(name, overwrite=True)
         coords = " ".join([*COORDINATES, *split_names])
-        tokens = task_group.create_array(
-            name=TOKENS, **self.layout.array_kwargs((n, num_layers, num_tokens, feature_dim), dimension_names=TOKEN_DIMS)
-        )
-        tokens.attrs.update({
-            "long_name": "patch tokens of every block output (residual stream), row-major token grid",
-            "coordinates": coords,
-        })
+        if self.compact is None:
+            tokens = task_group.create_array(
+                name=TOKENS, **self.layout.array_kwargs((n, num_layers, num_tokens, feature_dim), dimension_names=TOKEN_DIMS)
+            )
+            tokens.attrs.update({
+                "long_name": "patch tokens of every block output (residual stream), row-major token grid",
+                "coordinates": coords,
+            })
+        else:
+            self._compact_arrays(task_group, n=n, num_layers=num_layers, num_tokens=num_tokens,
+                                 feature_dim=feature_dim, coords=coords, pca=pca)
         if num_prefix_tokens:
             prefix = task_group.create_array(
                 name=PREFIX,
@@ -393,6 +452,7 @@ class StoreWriter:
             "complete": False,
             "skipped": [],
             **({"row_order": _json_normal(row_order)} if row_order is not None else {}),
+            **({"compact": _json_normal({**(compact_fit or {}), **self.compact.to_attrs()})} if self.compact else {}),
         }
         root_attrs = self.attrs
         if name not in root_attrs["tasks"]:
@@ -400,6 +460,33 @@ class StoreWriter:
             self.group.attrs[ROOT_ATTR] = root_attrs
         self.consolidate()
         return TaskWriter(self, name)
+
+    def _compact_arrays(self, group: zarr.Group, *, n: int, num_layers: int, num_tokens: int, feature_dim: int,
+                        coords: str, pca: PcaBasis | None) -> None:
+        """The arrays of a compact task (store_schema/compact.py): sharded by rows like tokens, NaN-filled
+        where a float can say "never written"."""
+        spec = self.compact
+        assert spec is not None
+        for name, (shape, dtype) in spec.array_specs(n, num_layers, num_tokens, feature_dim).items():
+            if name == CODES:
+                kwargs = self.layout.array_kwargs(shape, dimension_names=COMPACT_ROW_ARRAYS[name])
+            else:  # small: one chunk per shard of rows
+                kwargs = {"shape": shape, "chunks": (self.layout.rows_per_shard, *shape[1:]),
+                          "compressors": self.layout.compressors(), "dimension_names": COMPACT_ROW_ARRAYS[name]}
+            kwargs["dtype"] = dtype
+            kwargs["fill_value"] = float("nan") if np.dtype(dtype).kind == "f" else 0
+            array = group.create_array(name=name, **kwargs)
+            array.attrs.update({"long_name": ARRAY_DESCRIPTIONS[name], "coordinates": coords})
+        if pca is not None:
+            for name, values, dims, text in (
+                (PCA_COMPONENTS, pca.components, ("layer", "channel", "code"),
+                 "principal directions of the standardised patch tokens of each layer (columns)"),
+                (PCA_MEAN, pca.mean, ("layer", "channel"), "mean of the standardised patch tokens of each layer"),
+            ):
+                array = group.create_array(name=name, shape=values.shape, dtype="float32", chunks=values.shape,
+                                           compressors=self.layout.compressors(), dimension_names=dims,
+                                           attributes={"description": text})
+                array[...] = values.astype(np.float32)
 
     def _coordinate(self, group: zarr.Group, name: str, values: np.ndarray, dim: str, description: str) -> None:
         array = group.create_array(
@@ -460,8 +547,11 @@ class TaskWriter:
         self.store = store
         self.name = name
         self.group = zarr.open_group(store._zarr_store(), path=name, mode="r+", zarr_format=3, use_consolidated=False)
-        self.tokens = self.group[TOKENS]
+        self.compact = store.compact
+        self.tokens = self.group[CODES if self.compact else TOKENS]
         self.prefix = self.group[PREFIX] if (store.path / name / PREFIX / "zarr.json").exists() else None
+        self.pca = (PcaBasis(self.group[PCA_COMPONENTS][...], self.group[PCA_MEAN][...])
+                    if self.compact is not None and self.compact.pca is not None else None)
         self.num_rows = int(self.tokens.shape[0])
         step = store.layout.rows_per_shard
         self.blocks: list[range] = [range(s, min(s + step, self.num_rows)) for s in range(0, self.num_rows, step)]
@@ -484,7 +574,18 @@ class TaskWriter:
         return [b for b in range(len(self.blocks)) if b not in self.done]
 
     def _arrays(self) -> list[tuple[str, zarr.Array]]:
-        return [(TOKENS, self.tokens)] + ([(PREFIX, self.prefix)] if self.prefix is not None else [])
+        """Every row array, a shard of each per block (tokens, or a compact task's arrays; prefix)."""
+        main = [(n, self.group[n]) for n in self.compact.arrays()] if self.compact else [(TOKENS, self.tokens)]
+        return main + ([(PREFIX, self.prefix)] if self.prefix is not None else [])
+
+    def store_dim(self, array_name: str) -> int:
+        """Channels of the values `write_block` takes for an array (a compact task takes full-size tokens)."""
+        if array_name == PREFIX and self.prefix is not None:
+            return int(self.prefix.shape[3])
+        return int(self.store.attrs["features"]["feature_dim"]) if self.compact else int(self.tokens.shape[3])
+
+    def _key(self, array_name: str, array: zarr.Array, block: int) -> str:
+        return shard_key(self.name, array_name, block, array.ndim)
 
     def _load_journal(self) -> None:
         """Journaled shards count as done only if their files still hash to the recorded sha256:
@@ -534,7 +635,7 @@ class TaskWriter:
         for block, rows in enumerate(self.blocks):
             if block in redo:
                 continue
-            keys = [shard_key(self.name, a, block) for a, _ in self._arrays()]
+            keys = [self._key(a, arr, block) for a, arr in self._arrays()]
             if any(k not in manifest for k in keys):
                 return None  # a shard the manifest does not know: no way to trust the rest either
             done[block] = {k: manifest[k].sha256 for k in keys}
@@ -548,8 +649,8 @@ class TaskWriter:
                 os.fsync(handle.fileno())
             fsync_dir(self.store.path / self.name)
             for block in blocks:
-                for array_name, _array in self._arrays():
-                    (self.store.path / shard_key(self.name, array_name, block)).unlink(missing_ok=True)
+                for array_name, array in self._arrays():
+                    (self.store.path / self._key(array_name, array, block)).unlink(missing_ok=True)
             attrs = self.attrs
             attrs.update(complete=False, skipped=[])
             attrs.pop("completed", None)
@@ -576,13 +677,15 @@ class TaskWriter:
                 raise StoreError(f"task {self.name}: skipped row {s.row} is not in block {block} (rows {rows.start}..{rows.stop - 1})")
             unwritten[s.row - rows.start] = True
         dtype = np.dtype(self.store.layout.dtype)
-        parts = [(TOKENS, self.tokens, tokens)]
+        inputs = [(TOKENS, self.tokens if self.compact is None else None, tokens)]
         if self.prefix is not None:
             if prefix is None:
                 raise StoreError(f"task {self.name}: block {block} needs prefix tokens")
-            parts.append((PREFIX, self.prefix, prefix))
-        for array_name, array, data in parts:
-            expected = (len(rows), *array.shape[1:])
+            inputs.append((PREFIX, self.prefix, prefix))
+        parts: list[tuple[str, zarr.Array, np.ndarray]] = []
+        for array_name, array, data in inputs:
+            shape = self.tokens.shape if array is None else array.shape
+            expected = (len(rows), *shape[1:3], self.store_dim(array_name))
             if tuple(data.shape) != expected:
                 raise StoreError(f"task {self.name}: block {block} of {array_name} has shape {data.shape}, expected {expected}")
             with np.errstate(over="ignore", invalid="ignore"):
@@ -594,19 +697,28 @@ class TaskWriter:
                     f"task {self.name}: rows {bad[:5]} of {array_name} are not finite in {dtype} "
                     "(values overflow float16? re-run with --dtype float32)"
                 )
+            if array is None:  # a compact task: the tokens become its arrays, from the values as stored at full size
+                cast[unwritten] = 0
+                for (name, target), encoded in zip(self._arrays(), encode(cast, self.compact, self.pca)):
+                    if encoded.dtype.kind == "f":
+                        encoded[unwritten] = np.nan  # NaN marks "never written", as in full-size tokens
+                    parts.append((name, target, encoded))
+                continue
             # NaN marks "never written", so a skipped image can't pass for data (format 1 wrote zeros)
             cast[unwritten] = np.nan if self.store.layout.fill_nan else 0
+            parts.append((array_name, array, cast))
+        for array_name, array, cast in parts:
             # a shard left by a killed attempt goes first: zarr would read (and trip over) its index
-            (self.store.path / shard_key(self.name, array_name, block)).unlink(missing_ok=True)
+            (self.store.path / self._key(array_name, array, block)).unlink(missing_ok=True)
             array[rows.start : rows.stop] = cast
         checksums, sizes = {}, {}
-        for array_name, _array in self._arrays():
-            key = shard_key(self.name, array_name, block)
+        for array_name, array in self._arrays():
+            key = self._key(array_name, array, block)
             path = self.store.path / key
             _fsync_file(path)  # the data is durable before the journal says it is there
             data = path.read_bytes()
             checksums[key], sizes[key] = sha256_bytes(data), len(data)
-        fsync_dir(self.store.path / self.name / TOKENS / "c")
+            fsync_dir(path.parent)
         entry = {"block": block, "checksums": checksums, "sizes": sizes, "skipped": [s.__dict__ for s in skipped]}
         with self._journal_lock:
             with open(self._journal_path, "a") as handle:

@@ -224,7 +224,7 @@ def test_http_open_costs_at_most_four_requests_and_no_404(store, tmp_path):
 
 def test_minor_versions_read_major_refused_with_the_right_hint(store):
     doc = json.loads((store / "zarr.json").read_text())
-    assert doc["attributes"]["combo"]["format_version"] == FORMAT_VERSION == "2.0"
+    assert doc["attributes"]["combo"]["format_version"] == FORMAT_VERSION == "2.1"
     doc["attributes"]["combo"]["format_version"] = "2.9"  # a later minor: readers of 2.x read it
     doc.pop("consolidated_metadata")
     (store / "zarr.json").write_text(json.dumps(doc))
