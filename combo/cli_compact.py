@@ -32,7 +32,7 @@ def compact_command(
     pca: Annotated[Optional[int], typer.Option("--pca", help="Keep R principal components per layer, fitted on "
                    "each task's training split only (train800 for VTAB).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="int8 codes with per-channel and per-token scales "
-                    "(a token's 4 largest values kept at float16).")] = False,
+                    "(a token's 2 largest values kept at float16).")] = False,
     compact: Annotated[Optional[str], typer.Option("--compact", help="The same as one text: int8, pca:R or pca:R,int8.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace TARGET if it holds another store.")] = False,
 ) -> None:

@@ -10,18 +10,26 @@ and then encodes u, so every image and layer is compressed on the same scale:
 
 - **PCA-R** (``pca``): per layer l, ``z = (u - pca_mean[l]) @ pca_components[l]``, the R leading
   principal directions of the standardised patch tokens of the task's *training split only*
-  (``train800`` for VTAB, ``train`` elsewhere; the task attribute ``compact.fit`` names the split
-  and counts its rows). ``pca_components`` [L, D, R] and ``pca_mean`` [L, D] are arrays of the task.
-- **int8** (``int8``): two scales per (image, layer), neither fitted: a *channel scale*
-  ``channel_scale`` [N, L, C] (the median over tokens of |value|: a "massive" channel hundreds of
-  times larger than the rest is divided down to the others' size, and the median ignores a few
-  high-norm outlier tokens) and a *token scale* ``token_scale`` [N, L, T] (each token's largest
-  channel-scaled value / 127: an outlier token gets its own range instead of crushing the others).
-  ``codes = round(v / channel_scale / token_scale)`` in int8, |codes| <= 127, scales float16.
+  (``train800`` for VTAB, ``train`` elsewhere: the rows with ``in_<split>`` and ``valid``; the task
+  attribute ``compact`` records ``fit_split``, ``fit_rows`` and the variance kept per layer). ``pca_components`` [L, D, R] and ``pca_mean`` [L, D] are arrays of the task.
+- **int8** (``int8``): per (image, layer), v (u, or z with PCA) is split into
+  * ``outlier_index`` / ``outlier_value`` [N, L, T, k]: each token's k = 2 largest values (after
+    the scaling below), kept at float16 with their channel (int16);
+  * ``channel_scale`` [N, L, C]: the median over tokens of |v| per channel (float16; a "massive"
+    channel hundreds of times larger than the rest is divided down to the others' size, and the
+    median ignores a few high-norm outlier tokens);
+  * ``token_scale`` [N, L, T]: the largest remaining scaled value of each token / 127 (float16), so
+    an outlier token gets its own range instead of crushing the others. Each token is quantised with
+    and without the channel scales and keeps the way with the smaller squared error; *without* is
+    stored as a negative token scale (a token whose channel profile is not the map's typical one,
+    e.g. a register-like high-norm token, keeps its own massive values precise);
+  * ``codes`` [N, L, T, C] int8 = round(v / channel_scale / |token_scale|), |codes| <= 127 (0 where
+    the value is kept in ``outlier_value``).
 
 Decoding (what ``decode`` does; C = D without PCA, R with it)::
 
-    v = codes * token_scale[..., None] * channel_scale[:, :, None, :]   (int8; else v = codes)
+    v = codes * |token_scale|[..., None] * (channel_scale[:, :, None, :] where token_scale > 0, else 1)
+    v[..., outlier_index] = outlier_value                               (int8; else v = codes, float16)
     u = v @ pca_components[l].T + pca_mean[l]                           (PCA; else u = v)
     x = u * std + mean                                                  (the map, original units)
 
@@ -32,6 +40,7 @@ tokens (stored at full precision). What is approximate: the token values (u).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,7 +53,7 @@ MAP_STATS = "map_stats"
 OUTLIER_INDEX = "outlier_index"
 OUTLIER_VALUE = "outlier_value"
 MEDIAN_TOKENS = 64  # tokens a channel scale's median is taken over (evenly spaced), for speed
-OUTLIERS = 4  # values per token kept at float16 beside the int8 codes
+OUTLIERS = 2  # values per token kept at float16 beside the int8 codes (8 bytes a token)
 PCA_COMPONENTS = "pca_components"
 PCA_MEAN = "pca_mean"
 INT8_MAX = 127
@@ -243,11 +252,35 @@ def dequantise(codes: np.ndarray, token_scale: np.ndarray, channel_scale: np.nda
     return v
 
 
-def encode(x: np.ndarray, spec: CompactSpec, basis: PcaBasis | None = None) -> list[np.ndarray]:
-    """Encode token maps x [N, L, T, D] (all layers) into `spec.arrays()`, in that order."""
+def encode(x: np.ndarray, spec: CompactSpec, basis: PcaBasis | None = None, *, workers: int | None = None) -> list[np.ndarray]:
+    """Encode token maps x [N, L, T, D] (all layers) into `spec.arrays()`, in that order.
+
+    Layers are encoded independently, on up to `workers` threads (default: one per CPU, numpy releases
+    the GIL); the bytes do not depend on the number of threads."""
     x = np.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"encode: expected [N, L, T, D] tokens, got shape {x.shape}")
+    if spec.pca is not None and basis is None:
+        raise ValueError("encode: a PCA encoding needs the task's fitted basis")
+    workers = min(x.shape[1], workers or _cpus())
+    if workers <= 1 or x.shape[1] == 1:
+        return _encode(x, spec, basis)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="combo-encode") as pool:
+        parts = list(pool.map(lambda l: _encode(x[:, l : l + 1], spec, None if basis is None else basis.select([l])),
+                              range(x.shape[1])))
+    return [np.concatenate([p[i] for p in parts], axis=1) for i in range(len(parts[0]))]
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _encode(x: np.ndarray, spec: CompactSpec, basis: PcaBasis | None) -> list[np.ndarray]:
     stats = map_stats(x)
     v = standardise(x, stats)
     if spec.pca is not None:
