@@ -87,6 +87,7 @@ def prepare_features(
     parts: Sequence[tuple[Tensor, tuple[int, int]]],
     target: tuple[int, int] = (14, 14),
     eps: float = 1e-5,
+    prenormalised: Sequence[bool] | None = None,
 ) -> Tensor | list[Tensor]:
     """Align and normalise several backbones' maps -> float32 on the common grid.
 
@@ -94,6 +95,10 @@ def prepare_features(
     Lambda slices read which backbone (``ComboConfig.layers_per_backbone``). Equal widths give the paper's
     stacked x, one tensor [B, Σ L_k, T, D]; different widths give a list of [B, L_k, T, D_k], which
     ``ComboAdapter`` reads slice by slice.
+
+    ``prenormalised`` (one flag per backbone): maps that are already normalised per (image, layer), e.g. a
+    compact store decoded with its stored statistics (probe/compact.py); they must be on ``target`` and are
+    passed through as float32.
     """
     if len(parts) == 0:
         raise FeatureShapeError("prepare_features needs at least one backbone's features")
@@ -103,7 +108,15 @@ def prepare_features(
     batches = [int(x.shape[0]) for x, _ in parts]
     if len(set(batches)) > 1:
         raise FeatureShapeError(f"backbones have different batch sizes {batches}; they must hold the same images")
-    aligned = [normalise_maps(align_grid(x, grid, target), eps=eps) for x, grid in parts]
+    flags = [False] * len(parts) if prenormalised is None else [bool(f) for f in prenormalised]
+    if len(flags) != len(parts):
+        raise FeatureShapeError(f"{len(flags)} prenormalised flags for {len(parts)} backbones")
+    for k, ((_, grid), flag) in enumerate(zip(parts, flags)):
+        if flag and tuple(int(v) for v in grid) != tuple(int(v) for v in target):
+            raise FeatureShapeError(f"backbone {k}: normalised maps on grid {tuple(grid)} cannot be resized to {tuple(target)}; "
+                                    "decode them in original units")
+    aligned = [align_grid(x, grid, target) if flag else normalise_maps(align_grid(x, grid, target), eps=eps)
+               for (x, grid), flag in zip(parts, flags)]
     if len(set(widths)) > 1:
         return aligned
     return aligned[0] if len(aligned) == 1 else torch.cat(aligned, dim=1)
@@ -113,10 +126,12 @@ def make_prepare(
     grids: Sequence[tuple[int, int]],
     target: tuple[int, int] = (14, 14),
     eps: float = 1e-5,
+    prenormalised: Sequence[bool] | None = None,
 ) -> Callable[[Tensor | Sequence[Tensor]], Tensor | list[Tensor]]:
     """Build the ``prepare`` callable for ``train_steps``/``evaluate`` from the backbones' grids.
 
     The callable takes one tensor (one backbone) or a sequence of tensors in the same order as ``grids``.
+    ``prenormalised``: see `prepare_features`.
     """
     grids = [tuple(int(v) for v in g) for g in grids]
     if len(grids) == 0:
@@ -126,6 +141,6 @@ def make_prepare(
         tensors = [features] if isinstance(features, Tensor) else list(features)
         if len(tensors) != len(grids):
             raise FeatureShapeError(f"got {len(tensors)} feature tensors for {len(grids)} backbone grids")
-        return prepare_features(list(zip(tensors, grids)), target=target, eps=eps)
+        return prepare_features(list(zip(tensors, grids)), target=target, eps=eps, prenormalised=prenormalised)
 
     return prepare

@@ -83,8 +83,8 @@ def pool_split(store: FeatureStore, task: str, rows: np.ndarray, *, poolings: Se
                device: torch.device) -> dict[str, Tensor]:
     """{pooling: [n, L, D] float32 standardised features} for the given rows, all layers from one pass.
 
-    "mean" reads the token array once (all layers per read) and averages the patch tokens; "cls" reads the
-    prefix array once and keeps prefix token 0. A pooling the store cannot give (cls without prefix
+    "mean" reads the token array once (all layers per read) and averages the patch tokens (a compact store's
+    encoded arrays, decoded on `device`); "cls" reads the prefix array once and keeps prefix token 0. A pooling the store cannot give (cls without prefix
     tokens) is left out of the result.
     """
     aligned = align_tasks([store], task)
@@ -93,9 +93,13 @@ def pool_split(store: FeatureStore, task: str, rows: np.ndarray, *, poolings: Se
     for pooling in wanted:
         source = SplitSource(aligned, np.asarray(rows, dtype=np.int64), layers=None, prefix=pooling == "cls")
         pieces = []
+        compact = source.compact_of(0)
         for parts, _ in eval_batches(source, batch_size=_chunk_rows(source)):
-            x = parts[0].to(device, non_blocking=True)
-            v = x[:, :, 0, :].float() if pooling == "cls" else x.float().mean(dim=2)  # [b, L, D]
+            if compact:  # decoded on the device; PCA codes are averaged before they are projected (linear)
+                v = source.decoder.mean_tokens([p.to(device, non_blocking=True) for p in parts])[0]
+            else:
+                x = parts[0].to(device, non_blocking=True)
+                v = x[:, :, 0, :].float() if pooling == "cls" else x.float().mean(dim=2)  # [b, L, D]
             pieces.append(normalise_maps(v[:, :, None, :])[:, :, 0, :])
         out[pooling] = torch.cat(pieces) if pieces else torch.zeros(0, store.num_layers, store.feature_dim, device=device)
     return out

@@ -36,6 +36,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from torch import Tensor
 from store_schema import StoreError, TaskStore, shard_key
 from store_schema.writer import PREFIX, TOKENS
 
+from .compact import BatchDecoder, decoder_for
 from .stores import AlignedTask
 from .train import epoch_permutation
 
@@ -99,31 +101,71 @@ class SplitSource:
             return None
         return [int(v) for v in self.layers[k]]
 
-    def _array(self, k: int):
+    def compact_of(self, k: int) -> bool:
+        """Whether store k's batches hold a compact encoding (its patch tokens; prefix tokens are full-size)."""
+        return not self.prefix_of(k) and self.task.parts[k].compact is not None
+
+    @property
+    def any_compact(self) -> bool:
+        return any(self.compact_of(k) for k in range(len(self.task.parts)))
+
+    def _arrays(self, k: int) -> list:
         part = self.task.parts[k]
-        return part.prefix if self.prefix_of(k) else part.tokens
+        if self.prefix_of(k):
+            return [part.prefix]
+        return list(part.encoded) if part.compact is not None else [part.tokens]
+
+    def arrays_of(self, k: int) -> int:
+        """How many arrays store k contributes to what `read` returns (1, or a compact encoding's arrays)."""
+        return len(self.task.parts[k].compact.arrays()) if self.compact_of(k) else 1
 
     def row_bytes(self) -> int:
-        """Bytes of one sample as read (all stores, selected layers, stored dtype)."""
+        """Bytes of one sample as read (all stores, selected layers, stored dtype; every array of a compact encoding)."""
         total = 0
         for k in range(len(self.task.parts)):
-            array = self._array(k)
             layers = self.layers_of(k)
-            num_layers = array.shape[1] if layers is None else len(layers)
-            total += num_layers * int(np.prod(array.shape[2:])) * array.dtype.itemsize
+            for array in self._arrays(k):
+                num_layers = array.shape[1] if layers is None else len(layers)
+                total += num_layers * int(np.prod(array.shape[2:])) * array.dtype.itemsize
         return total
 
     def read(self, positions: np.ndarray) -> list[np.ndarray]:
-        """Features of the given positions (any order), one array per store, rows in `positions` order."""
+        """Features of the given positions (any order), rows in `positions` order: one array per store, or, for a
+        compact store, its encoded arrays (`arrays_of`; every one rows first), which `decode` turns into one."""
         positions = np.asarray(positions, dtype=np.int64)
         out = []
-        for k, (part, row_map) in enumerate(zip(self.task.parts, self.task.row_maps)):
-            stored = row_map[self.rows[positions]]
-            block = part.read(stored, layers=self.layers_of(k), prefix=self.prefix_of(k))
+        for k, row_map in enumerate(self.task.row_maps):
+            out += self.read_part(k, row_map[self.rows[positions]])
+        return out
+
+    def read_part(self, k: int, stored: np.ndarray, *, layers: Sequence[int] | None = None) -> list[np.ndarray]:
+        """Store k's arrays for its rows `stored` (`layers`: these stored layers instead of the selection)."""
+        part = self.task.parts[k]
+        layers = self.layers_of(k) if layers is None else [int(v) for v in layers]
+        if not self.compact_of(k):
+            block = part.read(stored, layers=layers, prefix=self.prefix_of(k))
             if block.dtype.kind == "f" and not _all_finite(block):  # one pass per block read
                 raise non_finite_error(part, stored, block, prefix=self.prefix_of(k))
-            out.append(block)
-        return out
+            return [block]
+        # undecoded: map_stats NaN (never written) is refused by read_encoded; integer codes cannot be non-finite
+        blocks = part.read_encoded(stored, layers=layers)
+        for name, block in zip(part.compact.arrays(), blocks):
+            if block.dtype.kind == "f" and not _all_finite(block):
+                raise non_finite_error(part, stored, block, prefix=False, array=name)
+        return blocks
+
+    @cached_property
+    def decoder(self) -> BatchDecoder:
+        """Regroups and decodes a batch of `read`'s arrays into one tensor per store (see probe/compact.py)."""
+        return BatchDecoder([(self.arrays_of(k), decoder_for(part) if self.compact_of(k) else None, self.layers_of(k))
+                             for k, part in enumerate(self.task.parts)])
+
+    def decode(self, tensors, *, normalised: bool | Sequence[bool] = False) -> list[Tensor]:
+        """One float tensor per store from a batch of `read`'s arrays (any device): compact stores decoded there,
+        in original units or (``normalised``, per store) ComBo-normalised with their stored statistics; full-size
+        stores' tensors as they came."""
+        tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+        return self.decoder(tensors, normalised=normalised)
 
 
 def _all_finite(block: np.ndarray, max_values: int = 2**24) -> bool:
@@ -137,16 +179,18 @@ def _all_finite(block: np.ndarray, max_values: int = 2**24) -> bool:
     return all(bool(np.isfinite(block[i:i + rows]).all()) for i in range(0, block.shape[0], rows))
 
 
-def non_finite_error(part: TaskStore, stored_rows: np.ndarray, block: np.ndarray, *, prefix: bool) -> StoreError:
+def non_finite_error(part: TaskStore, stored_rows: np.ndarray, block: np.ndarray, *, prefix: bool,
+                     array: str | None = None) -> StoreError:
     """The sentence for rows that read NaN or inf (a format 1 store's damage, or a row never written that
     slipped through): the store, the array, the rows and their shards, and what to run. Training on them
     would only say "loss became nan"."""
     bad_at = ~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
     rows = np.unique(stored_rows[bad_at])
-    array = f"{part.name}/{PREFIX if prefix else TOKENS}"
+    name = array or (PREFIX if prefix else TOKENS)
+    array = f"{part.name}/{name}"
     per_shard = part.rows_per_shard
     shards = sorted({int(r) // per_shard for r in rows})
-    keys = [shard_key(part.name, PREFIX if prefix else TOKENS, b) for b in shards[:3]]
+    keys = [shard_key(part.name, name, b, block.ndim) for b in shards[:3]]
     more = f" and {len(shards) - 3} more" if len(shards) > 3 else ""
     shown = ", ".join(str(int(r)) for r in rows[:5]) + (f" (+{rows.size - 5} more)" if rows.size > 5 else "")
     where = f"row {shown}" if rows.size == 1 else f"{rows.size} rows from {int(rows[0])} to {int(rows[-1])} (rows {shown})"

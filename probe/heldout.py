@@ -39,21 +39,24 @@ class ShuffledSource(SplitSource):
     layer: int | None = None  # shuffle only this layer (a position in what store `shuffled` reads)
 
     def read(self, positions: np.ndarray) -> list[np.ndarray]:
+        """As `SplitSource.read`; store `shuffled` moved. A compact store moves every one of its encoded arrays
+        (all hold rows on axis 0 and layers on axis 1), so its decoded maps move exactly as full-size ones do."""
         positions = np.asarray(positions, dtype=np.int64)
-        arrays = []
-        for k, (part, row_map) in enumerate(zip(self.task.parts, self.task.row_maps)):
-            layers = self.layers_of(k)
+        arrays: list[np.ndarray] = []
+        for k, row_map in enumerate(self.task.row_maps):
             if k != self.shuffled or self.permutation is None:
-                arrays.append(part.read(row_map[self.rows[positions]], layers=layers, prefix=self.prefix_of(k)))
+                arrays += self.read_part(k, row_map[self.rows[positions]])
                 continue
             moved = row_map[self.rows[self.permutation[positions]]]
             if self.layer is None:
-                arrays.append(part.read(moved, layers=layers, prefix=self.prefix_of(k)))
+                arrays += self.read_part(k, moved)
                 continue
-            data = part.read(row_map[self.rows[positions]], layers=layers, prefix=self.prefix_of(k))
+            data = self.read_part(k, row_map[self.rows[positions]])
+            layers = self.layers_of(k)
             stored_layer = self.layer if layers is None else layers[self.layer]
-            data[:, self.layer] = part.read(moved, layers=[stored_layer], prefix=self.prefix_of(k))[:, 0]
-            arrays.append(data)
+            for block, other in zip(data, self.read_part(k, moved, layers=[stored_layer])):
+                block[:, self.layer] = other[:, 0]
+            arrays += data
         return arrays
 
 

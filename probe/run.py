@@ -140,30 +140,54 @@ def _linear_layers(stores: Sequence[FeatureStore]) -> list[list[int]]:
     return [[s.num_layers - 1] for s in stores]
 
 
-def linear_prepare(uses_prefix: Sequence[bool], *, legacy: bool = False) -> Callable[[Sequence[Tensor]], Tensor]:
+def linear_prepare(uses_prefix: Sequence[bool], *, legacy: bool = False,
+                   prenormalised: Sequence[bool] | None = None) -> Callable[[Sequence[Tensor]], Tensor]:
     """Last-layer feature per backbone, concatenated: the map read (the patch tokens [B, 1, T, D], or the
     prefix tokens [B, 1, P, D] whose first is cls) is normalised like ComBo's maps, then mean-pooled over
     its tokens (cls: just that token). The patch-token mean is what the authors' linear probe measures.
 
     ``legacy``: run folders written before combo recorded the pooling pooled first and then standardised
-    over channels; kept so `combo predict` reproduces them."""
+    over channels; kept so `combo predict` reproduces them. ``prenormalised`` (per backbone): maps already
+    normalised per map (a compact store decoded with its stored statistics), pooled as they are."""
     flags = [bool(u) for u in uses_prefix]
+    pre = [False] * len(flags) if prenormalised is None else [bool(p) for p in prenormalised]
+    if len(pre) != len(flags):
+        raise ValueError(f"linear probe: {len(pre)} prenormalised flags for {len(flags)} backbones")
+    if legacy and any(pre):
+        raise ValueError("linear probe: the legacy pooling standardises pooled vectors; it takes maps in original units")
 
     def prepare(parts: Sequence[Tensor]) -> Tensor:
         parts = [parts] if isinstance(parts, Tensor) else list(parts)
         if len(parts) != len(flags):
             raise ValueError(f"linear probe: got {len(parts)} feature tensors for {len(flags)} backbones")
         pooled = []
-        for x, prefix in zip(parts, flags):
+        for x, prefix, normalised in zip(parts, flags, pre):
             x = x[:, :1, :1] if prefix else x[:, :1]  # cls alone, or every patch token, of the last layer
             if legacy:
                 v = x[:, 0].float().mean(dim=1)
                 pooled.append(normalise_maps(v[:, None, None, :])[:, 0, 0, :])
+            elif normalised:
+                pooled.append(x[:, 0].float().mean(dim=1))
             else:
                 pooled.append(normalise_maps(x)[:, 0].mean(dim=1))
         return torch.cat(pooled, dim=1)
 
     return prepare
+
+
+def decoding_prepare(source: SplitSource, prepare: Callable, *, normalised: Sequence[bool] | bool = False) -> Callable:
+    """``prepare`` for batches of ``source``'s arrays: compact stores' arrays are decoded first, where the batch
+    is (the device), one tensor per store (``normalised``, per store: with their stored statistics). Where no
+    store is compact, ``prepare`` itself is returned (full-size stores run exactly as before)."""
+    if not source.any_compact:
+        return prepare
+    decoder = source.decoder
+
+    def decoded(features: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+        tensors = [features] if isinstance(features, Tensor) else list(features)
+        return prepare(decoder(tensors, normalised=normalised))
+
+    return decoded
 
 
 def build_model(kind: str, model_config: dict[str, Any]) -> nn.Module:
@@ -198,7 +222,10 @@ def model_and_prepare(aligned: AlignedTask, source: SplitSource, cfg: ProbeConfi
         dim = sum(p.store.feature_dim for p in aligned.parts)
         model_config = {"feature_dim": dim, "num_classes": num_classes, "uses_prefix": uses_prefix, "pool": cfg.pool,
                         "pooled": ["cls" if u else "mean" for u in uses_prefix], "normalise": "map, then pool"}
-        return "linear", model_config, LinearProbe(dim, num_classes), linear_prepare(uses_prefix)
+        # compact patch tokens: decoded on the device, ComBo-normalised with the maps' exact stored statistics
+        normalised = [source.compact_of(k) for k in range(len(aligned.parts))]
+        prepare = decoding_prepare(source, linear_prepare(uses_prefix, prenormalised=normalised), normalised=normalised)
+        return "linear", model_config, LinearProbe(dim, num_classes), prepare
     grid = probe_grid(aligned, cfg)
     dims = aligned.feature_dims
     combo = ComboConfig(
@@ -211,7 +238,12 @@ def model_and_prepare(aligned: AlignedTask, source: SplitSource, cfg: ProbeConfi
     model_config["layers_per_backbone"] = list(combo.layers_per_backbone)
     model_config["feature_dims"] = list(combo.feature_dims)
     model_config["grid"] = list(grid)
-    return "combo", model_config, ComboAdapter(combo), make_prepare(aligned.grids, target=grid)
+    # a compact store already on the target grid is decoded normalised with its maps' exact stored statistics;
+    # one that must be resized is decoded in original units, then resized and normalised like a full-size one
+    normalised = [source.compact_of(k) and tuple(g) == tuple(grid) for k, g in enumerate(aligned.grids)]
+    prepare = decoding_prepare(source, make_prepare(aligned.grids, target=grid, prenormalised=normalised),
+                               normalised=normalised)
+    return "combo", model_config, ComboAdapter(combo), prepare
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -452,6 +484,7 @@ __all__ = [
     "RunInterrupted",
     "TaskFit",
     "build_model",
+    "decoding_prepare",
     "fit_task",
     "linear_prepare",
     "model_and_prepare",
