@@ -32,8 +32,11 @@ from extract.backbones import Backbone, block_tokens, inference_context, load_ba
 from extract.datasets import IMAGE_EXTENSIONS, open_image_file
 from extract.images import preprocess
 from probe.align import make_prepare
-from probe.run import build_model, linear_prepare
+from probe.run import ENCODING_FILE, build_model, linear_prepare
 from probe.runstate import read_state
+from store_schema.compact import CompactSpec, PcaBasis
+from store_schema.compact import decode as compact_decode
+from store_schema.compact import encode as compact_encode
 from store_schema.location import nearest_existing
 
 __all__ = [
@@ -77,6 +80,7 @@ class RecordedBackbone:
     dtype: str
     url: str
     model_kwargs: dict[str, Any] | None = None  # absent in the store = none
+    compact: dict[str, Any] | None = None  # the store's encoding (compact stores): features go through it too
 
     @classmethod
     def from_provenance(cls, doc: dict[str, Any]) -> "RecordedBackbone":
@@ -91,6 +95,7 @@ class RecordedBackbone:
                 num_layers=int(feats.get("num_layers") or len(feats["layers"])),
                 feature_dim=int(feats["feature_dim"]), dtype=str((doc.get("storage") or {}).get("dtype", "float16")),
                 url=str(doc.get("url", "")), model_kwargs=dict(bb.get("model_kwargs") or {}) or None,
+                compact=(doc.get("storage") or {}).get("compact") or None,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise PredictError(f"store record {doc.get('url', '?')} in config.json lacks backbone provenance ({err})") from None
@@ -292,6 +297,37 @@ def _features(backbones: Sequence[Backbone], records: Sequence[RecordedBackbone]
     return parts
 
 
+def _encodings(trained: TrainedTask) -> list[tuple[CompactSpec, PcaBasis | None] | None]:
+    """Per backbone, the encoding of the store it was trained from (None: full size), with its PCA basis."""
+    path = trained.run_dir / ENCODING_FILE.format(task=trained.task)
+    saved = load_file(str(path)) if path.is_file() else {}
+    out: list[tuple[CompactSpec, PcaBasis | None] | None] = []
+    for record in trained.backbones:
+        spec = CompactSpec.from_attrs(record.compact)
+        if spec is None:
+            out.append(None)
+            continue
+        basis = None
+        if spec.pca is not None:
+            key = f"{record.url}|pca_components"
+            if key not in saved:
+                raise PredictError(f"{trained.run_dir}: the model was trained from the compact store {record.url} "
+                                   f"({spec.name}), but {path.name} does not hold its PCA basis; train it again")
+            basis = PcaBasis(saved[key].numpy(), saved[f"{record.url}|pca_mean"].numpy())
+        out.append((spec, basis))
+    return out
+
+
+def _through_encoding(x: Tensor, encoding: tuple[CompactSpec, PcaBasis | None], layers: Sequence[int],
+                      *, normalised: bool) -> Tensor:
+    """New features as the model saw its training features: encoded and decoded like the store's tokens."""
+    spec, basis = encoding
+    chosen = None if basis is None else basis.select(layers)
+    values = x.float().cpu().numpy()
+    decoded = compact_decode(compact_encode(values, spec, chosen), spec, chosen, normalised=normalised)
+    return torch.from_numpy(decoded).to(x.device)
+
+
 def predict_images(
     run_dir: str | os.PathLike,
     images: str | os.PathLike,
@@ -326,13 +362,18 @@ def predict_images(
             log(f"rebuilding {record.alias} ({record.weights_source}) at {record.image_size}px")
         backbones.append(rebuild_backbone(record, weights_override=weights.get(record.alias)))
         backbones[-1].model.to(torch_device)
+    encodings = _encodings(trained)
     if trained.kind == "linear":
         uses_prefix = list(trained.model_config.get("uses_prefix") or [b.num_prefix_tokens > 0 for b in trained.backbones])
+        # compact patch tokens were trained on normalised with their maps' exact statistics (cls is full size)
+        normalised = [e is not None and not u for e, u in zip(encodings, uses_prefix)]
         # runs from before the pooling was recorded standardised the pooled vector instead of each map
-        prepare = linear_prepare(uses_prefix, legacy="normalise" not in trained.model_config)
+        prepare = linear_prepare(uses_prefix, legacy="normalise" not in trained.model_config, prenormalised=normalised)
     else:
         uses_prefix = [False] * len(trained.backbones)
-        prepare = make_prepare([b.token_grid for b in trained.backbones], target=trained.grid)
+        normalised = [e is not None and tuple(b.token_grid) == tuple(trained.grid)
+                      for e, b in zip(encodings, trained.backbones)]
+        prepare = make_prepare([b.token_grid for b in trained.backbones], target=trained.grid, prenormalised=normalised)
     result = PredictResult(task=trained.task, classes=trained.classes, backbones=[b.alias for b in trained.backbones],
                            partial=trained.partial)
     for start in range(0, len(files), batch_size):
@@ -351,6 +392,11 @@ def predict_images(
             continue
         parts = _features(backbones, trained.backbones, decoded, kind=trained.kind, uses_prefix=uses_prefix,
                           device=torch_device)
+        for k, (encoding, record) in enumerate(zip(encodings, trained.backbones)):
+            if encoding is not None and not uses_prefix[k]:
+                stored = list(range(len(record.layers)))  # positions of the store's layers, as its basis has them
+                layers = stored[-1:] if trained.kind == "linear" else stored
+                parts[k] = _through_encoding(parts[k], encoding, layers, normalised=normalised[k])
         with torch.no_grad():
             x = prepare(parts)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):

@@ -338,6 +338,29 @@ def save_fit(run_dir: Path, fit: TaskFit, aligned: AlignedTask, *, prefix: str =
         "prediction": pa.array(fit.predictions.astype(np.int64)),
     })
     pq.write_table(table, run_dir / f"{prefix}predictions-{fit.task}.parquet")
+    save_encodings(run_dir, fit.task, aligned)
+
+
+ENCODING_FILE = "encoding-{task}.safetensors"
+
+
+def save_encodings(run_dir: Path, task: str, aligned: AlignedTask) -> None:
+    """The PCA bases of the task's compact stores (keyed by store URL), so that `combo predict` can put new
+    images' features through the same encoding the model was trained on."""
+    bases = {}
+    for part in aligned.parts:
+        if part.pca is not None:
+            url = sanitise_url(part.store.url)
+            bases[f"{url}|pca_components"] = torch.from_numpy(np.ascontiguousarray(part.pca.components))
+            bases[f"{url}|pca_mean"] = torch.from_numpy(np.ascontiguousarray(part.pca.mean))
+    if not bases:
+        return
+    path = run_dir / ENCODING_FILE.format(task=task)
+    if path.exists():  # a select run adds its subset's fit beside the full one: same stores, same bases
+        from safetensors.torch import load_file
+
+        bases = {**load_file(str(path)), **bases}
+    save_file(bases, str(path))
 
 
 @dataclass

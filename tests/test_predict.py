@@ -207,3 +207,24 @@ def test_run_folder_choice_of_task_and_image_listing(data, tmp_path):
     for name in ("b.png", "sub/a.JPG", "sub/.hidden/c.png", "notes.txt", ".d.png"):
         (tmp_path / "imgs" / name).write_bytes(b"")
     assert [p.relative_to(tmp_path / "imgs").as_posix() for p in list_images(tmp_path / "imgs")] == ["b.png", "sub/a.JPG"]
+
+
+@pytest.mark.parametrize("method,encoding", [("combo", "pca:16,int8"), ("linear", "pca:16")])
+def test_predict_from_a_compact_store_run_reproduces_its_evaluation(data, tmp_path, method, encoding):
+    """New images go through the store's encoding (PCA basis saved in the run folder) before the model, so
+    predict gives the run's own predictions on the test images, sample by sample."""
+    from store_schema.compact import CompactSpec
+    from store_schema.compactor import compact_store
+
+    compact = compact_store(data["stores"][0], tmp_path / "small.zarr", CompactSpec.parse(encoding)).store
+    kw = {"method": "linear", "lr": 1e-2} if method == "linear" else {}
+    run = run_probe(probe_config([compact, data["stores"][1]], tmp_path / "runs", **kw))
+    assert (run.run_dir / f"encoding-{TASK}.safetensors").is_file()
+    got = by_sample_id(predict_images(run.run_dir, data["test_images"], device="cpu", batch_size=16), data["vtab"])
+    expected = stored_predictions(run.run_dir)
+    assert len(got) == 40
+    agree = sum(got[k] == expected[k] for k in got) / len(got)
+    assert agree >= 0.95, agree  # float rounding of two decode paths (torch on the run, numpy here) may flip a tie
+    (run.run_dir / f"encoding-{TASK}.safetensors").unlink()
+    with pytest.raises(PredictError, match="does not hold its PCA basis"):
+        predict_images(run.run_dir, data["test_images"], device="cpu")
