@@ -436,7 +436,6 @@ def _fit_pca(cfg: ExtractConfig, backbone: Backbone, natural: TaskPlan, componen
     fit = PcaFit(backbone.num_layers, backbone.embed_dim)
     advance = progress(f"{plan.task} (PCA fit on {split})", len(rows)) if progress else None
     torch_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
-    used = 0
     for images, row_ids, errors in loader:
         bad = [i for i, e in enumerate(errors) if e]
         if bad and not cfg.skip_bad:
@@ -448,12 +447,9 @@ def _fit_pca(cfg: ExtractConfig, backbone: Backbone, natural: TaskPlan, componen
         values = patch.to(torch_dtype).cpu().numpy()  # fitted on the values a full-size store would hold
         keep = np.setdiff1d(np.arange(values.shape[0]), bad)
         fit.add(values[keep])
-        used += keep.size
         if advance:
             advance(len(row_ids))
-    basis = fit.basis(components)
-    return basis, {"fit_split": split, "fit_rows": used,
-                   "explained_variance": [round(float(v), 6) for v in fit.explained(basis)]}
+    return fit.fitted(components, split)
 
 
 class _BlockBuffer:

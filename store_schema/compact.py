@@ -357,6 +357,12 @@ class PcaFit:
             comps[layer] = (top * np.where(signs == 0, 1.0, signs)).astype(np.float32)
         return PcaBasis(components=comps, mean=mean.astype(np.float32))
 
+    def fitted(self, components: int, split: str) -> tuple[PcaBasis, dict]:
+        """The basis, with the record a task keeps of its fit (task attribute ``compact``)."""
+        basis = self.basis(components)
+        return basis, {"fit_split": split, "fit_rows": int(self.rows),
+                       "explained_variance": [round(float(v), 6) for v in self.explained(basis)]}
+
     def explained(self, basis: PcaBasis) -> np.ndarray:
         """Fraction of each layer's variance the basis keeps, [L]."""
         mean = self.sum / self.count

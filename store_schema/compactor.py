@@ -33,14 +33,15 @@ class CompactResult:
     source_bytes: int | None  # bytes of the source (None when it cannot be listed)
 
 
-def check_compactable(source: FeatureStore, spec: CompactSpec) -> dict[str, str | None]:
-    """Refuse what cannot be compacted, before anything is written; returns each task's fit split."""
+def check_compactable(source: FeatureStore, spec: CompactSpec) -> dict[str, tuple[TaskStore, str | None]]:
+    """Refuse what cannot be compacted, before anything is written; returns each task, checked whole, with
+    its fit split."""
     if source.compact is not None:
         raise CompactSpecError(
             f"{source.url} is already a compact store ({source.compact.name}); compact its full-size original instead"
         )
     spec.check_dim(source.feature_dim, where=f"{source.url}: ")
-    fits: dict[str, str | None] = {}
+    fits: dict[str, tuple[TaskStore, str | None]] = {}
     for name in source.tasks:
         task = source.task(name)
         task.require_complete()
@@ -51,7 +52,7 @@ def check_compactable(source: FeatureStore, spec: CompactSpec) -> dict[str, str 
                 f"{', '.join(sample_table.split_names(task.samples)) or 'none'}); PCA is fitted on the training "
                 "split only. Use --int8 alone, which fits nothing"
             )
-        fits[name] = split
+        fits[name] = (task, split)
     return fits
 
 
@@ -62,10 +63,7 @@ def fit_pca(task: TaskStore, split: str, components: int, *, rows_per_read: int 
     step = rows_per_read or task.rows_per_shard
     for lo in range(0, rows.size, step):
         fit.add(task.read(rows[lo : lo + step]))
-    basis = fit.basis(components)
-    record = {"fit_split": split, "fit_rows": int(rows.size),
-              "explained_variance": [round(float(v), 6) for v in fit.explained(basis)]}
-    return basis, record
+    return fit.fitted(components, split)
 
 
 def compact_store(source: str | os.PathLike | FeatureStore, target: str | os.PathLike, spec: CompactSpec, *,
@@ -79,13 +77,12 @@ def compact_store(source: str | os.PathLike | FeatureStore, target: str | os.Pat
         raise CompactSpecError(f"{dst}: the compact store must go to another path than its source")
     layout = replace(src.layout, rows_per_shard=None, rows_per_chunk=None)
     with StoreWriter(dst, StoreInfo.from_attrs(src.attrs), layout, overwrite=overwrite, compact=spec) as writer:
-        for name in src.tasks:
-            task = src.task(name)
+        for name, (task, split) in fits.items():
             pca, record = None, {"fit_split": None, "fit_rows": 0}
             if spec.pca is not None and not writer.has_task(name):
                 if log:
-                    log(f"{name}: fitting PCA-{spec.pca} on split {fits[name]} ({task.rows(fits[name]).size} rows)")
-                pca, record = fit_pca(task, str(fits[name]), spec.pca)
+                    log(f"{name}: fitting PCA-{spec.pca} on split {split} ({task.rows(str(split)).size} rows)")
+                pca, record = fit_pca(task, str(split), spec.pca)
             task_writer = writer.task(
                 name, samples=task.samples, num_layers=src.num_layers, num_tokens=src.token_grid[0] * src.token_grid[1],
                 feature_dim=src.feature_dim, num_prefix_tokens=src.num_prefix_tokens, protocols=task.protocols,

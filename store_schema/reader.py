@@ -421,8 +421,7 @@ class TaskStore:
         bad = rows[holes & valid[rows]]
         if bad.size:
             shards = sorted({int(r) // self.rows_per_shard for r in bad})
-            ndim = self.tokens.ndim if array_name in (TOKENS, CODES) else (3 if array_name == MAP_STATS else 4)
-            keys = [shard_key(self.name, array_name, b, ndim) for b in shards]
+            keys = [shard_key(self.name, array_name, b, out.ndim) for b in shards]  # a read keeps its array's ndim
             raise StoreIncompleteError(
                 f"task {self.name} of {self.store.url}: rows {bad[:5].tolist()} read as never written: shard "
                 f"{describe_missing(keys)} is missing. Copy the store again or run "
