@@ -15,11 +15,11 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -58,6 +58,9 @@ from .backbones import (
 from .datasets import DATASET_KINDS, DatasetError, TaskPlan, plan_dataset, vtab_group
 from .images import ImageDecodeError, PlanImages, collate_plan_images
 from .order import RowOrder, natural_order, row_order
+
+if TYPE_CHECKING:
+    from .cluster import ClusterConfig, ClusterRunner
 
 
 def default_num_workers() -> int:
@@ -295,6 +298,7 @@ def extract(
     progress: ProgressFactory | None = None,
     state: ExtractState | None = None,
     warn: WarnFn | None = None,
+    cluster: "ClusterConfig | None" = None,
 ) -> ExtractResult:
     """Run `cfg.model` once over every image of `cfg.dataset` and write the store; resumable.
 
@@ -304,6 +308,8 @@ def extract(
     run wrote); shards already written stay, and rerunning the same command resumes.
     `state` (optional) is kept up to date for a caller that must explain an interruption; `warn`
     receives warnings (default: `warnings.warn`).
+    `cluster` (optional) runs the backbone on dask.distributed workers, whole shards per worker
+    (extract/cluster.py); this process keeps the lock, the journal and finalisation.
     """
     started = time.perf_counter()
     state = state if state is not None else ExtractState()
@@ -316,7 +322,19 @@ def extract(
         path = path.with_name(f"{cfg.dataset}-{compact.name}.zarr")
     check_writable(cfg.out, path)
     state.store = path
-    device = pick_device(cfg.device)
+    if cluster is None:
+        return _extract_into(path, cfg, layout, progress=progress, state=state, warn=warn, runner=None, started=started)
+    from .cluster import open_runner  # dask.distributed is imported only when asked for
+
+    with open_runner(cluster, warn=warn) as runner:  # connects now: a bad address fails before the model loads
+        return _extract_into(path, cfg, layout, progress=progress, state=state, warn=warn, runner=runner, started=started)
+
+
+def _extract_into(path: Path, cfg: ExtractConfig, layout: StoreLayout, *, progress: ProgressFactory | None,
+                  state: ExtractState, warn: WarnFn, runner: "ClusterRunner | None", started: float) -> ExtractResult:
+    compact = cfg.compact_spec
+    # on a cluster the workers run the model; this process only needs its geometry for the store's metadata
+    device = pick_device("cpu" if runner is not None else cfg.device)
     backbone = load_backbone(
         cfg.model,
         image_size=cfg.image_size,
@@ -351,7 +369,8 @@ def extract(
             for plan in plans:
                 existed = (path / plan.task).exists()
                 try:
-                    results.append(_extract_task(cfg, writer, backbone, plan, device=device, progress=progress, state=state))
+                    results.append(_extract_task(cfg, writer, backbone, plan, device=device, progress=progress, state=state,
+                                                 runner=runner))
                 except BaseException:
                     if not existed and not _has_shards(path / plan.task):
                         try:
@@ -421,8 +440,42 @@ def _task_writer(cfg: ExtractConfig, writer: StoreWriter, backbone: Backbone, pl
     return task_writer, order.plan
 
 
+@dataclass
+class Batch:
+    """One batch of rows through the backbone, as the store's dtype; `bad`: index in batch -> decode error."""
+
+    rows: list[int]
+    patch: np.ndarray
+    prefix: np.ndarray | None
+    bad: dict[int, str]
+
+
+def forward_batches(cfg: ExtractConfig, backbone: Backbone, plan: TaskPlan, rows: list[int], *, device: torch.device,
+                    num_workers: int | None = None) -> Iterator[Batch]:
+    """The images of `rows` (store row order) through the backbone, `cfg.batch_size` at a time. An image that
+    cannot be decoded stops the run with its sample named, unless `cfg.skip_bad` (then it is in `bad`)."""
+    dataset = PlanImages(plan, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std)
+    loader = DataLoader(Subset(dataset, rows), batch_size=cfg.batch_size, shuffle=False,
+                        num_workers=cfg.num_workers if num_workers is None else num_workers,
+                        pin_memory=device.type == "cuda", collate_fn=collate_plan_images)
+    torch_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+    for images, row_ids, errors in loader:
+        row_ids = [int(r) for r in row_ids]
+        bad = {i: str(e) for i, e in enumerate(errors) if e}
+        if bad and not cfg.skip_bad:
+            i = min(bad)
+            raise ImageDecodeError(
+                f"{bad[i]} (task {plan.task}, sample {plan.samples[row_ids[i]].sample_id}); "
+                "fix or remove the file, or pass --skip-bad to record it and go on"
+            )
+        with inference_context(device):
+            patch, prefix = block_tokens(backbone, images.to(device, non_blocking=True))
+        yield Batch(row_ids, patch.to(torch_dtype).cpu().numpy(),
+                    prefix.to(torch_dtype).cpu().numpy() if backbone.num_prefix_tokens else None, bad)
+
+
 def _fit_pca(cfg: ExtractConfig, backbone: Backbone, natural: TaskPlan, components: int, *, device: torch.device,
-             progress: ProgressFactory | None) -> tuple[PcaBasis, dict[str, Any]]:
+             progress: ProgressFactory | None, num_workers: int | None = None) -> tuple[PcaBasis, dict[str, Any]]:
     """PCA of the task's training split (store row order), streamed through the backbone into running
     covariances: memory L x D x D whatever the split's size, nothing written. The training images run
     through the backbone twice (here and when their shards are written), which costs that split's share of
@@ -430,138 +483,85 @@ def _fit_pca(cfg: ExtractConfig, backbone: Backbone, natural: TaskPlan, componen
     plan = row_order(natural).plan
     split = fit_split(plan.protocols, list(plan.splits))
     rows = [i for i, s in enumerate(plan.samples) if split in s.splits]
-    dataset = PlanImages(plan, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std)
-    loader = DataLoader(Subset(dataset, rows), batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", collate_fn=collate_plan_images)
     fit = PcaFit(backbone.num_layers, backbone.embed_dim)
     advance = progress(f"{plan.task} (PCA fit on {split})", len(rows)) if progress else None
-    torch_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
-    for images, row_ids, errors in loader:
-        bad = [i for i, e in enumerate(errors) if e]
-        if bad and not cfg.skip_bad:
-            raise ImageDecodeError(
-                f"{errors[bad[0]]} (task {plan.task}, sample {plan.samples[int(row_ids[bad[0]])].sample_id}); "
-                "fix or remove the file, or pass --skip-bad to record it and go on")
-        with inference_context(device):
-            patch, _ = block_tokens(backbone, images.to(device, non_blocking=True))
-        values = patch.to(torch_dtype).cpu().numpy()  # fitted on the values a full-size store would hold
-        keep = np.setdiff1d(np.arange(values.shape[0]), bad)
-        fit.add(values[keep])
+    for batch in forward_batches(cfg, backbone, plan, rows, device=device, num_workers=num_workers):
+        keep = np.setdiff1d(np.arange(len(batch.rows)), list(batch.bad))
+        fit.add(batch.patch[keep])  # fitted on the values a full-size store would hold
         if advance:
-            advance(len(row_ids))
+            advance(len(batch.rows))
     return fit.fitted(components, split)
 
 
-class _BlockBuffer:
-    """Collects one shard's rows from batches that need not align with shard boundaries."""
+@dataclass
+class Shard:
+    """One block's rows, ready for `ShardWriter.write`."""
 
-    def __init__(self, rows: range, tokens_shape: tuple[int, ...], prefix_shape: tuple[int, ...] | None, dtype: np.dtype):
-        self.rows = rows
-        self.tokens = np.zeros((len(rows), *tokens_shape), dtype=dtype)
-        self.prefix = np.zeros((len(rows), *prefix_shape), dtype=dtype) if prefix_shape else None
-        self.filled = 0
-        self.skipped: list[Skipped] = []
-
-    @property
-    def full(self) -> bool:
-        return self.filled == len(self.rows)
+    block: int
+    tokens: np.ndarray
+    prefix: np.ndarray | None
+    skipped: list[Skipped]
 
 
-def _extract_task(
-    cfg: ExtractConfig,
-    writer: StoreWriter,
-    backbone: Backbone,
-    plan: TaskPlan,
-    *,
-    device: torch.device,
-    progress: ProgressFactory | None,
-    state: ExtractState | None = None,
-) -> TaskResult:
-    started = time.perf_counter()
-    # A finished task whose shards were deleted or cut short since: the manifest against one listing.
-    damaged = [] if cfg.overwrite else writer.damaged(plan.task)
-    whole_task = any(shard_block(plan.task, key) is None for key in damaged)
-    natural = plan
-    spec = writer.compact
-    fitted = None
-    if spec is not None and spec.pca is not None and (cfg.overwrite or whole_task or not writer.has_task(plan.task)):
-        # before the task exists: its basis is stored with it, so a resumed run never fits again
-        fitted = _fit_pca(cfg, backbone, natural, spec.pca, device=device, progress=progress)
-    # plan: samples in store row order
-    task_writer, plan = _task_writer(cfg, writer, backbone, natural, overwrite=True if whole_task else None, pca=fitted)
-    if task_writer.complete:
-        if not damaged:
-            return TaskResult(plan.task, 0, 0.0, "already complete", [task_writer.skipped[r] for r in sorted(task_writer.skipped)])
-        if task_writer.reopen_for_repair(damaged) is None:
-            whole_task = True  # a shard the manifest does not list: extract the whole task again
-            if spec is not None and spec.pca is not None and fitted is None:
-                fitted = _fit_pca(cfg, backbone, natural, spec.pca, device=device, progress=progress)
-            task_writer, plan = _task_writer(cfg, writer, backbone, natural, overwrite=True, pca=fitted)
-    pending = task_writer.pending()
-    if damaged:
-        status = "repaired"
-    else:
-        status = "resumed" if len(pending) < len(task_writer.blocks) else "extracted"
-    if state is not None:
-        state.task, state.shards_total, state.shards_kept = plan.task, len(task_writer.blocks), len(task_writer.done)
-    rows = [r for b in pending for r in task_writer.blocks[b]]
-    block_of_row = {r: b for b in pending for r in task_writer.blocks[b]}
-    dataset = PlanImages(plan, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std)
-    loader = DataLoader(
-        Subset(dataset, rows),
-        batch_size=cfg.batch_size,
-        shuffle=False,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        collate_fn=collate_plan_images,
-    )
-    num_tokens = backbone.token_grid[0] * backbone.token_grid[1]
-    tokens_shape = (backbone.num_layers, num_tokens, backbone.embed_dim)
-    prefix_shape = (backbone.num_layers, backbone.num_prefix_tokens, backbone.embed_dim) if backbone.num_prefix_tokens else None
-    np_dtype = np.dtype(task_writer.store.layout.dtype)
-    torch_dtype = torch.float16 if np_dtype == np.float16 else torch.float32
-    buffers: dict[int, _BlockBuffer] = {}
+class ShardAssembler:
+    """Collects rows from batches, which need not align with shard boundaries, into whole shards."""
+
+    def __init__(self, blocks: list[range], pending: list[int], backbone: Backbone, plan: TaskPlan, dtype: np.dtype):
+        self.blocks, self.plan, self.dtype = blocks, plan, dtype
+        self.block_of_row = {r: b for b in pending for r in blocks[b]}
+        num_tokens = backbone.token_grid[0] * backbone.token_grid[1]
+        self.tokens_shape = (backbone.num_layers, num_tokens, backbone.embed_dim)
+        self.prefix_shape = ((backbone.num_layers, backbone.num_prefix_tokens, backbone.embed_dim)
+                             if backbone.num_prefix_tokens else None)
+        self.open: dict[int, tuple[Shard, list[int]]] = {}  # block -> (shard, [rows filled])
+
+    def rows(self) -> list[int]:
+        return sorted(self.block_of_row)
+
+    def add(self, batch: Batch) -> list[Shard]:
+        """Place a batch's rows; returns the shards it completed."""
+        finished = []
+        for i, row in enumerate(batch.rows):
+            block = self.block_of_row[row]
+            if block not in self.open:
+                n = len(self.blocks[block])
+                shard = Shard(block, np.zeros((n, *self.tokens_shape), self.dtype),
+                              np.zeros((n, *self.prefix_shape), self.dtype) if self.prefix_shape else None, [])
+                self.open[block] = (shard, [0])
+            shard, filled = self.open[block]
+            k = row - self.blocks[block].start
+            if i in batch.bad:
+                shard.skipped.append(Skipped(row=row, sample_id=self.plan.samples[row].sample_id, error=batch.bad[i]))
+            else:
+                shard.tokens[k] = batch.patch[i]
+                if shard.prefix is not None:
+                    shard.prefix[k] = batch.prefix[i]
+            filled[0] += 1
+            if filled[0] == len(self.blocks[block]):
+                del self.open[block]
+                finished.append(shard)
+        return finished
+
+
+def _write_blocks_here(cfg: ExtractConfig, task_writer: TaskWriter, backbone: Backbone, plan: TaskPlan,
+                       pending: list[int], *, device: torch.device, advance: Callable[[int], None] | None) -> int:
+    """Extract `pending` blocks in this process: finished shards are compressed, written and journaled by a
+    background thread while the next batches run through the model. Returns the images run."""
+    assembler = ShardAssembler(task_writer.blocks, pending, backbone, plan, np.dtype(task_writer.store.layout.dtype))
     writes: list[Future[None]] = []
-    advance = progress(plan.task, len(rows)) if progress else None
     done_images = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="combo-writer") as pool:
         try:
-            for images, row_ids, errors in loader:
-                row_ids = [int(r) for r in row_ids]
-                bad = [(i, e) for i, e in enumerate(errors) if e]
-                if bad and not cfg.skip_bad:
-                    i, err = bad[0]
-                    raise ImageDecodeError(
-                        f"{err} (task {plan.task}, sample {plan.samples[row_ids[i]].sample_id}); "
-                        "fix or remove the file, or pass --skip-bad to record it and go on"
-                    )
-                with inference_context(device):
-                    patch, prefix = block_tokens(backbone, images.to(device, non_blocking=True))
-                patch_np = patch.to(torch_dtype).cpu().numpy()
-                prefix_np = prefix.to(torch_dtype).cpu().numpy() if prefix_shape else None
-                bad_rows = {i for i, _ in bad}
-                for i, row in enumerate(row_ids):
-                    block = block_of_row[row]
-                    buf = buffers.get(block)
-                    if buf is None:
-                        buf = buffers[block] = _BlockBuffer(task_writer.blocks[block], tokens_shape, prefix_shape, np_dtype)
-                    k = row - buf.rows.start
-                    if i in bad_rows:
-                        buf.skipped.append(Skipped(row=row, sample_id=plan.samples[row].sample_id, error=str(errors[i])))
-                    else:
-                        buf.tokens[k] = patch_np[i]
-                        if prefix_np is not None:
-                            buf.prefix[k] = prefix_np[i]
-                    buf.filled += 1
-                    if buf.full:
-                        del buffers[block]
-                        writes.append(pool.submit(task_writer.write_block, block, buf.tokens, buf.prefix, skipped=buf.skipped))
+            for batch in forward_batches(cfg, backbone, plan, assembler.rows(), device=device):
+                for shard in assembler.add(batch):
+                    writes.append(pool.submit(task_writer.write_block, shard.block, shard.tokens, shard.prefix,
+                                              skipped=shard.skipped))
                 # Bound memory: at most two shards in flight behind the model.
                 while len(writes) > 2:
                     writes.pop(0).result()
-                done_images += len(row_ids)
+                done_images += len(batch.rows)
                 if advance:
-                    advance(len(row_ids))
+                    advance(len(batch.rows))
         except BaseException:
             # Whatever happened, shards already handed to the writer are finished and journaled.
             for fut in writes:
@@ -573,9 +573,64 @@ def _extract_task(
         else:
             for fut in writes:
                 fut.result()
-        finally:
-            if state is not None:
-                state.shards_kept = len(task_writer.done)
+    return done_images
+
+
+def _fit(cfg: ExtractConfig, backbone: Backbone, natural: TaskPlan, components: int, *, device: torch.device,
+         progress: ProgressFactory | None, runner: "ClusterRunner | None") -> tuple[PcaBasis, dict[str, Any]]:
+    if runner is not None:
+        return runner.fit_pca(cfg, natural, components)
+    return _fit_pca(cfg, backbone, natural, components, device=device, progress=progress)
+
+
+def _extract_task(
+    cfg: ExtractConfig,
+    writer: StoreWriter,
+    backbone: Backbone,
+    plan: TaskPlan,
+    *,
+    device: torch.device,
+    progress: ProgressFactory | None,
+    state: ExtractState | None = None,
+    runner: "ClusterRunner | None" = None,
+) -> TaskResult:
+    started = time.perf_counter()
+    # A finished task whose shards were deleted or cut short since: the manifest against one listing.
+    damaged = [] if cfg.overwrite else writer.damaged(plan.task)
+    whole_task = any(shard_block(plan.task, key) is None for key in damaged)
+    natural = plan
+    spec = writer.compact
+    fitted = None
+    if spec is not None and spec.pca is not None and (cfg.overwrite or whole_task or not writer.has_task(plan.task)):
+        # before the task exists: its basis is stored with it, so a resumed run never fits again
+        fitted = _fit(cfg, backbone, natural, spec.pca, device=device, progress=progress, runner=runner)
+    # plan: samples in store row order
+    task_writer, plan = _task_writer(cfg, writer, backbone, natural, overwrite=True if whole_task else None, pca=fitted)
+    if task_writer.complete:
+        if not damaged:
+            return TaskResult(plan.task, 0, 0.0, "already complete", [task_writer.skipped[r] for r in sorted(task_writer.skipped)])
+        if task_writer.reopen_for_repair(damaged) is None:
+            whole_task = True  # a shard the manifest does not list: extract the whole task again
+            if spec is not None and spec.pca is not None and fitted is None:
+                fitted = _fit(cfg, backbone, natural, spec.pca, device=device, progress=progress, runner=runner)
+            task_writer, plan = _task_writer(cfg, writer, backbone, natural, overwrite=True, pca=fitted)
+    pending = task_writer.pending()
+    if damaged:
+        status = "repaired"
+    else:
+        status = "resumed" if len(pending) < len(task_writer.blocks) else "extracted"
+    if state is not None:
+        state.task, state.shards_total, state.shards_kept = plan.task, len(task_writer.blocks), len(task_writer.done)
+    rows = [r for b in pending for r in task_writer.blocks[b]]
+    advance = progress(plan.task, len(rows)) if progress else None
+    try:
+        if runner is not None:  # a dask cluster: whole shards per worker, this process journals them
+            done_images = runner.run_blocks(cfg, task_writer, plan, pending, advance=advance)
+        else:
+            done_images = _write_blocks_here(cfg, task_writer, backbone, plan, pending, device=device, advance=advance)
+    finally:
+        if state is not None:
+            state.shards_kept = len(task_writer.done)
     task_writer.finalize()
     skipped = [task_writer.skipped[r] for r in sorted(task_writer.skipped)]
     return TaskResult(plan.task, done_images, time.perf_counter() - started, status, skipped,

@@ -27,7 +27,7 @@ from .metadata import SCHEMA_VERSION, BackboneInfo, FeatureInfo, Preprocessing, 
 from .reader import FeatureStore, TaskStore, open_store
 from .samples import build_table as build_sample_table
 from .validate import ValidationReport, validate_store
-from .writer import Skipped, StoreWriter, TaskWriter, shard_key
+from .writer import ShardWriter, Skipped, StoreWriter, TaskWriter, shard_key
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -49,6 +49,7 @@ __all__ = [
     "StoreValidationError",
     "StoreWriter",
     "TaskStore",
+    "ShardWriter",
     "TaskWriter",
     "ValidationReport",
     "build_sample_table",

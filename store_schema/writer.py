@@ -540,21 +540,132 @@ def task_entries(root: Path, task: str, journal: dict[str, Entry]) -> dict[str, 
     return out
 
 
+class ShardWriter:
+    """Writes whole shards of one task and returns their journal entry; it takes no lock and keeps no journal.
+
+    The process holding the store's lock (`StoreWriter`) records each entry (`TaskWriter.record`), so a
+    worker process of a distributed extraction (extract/cluster.py) writes shards into the store knowing
+    only its path, while one client owns the lock, the journal and `finalize`."""
+
+    def __init__(self, path: str | os.PathLike, name: str, *, layout: StoreLayout, compact: CompactSpec | None,
+                 feature_dim: int):
+        self.path = Path(path)
+        self.name = name
+        self.layout = layout
+        self.compact = compact
+        self.feature_dim = feature_dim
+        self.group = zarr.open_group(zarr.storage.LocalStore(self.path), path=name, mode="r+", zarr_format=3,
+                                     use_consolidated=False)
+        self.tokens = self.group[CODES if compact else TOKENS]
+        self.prefix = self.group[PREFIX] if (self.path / name / PREFIX / "zarr.json").exists() else None
+        self.pca = (PcaBasis(self.group[PCA_COMPONENTS][...], self.group[PCA_MEAN][...])
+                    if compact is not None and compact.pca is not None else None)
+        self.num_rows = int(self.tokens.shape[0])
+        step = layout.rows_per_shard
+        self.blocks: list[range] = [range(s, min(s + step, self.num_rows)) for s in range(0, self.num_rows, step)]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, name: str) -> "ShardWriter":
+        """The shard writer of task `name` of the store at `path`, configured from the store's own metadata."""
+        doc = _read_doc(Path(path) / "zarr.json")
+        attrs = ((doc or {}).get("attributes") or {}).get(ROOT_ATTR)
+        if not isinstance(attrs, dict):
+            raise StoreError(f"{path}: no combo store here (no readable zarr.json with {ROOT_ATTR!r})")
+        storage = attrs.get("storage") or {}
+        return cls(path, name, layout=StoreLayout.from_attrs(storage), compact=CompactSpec.from_attrs(storage.get("compact")),
+                   feature_dim=int(attrs["features"]["feature_dim"]))
+
+    def arrays(self) -> list[tuple[str, zarr.Array]]:
+        """Every row array, a shard of each per block (tokens, or a compact task's arrays; prefix)."""
+        main = [(n, self.group[n]) for n in self.compact.arrays()] if self.compact else [(TOKENS, self.tokens)]
+        return main + ([(PREFIX, self.prefix)] if self.prefix is not None else [])
+
+    def store_dim(self, array_name: str) -> int:
+        """Channels of the values `write` takes for an array (a compact task takes full-size tokens)."""
+        if array_name == PREFIX and self.prefix is not None:
+            return int(self.prefix.shape[3])
+        return self.feature_dim if self.compact else int(self.tokens.shape[3])
+
+    def key(self, array_name: str, array: zarr.Array, block: int) -> str:
+        return shard_key(self.name, array_name, block, array.ndim)
+
+    def write(
+        self,
+        block: int,
+        tokens: np.ndarray,
+        prefix: np.ndarray | None = None,
+        *,
+        skipped: Iterable[Skipped] = (),
+    ) -> dict[str, Any]:
+        """Write block `block`'s shards (each fsynced) and return the journal entry naming them with their sha256."""
+        rows = self.blocks[block]
+        skipped = list(skipped)
+        unwritten = np.zeros(len(rows), dtype=bool)
+        for s in skipped:
+            if s.row not in rows:
+                raise StoreError(f"task {self.name}: skipped row {s.row} is not in block {block} (rows {rows.start}..{rows.stop - 1})")
+            unwritten[s.row - rows.start] = True
+        dtype = np.dtype(self.layout.dtype)
+        inputs = [(TOKENS, self.tokens if self.compact is None else None, tokens)]
+        if self.prefix is not None:
+            if prefix is None:
+                raise StoreError(f"task {self.name}: block {block} needs prefix tokens")
+            inputs.append((PREFIX, self.prefix, prefix))
+        parts: list[tuple[str, zarr.Array, np.ndarray]] = []
+        for array_name, array, data in inputs:
+            shape = self.tokens.shape if array is None else array.shape
+            expected = (len(rows), *shape[1:3], self.store_dim(array_name))
+            if tuple(data.shape) != expected:
+                raise StoreError(f"task {self.name}: block {block} of {array_name} has shape {data.shape}, expected {expected}")
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = np.array(data, dtype=dtype, order="C", copy=True)
+            finite = np.isfinite(cast).reshape(len(rows), -1).all(axis=1)
+            bad = sorted(int(rows[i]) for i in np.nonzero(~finite & ~unwritten)[0])
+            if bad:
+                raise StoreError(
+                    f"task {self.name}: rows {bad[:5]} of {array_name} are not finite in {dtype} "
+                    "(values overflow float16? re-run with --dtype float32)"
+                )
+            if array is None:  # a compact task: the tokens become its arrays, from the values as stored at full size
+                cast[unwritten] = 0
+                for (name, target), encoded in zip(self.arrays(), encode(cast, self.compact, self.pca)):
+                    if encoded.dtype.kind == "f":
+                        encoded[unwritten] = np.nan  # NaN marks "never written", as in full-size tokens
+                    parts.append((name, target, encoded))
+                continue
+            # NaN marks "never written", so a skipped image can't pass for data (format 1 wrote zeros)
+            cast[unwritten] = np.nan if self.layout.fill_nan else 0
+            parts.append((array_name, array, cast))
+        for array_name, array, cast in parts:
+            # a shard left by a killed attempt goes first: zarr would read (and trip over) its index
+            (self.path / self.key(array_name, array, block)).unlink(missing_ok=True)
+            array[rows.start : rows.stop] = cast
+        checksums, sizes = {}, {}
+        for array_name, array in self.arrays():
+            key = self.key(array_name, array, block)
+            path = self.path / key
+            _fsync_file(path)  # the data is durable before the journal says it is there
+            data = path.read_bytes()
+            checksums[key], sizes[key] = sha256_bytes(data), len(data)
+            fsync_dir(path.parent)
+        return {"block": block, "checksums": checksums, "sizes": sizes, "skipped": [s.__dict__ for s in skipped]}
+
+
 class TaskWriter:
     """Writes one task's shards; safe to call `write_block` from one background thread."""
 
     def __init__(self, store: StoreWriter, name: str):
         self.store = store
         self.name = name
-        self.group = zarr.open_group(store._zarr_store(), path=name, mode="r+", zarr_format=3, use_consolidated=False)
+        self.shards = ShardWriter(store.path, name, layout=store.layout, compact=store.compact,
+                                  feature_dim=int(store.attrs["features"]["feature_dim"]))
+        self.group = self.shards.group
         self.compact = store.compact
-        self.tokens = self.group[CODES if self.compact else TOKENS]
-        self.prefix = self.group[PREFIX] if (store.path / name / PREFIX / "zarr.json").exists() else None
-        self.pca = (PcaBasis(self.group[PCA_COMPONENTS][...], self.group[PCA_MEAN][...])
-                    if self.compact is not None and self.compact.pca is not None else None)
-        self.num_rows = int(self.tokens.shape[0])
-        step = store.layout.rows_per_shard
-        self.blocks: list[range] = [range(s, min(s + step, self.num_rows)) for s in range(0, self.num_rows, step)]
+        self.tokens = self.shards.tokens
+        self.prefix = self.shards.prefix
+        self.pca = self.shards.pca
+        self.num_rows = self.shards.num_rows
+        self.blocks: list[range] = self.shards.blocks
         self._journal_path = store.path / name / JOURNAL_NAME
         self._journal_lock = threading.Lock()
         self.done: dict[int, dict[str, str]] = {}
@@ -574,18 +685,14 @@ class TaskWriter:
         return [b for b in range(len(self.blocks)) if b not in self.done]
 
     def _arrays(self) -> list[tuple[str, zarr.Array]]:
-        """Every row array, a shard of each per block (tokens, or a compact task's arrays; prefix)."""
-        main = [(n, self.group[n]) for n in self.compact.arrays()] if self.compact else [(TOKENS, self.tokens)]
-        return main + ([(PREFIX, self.prefix)] if self.prefix is not None else [])
+        return self.shards.arrays()
 
     def store_dim(self, array_name: str) -> int:
         """Channels of the values `write_block` takes for an array (a compact task takes full-size tokens)."""
-        if array_name == PREFIX and self.prefix is not None:
-            return int(self.prefix.shape[3])
-        return int(self.store.attrs["features"]["feature_dim"]) if self.compact else int(self.tokens.shape[3])
+        return self.shards.store_dim(array_name)
 
     def _key(self, array_name: str, array: zarr.Array, block: int) -> str:
-        return shard_key(self.name, array_name, block, array.ndim)
+        return self.shards.key(array_name, array, block)
 
     def _load_journal(self) -> None:
         """Journaled shards count as done only if their files still hash to the recorded sha256:
@@ -669,66 +776,22 @@ class TaskWriter:
         *,
         skipped: Iterable[Skipped] = (),
     ) -> None:
-        rows = self.blocks[block]
-        skipped = list(skipped)
-        unwritten = np.zeros(len(rows), dtype=bool)
-        for s in skipped:
-            if s.row not in rows:
-                raise StoreError(f"task {self.name}: skipped row {s.row} is not in block {block} (rows {rows.start}..{rows.stop - 1})")
-            unwritten[s.row - rows.start] = True
-        dtype = np.dtype(self.store.layout.dtype)
-        inputs = [(TOKENS, self.tokens if self.compact is None else None, tokens)]
-        if self.prefix is not None:
-            if prefix is None:
-                raise StoreError(f"task {self.name}: block {block} needs prefix tokens")
-            inputs.append((PREFIX, self.prefix, prefix))
-        parts: list[tuple[str, zarr.Array, np.ndarray]] = []
-        for array_name, array, data in inputs:
-            shape = self.tokens.shape if array is None else array.shape
-            expected = (len(rows), *shape[1:3], self.store_dim(array_name))
-            if tuple(data.shape) != expected:
-                raise StoreError(f"task {self.name}: block {block} of {array_name} has shape {data.shape}, expected {expected}")
-            with np.errstate(over="ignore", invalid="ignore"):
-                cast = np.array(data, dtype=dtype, order="C", copy=True)
-            finite = np.isfinite(cast).reshape(len(rows), -1).all(axis=1)
-            bad = sorted(int(rows[i]) for i in np.nonzero(~finite & ~unwritten)[0])
-            if bad:
-                raise StoreError(
-                    f"task {self.name}: rows {bad[:5]} of {array_name} are not finite in {dtype} "
-                    "(values overflow float16? re-run with --dtype float32)"
-                )
-            if array is None:  # a compact task: the tokens become its arrays, from the values as stored at full size
-                cast[unwritten] = 0
-                for (name, target), encoded in zip(self._arrays(), encode(cast, self.compact, self.pca)):
-                    if encoded.dtype.kind == "f":
-                        encoded[unwritten] = np.nan  # NaN marks "never written", as in full-size tokens
-                    parts.append((name, target, encoded))
-                continue
-            # NaN marks "never written", so a skipped image can't pass for data (format 1 wrote zeros)
-            cast[unwritten] = np.nan if self.store.layout.fill_nan else 0
-            parts.append((array_name, array, cast))
-        for array_name, array, cast in parts:
-            # a shard left by a killed attempt goes first: zarr would read (and trip over) its index
-            (self.store.path / self._key(array_name, array, block)).unlink(missing_ok=True)
-            array[rows.start : rows.stop] = cast
-        checksums, sizes = {}, {}
-        for array_name, array in self._arrays():
-            key = self._key(array_name, array, block)
-            path = self.store.path / key
-            _fsync_file(path)  # the data is durable before the journal says it is there
-            data = path.read_bytes()
-            checksums[key], sizes[key] = sha256_bytes(data), len(data)
-            fsync_dir(path.parent)
-        entry = {"block": block, "checksums": checksums, "sizes": sizes, "skipped": [s.__dict__ for s in skipped]}
+        self.record(self.shards.write(block, tokens, prefix, skipped=skipped))
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Journal a block whose shards are written (`ShardWriter.write`'s entry): fsynced, then counted as done."""
+        block, checksums = int(entry["block"]), dict(entry["checksums"])
+        if not 0 <= block < len(self.blocks):
+            raise StoreError(f"task {self.name}: no block {block} (the task has {len(self.blocks)})")
         with self._journal_lock:
             with open(self._journal_path, "a") as handle:
                 handle.write(json.dumps(entry) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
             self.done[block] = checksums
-            self.sizes.update(sizes)
-            for s in skipped:
-                self.skipped[s.row] = s
+            self.sizes.update({k: int(v) for k, v in (entry.get("sizes") or {}).items()})
+            for s in entry.get("skipped") or []:
+                self.skipped[int(s["row"])] = Skipped(**s)
 
     def finalize(self) -> None:
         """Mark the task complete, then publish the consolidated metadata and manifest.
