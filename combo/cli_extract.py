@@ -112,6 +112,11 @@ def extract_command(
     compact: Optional[str] = typer.Option(None, "--compact", help="Store the tokens encoded instead of at full size: "
                                           "int8, pca:R or pca:R,int8 (PCA fitted on each task's training split first). "
                                           "The store goes to OUT/<model>/<dataset>-<encoding>.zarr, e.g. vtab-pca128-int8.zarr."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Run the backbone on a local dask cluster of N "
+                                          "worker processes (1 torch thread each; one GPU each when there are GPUs), whole "
+                                          "shards per worker; this process keeps the store's lock and journal."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run the backbone on the running dask cluster at this "
+                                            "address (tcp://host:8786). Its workers must see --root and --out at the same paths."),
     threads: Optional[int] = threads_option(),
 ) -> None:
     """Run a frozen backbone once over a dataset and store every layer's tokens."""
@@ -145,6 +150,11 @@ def extract_command(
         cfg_kwargs["num_workers"] = num_workers
     cfg = ExtractConfig(**cfg_kwargs)
     check_config(cfg)  # bad options fail before anything is printed (extract() checks again: it is free)
+    cluster = None
+    if workers is not None or scheduler is not None:
+        from extract.cluster import ClusterConfig
+
+        cluster = ClusterConfig(workers=workers, scheduler=scheduler, announce=lambda line: say(line))
     if random_init:
         say(("note", "yellow"), ": ", model, f" has RANDOM weights (--random-init, seed {seed}); features are not pretrained")
     state = ExtractState()
@@ -154,7 +164,7 @@ def extract_command(
 
     try:
         with progress_bars() as factory:
-            result = extract(cfg, progress=factory, state=state, warn=warn)
+            result = extract(cfg, progress=factory, state=state, warn=warn, cluster=cluster)
     except KeyboardInterrupt:
         error_line(_kept_clause(state), label="interrupted", style="yellow")
         raise typer.Exit(130) from None

@@ -1,0 +1,270 @@
+"""Extraction on a dask.distributed cluster: whole shards per worker, one client that owns the store.
+
+Each dask task runs the backbone over a run of consecutive pending shards of one task and writes
+them into the store itself (`store_schema.ShardWriter`: each shard fsynced, then hashed), and
+returns their journal entries. The client holds the store's lock, journals each entry as it
+arrives and finalises the task, exactly as a single-process run does, so resume is unchanged:
+
+- a worker killed mid-shard leaves a shard no journal line names; dask runs that task again on
+  another worker (up to `distributed.scheduler.allowed-failures` deaths), and the shard written
+  again has the same bytes (its rows, the same batches, the same model);
+- a client killed mid-run leaves the journal; the same command, on a cluster or not, resumes it.
+
+What the workers need: the dataset root and the store at the same paths as the client (one
+machine, or a shared file system), and the model's weights (the timm cache or `--weights`) on
+their own disk. A worker that cannot load the weights fails the run with its own message.
+
+`--workers N` starts a `LocalCluster` of N worker processes, 1 torch thread each; with CUDA,
+N defaults to the number of GPUs and worker k uses GPU k (or dask-cuda's `LocalCUDACluster`,
+which pins one GPU per worker, when it is installed). `--scheduler ADDRESS` uses a running
+cluster (`dask scheduler` + `dask worker ADDRESS --nthreads 1` on each machine).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from store_schema import ShardWriter, TaskWriter
+from store_schema.compact import PcaBasis
+
+from .backbones import Backbone, load_backbone, pick_device
+from .datasets import TaskPlan
+from .pipeline import ExtractConfig, ShardAssembler, _fit_pca, forward_batches
+
+__all__ = ["ClusterConfig", "ClusterError", "ClusterRunner", "open_runner", "shard_jobs"]
+
+
+class ClusterError(RuntimeError):
+    """A cluster that cannot be reached or has no workers, as one sentence."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the backbone runs: `workers` local processes, or the cluster behind `scheduler`."""
+
+    workers: int | None = None
+    scheduler: str | None = None
+    threads_per_worker: int = 1
+    connect_timeout: float = 10.0  # seconds to reach the scheduler and to see its first worker
+    announce: Callable[[str], None] | None = None  # told the cluster's size and dashboard link
+
+    def __post_init__(self) -> None:
+        if (self.workers is None) == (self.scheduler is None):
+            raise ValueError("give either --workers N (a local cluster) or --scheduler ADDRESS (a running one), not both")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise ValueError(f"--workers must be an integer >= 1, got {self.workers!r}")
+        if self.threads_per_worker < 1:
+            raise ValueError(f"threads per worker must be >= 1, got {self.threads_per_worker!r}")
+
+
+# ------------------------------------------------------------------------------------------ on a worker
+
+_BACKBONE: dict[str, tuple[Backbone, torch.device]] = {}  # one model per worker process, kept between tasks
+
+
+def _worker_name() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except (ImportError, ValueError):
+        return None
+
+
+def _where() -> str:
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        return f"dask worker {worker.name} ({worker.address})"
+    except (ImportError, ValueError):
+        return "this process"
+
+
+def _worker_device(cfg: ExtractConfig) -> torch.device:
+    """`--device` when given; else worker k of a local cluster takes GPU k (mod the GPUs it sees), or the CPU."""
+    if cfg.device is not None or not torch.cuda.is_available():
+        return pick_device(cfg.device)
+    name = _worker_name()
+    index = int(name) if name is not None and name.isdigit() else 0
+    return torch.device(f"cuda:{index % torch.cuda.device_count()}")
+
+
+def _worker_backbone(cfg: ExtractConfig, threads: int) -> tuple[Backbone, torch.device]:
+    key = json.dumps([cfg.model, cfg.image_size, cfg.random_init, cfg.weights, cfg.seed, cfg.model_kwargs],
+                     sort_keys=True, default=str)
+    if key not in _BACKBONE:
+        _BACKBONE.clear()  # another run's model: free it first
+        torch.set_num_threads(threads)
+        device = _worker_device(cfg)
+        backbone = load_backbone(cfg.model, image_size=cfg.image_size, random_init=cfg.random_init,
+                                 weights=cfg.weights, seed=cfg.seed, model_kwargs=cfg.model_kwargs)
+        backbone.model.to(device)
+        _BACKBONE[key] = (backbone, device)
+    return _BACKBONE[key]
+
+
+def _located(err: Exception) -> Exception:
+    """`err` with the worker named in its message, of the same type where that type takes one message
+    (so the client reports it as it would a local failure)."""
+    text = f"on {_where()}: {err}"
+    try:
+        located = type(err)(text)
+    except Exception:  # noqa: BLE001 - a type with another signature
+        located = ClusterError(f"{type(err).__name__} {text}")
+    return located
+
+
+def write_shards(cfg: ExtractConfig, store: str, task: str, blocks: list[int], plan: TaskPlan,
+                 threads: int = 1) -> list[dict[str, Any]]:
+    """Runs on a worker: the backbone over `blocks` of `task` (store row order `plan`), each shard written
+    into the store at `store`; returns their journal entries for the client to record."""
+    try:
+        backbone, device = _worker_backbone(cfg, threads)
+        shards = ShardWriter.open(store, task)
+        assembler = ShardAssembler(shards.blocks, blocks, backbone, plan, np.dtype(shards.layout.dtype))
+        entries = []
+        # no DataLoader worker processes: a dask worker is a daemon process, which may not have children
+        for batch in forward_batches(cfg, backbone, plan, assembler.rows(), device=device, num_workers=0):
+            for shard in assembler.add(batch):
+                entries.append(shards.write(shard.block, shard.tokens, shard.prefix, skipped=shard.skipped))
+        return entries
+    except Exception as err:  # noqa: BLE001 - re-raised, with the worker named
+        raise _located(err) from None
+
+
+def fit_pca(cfg: ExtractConfig, plan: TaskPlan, components: int, threads: int = 1) -> tuple[PcaBasis, dict[str, Any]]:
+    """Runs on a worker: the PCA fit of `--compact pca:R` (extract.pipeline._fit_pca) on that worker's device."""
+    try:
+        backbone, device = _worker_backbone(cfg, threads)
+        return _fit_pca(cfg, backbone, plan, components, device=device, progress=None, num_workers=0)
+    except Exception as err:  # noqa: BLE001 - re-raised, with the worker named
+        raise _located(err) from None
+
+
+# ------------------------------------------------------------------------------------------ on the client
+
+
+def shard_jobs(pending: list[int], blocks: list[range], batch_size: int) -> list[list[int]]:
+    """Pending blocks grouped into dask tasks: runs of consecutive blocks holding at least one batch of rows
+    (so small shards still fill the model's batches), never more."""
+    jobs: list[list[int]] = []
+    for block in pending:
+        if jobs and jobs[-1][-1] == block - 1 and sum(len(blocks[b]) for b in jobs[-1]) < batch_size:
+            jobs[-1].append(block)
+        else:
+            jobs.append([block])
+    return jobs
+
+
+class ClusterRunner:
+    """The client's side: submits shard jobs, journals what comes back, reports the first failure."""
+
+    def __init__(self, client: Any, config: ClusterConfig):
+        self.client = client
+        self.config = config
+
+    @property
+    def workers(self) -> int:
+        return len(self.client.scheduler_info().get("workers", {}))
+
+    def run_blocks(self, cfg: ExtractConfig, task_writer: TaskWriter, plan: TaskPlan, pending: list[int], *,
+                   advance: Callable[[int], None] | None = None) -> int:
+        """Extract `pending` blocks of `task_writer`'s task on the cluster; returns the images run."""
+        from distributed import as_completed
+
+        jobs = shard_jobs(pending, task_writer.blocks, cfg.batch_size)
+        if not jobs:
+            return 0
+        shared = self.client.scatter(plan, broadcast=False, hash=False)
+        store = str(task_writer.store.path)
+        futures = [self.client.submit(write_shards, cfg, store, plan.task, job, shared, self.config.threads_per_worker,
+                                      pure=False, key=f"combo-shards-{plan.task}-{job[0]}-{os.getpid()}-{id(jobs)}")
+                   for job in jobs]
+        images = 0
+        try:
+            for future in as_completed(futures, loop=self.client.loop):
+                for entry in future.result():  # the worker's own error, if it failed
+                    task_writer.record(entry)
+                    rows = len(task_writer.blocks[int(entry["block"])])
+                    images += rows
+                    if advance:
+                        advance(rows)
+        except BaseException:
+            self.client.cancel(futures)
+            raise
+        return images
+
+    def fit_pca(self, cfg: ExtractConfig, plan: TaskPlan, components: int) -> tuple[PcaBasis, dict[str, Any]]:
+        future = self.client.submit(fit_pca, cfg, plan, components, self.config.threads_per_worker, pure=False)
+        return future.result()
+
+
+def _local_cluster(config: ClusterConfig) -> Any:
+    from distributed import LocalCluster
+
+    kwargs: dict[str, Any] = dict(threads_per_worker=config.threads_per_worker, silence_logs=logging.ERROR,
+                                  # the dashboard needs bokeh; without it, no dashboard rather than a warning
+                                  dashboard_address=":0" if importlib.util.find_spec("bokeh") else None)
+    if torch.cuda.is_available():
+        try:
+            from dask_cuda import LocalCUDACluster  # one GPU per worker, pinned with CUDA_VISIBLE_DEVICES
+
+            return LocalCUDACluster(n_workers=config.workers, **kwargs)
+        except ImportError:
+            pass
+    return LocalCluster(n_workers=config.workers, processes=True, **kwargs)
+
+
+def _dashboard_link(client: Any) -> str | None:
+    if not importlib.util.find_spec("bokeh"):
+        return None
+    try:
+        return str(client.dashboard_link)
+    except Exception:  # noqa: BLE001 - a cluster without a dashboard
+        return None
+
+
+@contextmanager
+def open_runner(config: ClusterConfig, *, warn: Callable[[str], None] | None = None) -> Iterator[ClusterRunner]:
+    """Connect to (or start) the cluster; closes what it started on exit."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ClusterError("--workers / --scheduler need dask.distributed: pip install distributed") from None
+    cluster = None
+    if config.scheduler is not None:
+        try:
+            client = Client(config.scheduler, timeout=f"{config.connect_timeout}s", set_as_default=False)
+        except (OSError, TimeoutError, ValueError) as err:
+            raise ClusterError(f"--scheduler {config.scheduler}: no dask scheduler could be reached there ({err}); "
+                               "start one with `dask scheduler`, or use --workers N for a cluster on this machine") from None
+    else:
+        cluster = _local_cluster(config)
+        client = Client(cluster, set_as_default=False)
+    try:
+        try:
+            client.wait_for_workers(1, timeout=config.connect_timeout)
+        except (TimeoutError, OSError):
+            raise ClusterError(f"the dask cluster at {client.scheduler.address} has no workers after "
+                               f"{config.connect_timeout:g} s; start some with `dask worker {client.scheduler.address}`") from None
+        runner = ClusterRunner(client, config)
+        if config.announce is not None:
+            link = _dashboard_link(client)
+            config.announce(f"dask cluster: {runner.workers} worker(s) at {client.scheduler.address}"
+                            + (f", dashboard {link}" if link else ""))
+        yield runner
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

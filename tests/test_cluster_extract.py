@@ -1,0 +1,162 @@
+"""Extraction on a dask.distributed cluster (extract/cluster.py): the same store as one process, whatever dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+from extract.cluster import ClusterConfig, ClusterError, shard_jobs  # noqa: E402
+from extract.images import ImageDecodeError  # noqa: E402
+from extract.pipeline import ExtractConfig, extract  # noqa: E402
+from fakedata import make_vtab_tree  # noqa: E402
+from store_schema import open_store, validate_store  # noqa: E402
+
+MODEL = "vit_tiny_patch16_224"
+SIZE = 32
+ROWS = 8  # rows per shard: 95 rows -> 12 shards, one dask task each (batch 8)
+
+
+def config(root: Path, out: Path, **kw) -> ExtractConfig:
+    return ExtractConfig(model=MODEL, dataset="vtab", root=str(root), out=str(out), image_size=SIZE, random_init=True,
+                         batch_size=8, num_workers=0, rows_per_shard=ROWS, **kw)
+
+
+def data_objects(store: Path) -> dict[str, dict]:
+    """Every object of a finished store with its sha256, except the zarr.json documents (they hold timestamps)."""
+    objects = json.loads((store / "manifest.json").read_text())["objects"]
+    return {k: v for k, v in objects.items() if not k.endswith("zarr.json")}
+
+
+@pytest.fixture(scope="module")
+def vtab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vtab")
+    make_vtab_tree(root, {"eurosat": 4}, n_train=10, n_val=5, n_test=80, image_size=16)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(vtab, tmp_path_factory):
+    """The single-process store every cluster run must equal byte for byte."""
+    result = extract(config(vtab, tmp_path_factory.mktemp("single")))
+    return result.store
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A running 2-process cluster, reached through --scheduler (a LocalCluster per test would cost its start)."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=50) as local, distributed.Client(local, set_as_default=False) as client:
+        yield local, client
+
+
+def test_shard_jobs_group_consecutive_blocks_up_to_one_batch():
+    blocks = [range(s, min(s + 3, 20)) for s in range(0, 20, 3)]  # 7 blocks of 3 rows (the last 2)
+    assert shard_jobs([0, 1, 2, 3, 5, 6], blocks, batch_size=8) == [[0, 1, 2], [3], [5, 6]]
+    assert shard_jobs([0, 1, 2], blocks, batch_size=1) == [[0], [1], [2]]
+    assert shard_jobs([], blocks, batch_size=8) == []
+
+
+def test_cluster_store_equals_single_process_store(vtab, reference, cluster, tmp_path):
+    local, _ = cluster
+    seen = []
+    result = extract(config(vtab, tmp_path), cluster=ClusterConfig(scheduler=local.scheduler_address, announce=seen.append))
+    assert seen and "2 worker(s)" in seen[0]
+    assert result.tasks[0].status == "extracted" and result.tasks[0].images == 95
+    assert validate_store(result.store).ok
+    assert data_objects(result.store) == data_objects(reference)  # every shard and the sample table, byte for byte
+    assert not (result.store / "eurosat" / ".journal.jsonl").exists()
+
+
+def test_worker_killed_mid_run_ends_in_the_same_store(vtab, reference, cluster, tmp_path):
+    local, client = cluster
+    pids = client.run(os.getpid)  # worker address -> pid
+    victim = next(iter(pids.values()))
+    shards = tmp_path / MODEL / "vtab.zarr" / "eurosat" / "tokens" / "c"
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = extract(config(vtab, tmp_path), cluster=ClusterConfig(scheduler=local.scheduler_address))
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not (shards.exists() and any(shards.iterdir())) and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.01)
+    assert thread.is_alive(), f"the run ended before a worker could be killed: {outcome}"
+    os.kill(victim, signal.SIGKILL)  # mid-run: its first shard is on disk, others are in flight or queued
+    thread.join(timeout=300)
+    assert "error" not in outcome, outcome.get("error")
+    assert victim not in client.run(os.getpid).values()  # the worker really died (its nanny started a new one)
+    store = outcome["result"].store
+    assert validate_store(store).ok
+    assert data_objects(store) == data_objects(reference)
+
+
+def test_a_worker_failure_is_reported_with_its_message(tmp_path, cluster):
+    local, _ = cluster
+    root = tmp_path / "vtab"
+    make_vtab_tree(root, {"eurosat": 2}, n_train=4, n_val=2, n_test=4, image_size=16, corrupt=[("test", 1)])
+    with pytest.raises(ImageDecodeError) as err:
+        extract(config(root, tmp_path / "out"), cluster=ClusterConfig(scheduler=local.scheduler_address))
+    message = str(err.value)
+    assert message.startswith("on dask worker ") and "task eurosat, sample" in message and "--skip-bad" in message
+
+
+def test_unreachable_scheduler_fails_fast_and_writes_nothing(vtab, tmp_path):
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match="--scheduler tcp://127.0.0.1:9: no dask scheduler could be reached"):
+        extract(config(vtab, tmp_path), cluster=ClusterConfig(scheduler="tcp://127.0.0.1:9", connect_timeout=1))
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / MODEL).exists()
+
+
+def test_cluster_options_are_checked():
+    with pytest.raises(ValueError, match="not both"):
+        ClusterConfig(workers=2, scheduler="tcp://x:1")
+    with pytest.raises(ValueError, match="--workers must be an integer >= 1"):
+        ClusterConfig(workers=0)
+
+
+KILL_CLIENT = """
+import os, signal, sys, threading, time
+journal = os.path.join(sys.argv[2], "{model}", "vtab.zarr", "eurosat", ".journal.jsonl")
+def watch():
+    while not (os.path.exists(journal) and open(journal).read().strip()):
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGKILL)  # the client dies once a shard is journaled
+threading.Thread(target=watch, daemon=True).start()
+from combo.cli import main
+sys.argv = ["combo", "extract", "--model", "{model}", "--random-init", "--dataset", "vtab", "--root", sys.argv[1],
+            "--out", sys.argv[2], "--image-size", "{size}", "--batch-size", "8", "--rows-per-shard", "{rows}", "--workers", "2"]
+main()
+"""
+
+
+def test_client_killed_then_the_same_command_resumes(vtab, reference, tmp_path):
+    out = tmp_path / "out"
+    script = KILL_CLIENT.format(model=MODEL, size=SIZE, rows=ROWS)
+    proc = subprocess.run([sys.executable, "-c", script, str(vtab), str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    store = out / MODEL / "vtab.zarr"
+    assert not open_store(store).task("eurosat").complete
+    journaled = (store / "eurosat" / ".journal.jsonl").read_text().splitlines()
+    assert 1 <= len(journaled) < 12
+    time.sleep(1.0)  # the killed client's worker processes notice their parent is gone and stop
+    result = extract(config(vtab, out))  # the same store, resumed here (locally) from the client's journal
+    assert result.tasks[0].status == "resumed" and result.tasks[0].images < 95
+    assert validate_store(store).ok
+    assert data_objects(store) == data_objects(reference)
