@@ -41,6 +41,18 @@ class _RateColumn(TextColumn):
 
 
 @contextmanager
+def cluster_client(cluster) -> Iterator:
+    """The dask client of --workers / --scheduler (connected before the model loads), or None."""
+    if cluster is None:
+        yield None
+        return
+    from .cluster import open_client
+
+    with open_client(cluster) as client:
+        yield client
+
+
+@contextmanager
 def progress_bars() -> Iterator:
     """A rich progress bar per task: images done, images/s and ETA."""
     with Progress(
@@ -152,7 +164,7 @@ def extract_command(
     check_config(cfg)  # bad options fail before anything is printed (extract() checks again: it is free)
     cluster = None
     if workers is not None or scheduler is not None:
-        from extract.cluster import ClusterConfig
+        from .cluster import ClusterConfig
 
         cluster = ClusterConfig(workers=workers, scheduler=scheduler, announce=lambda line: say(line))
     if random_init:
@@ -163,8 +175,8 @@ def extract_command(
         say(("warning", "yellow"), ": ", message)
 
     try:
-        with progress_bars() as factory:
-            result = extract(cfg, progress=factory, state=state, warn=warn, cluster=cluster)
+        with cluster_client(cluster) as client, progress_bars() as factory:
+            result = extract(cfg, progress=factory, state=state, warn=warn, client=client)
     except KeyboardInterrupt:
         error_line(_kept_clause(state), label="interrupted", style="yellow")
         raise typer.Exit(130) from None

@@ -14,21 +14,15 @@ What the workers need: the dataset root and the store at the same paths as the c
 machine, or a shared file system), and the model's weights (the timm cache or `--weights`) on
 their own disk. A worker that cannot load the weights fails the run with its own message.
 
-`--workers N` starts a `LocalCluster` of N worker processes, 1 torch thread each; with CUDA,
-N defaults to the number of GPUs and worker k uses GPU k (or dask-cuda's `LocalCUDACluster`,
-which pins one GPU per worker, when it is installed). `--scheduler ADDRESS` uses a running
-cluster (`dask scheduler` + `dask worker ADDRESS --nthreads 1` on each machine).
+Without `--device`, worker k of a cluster uses GPU k (mod the GPUs it sees) when there are GPUs.
+The client (a `distributed.Client`) comes from combo/cluster.py: `--workers N` / `--scheduler ADDRESS`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import logging
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,30 +35,11 @@ from .backbones import Backbone, load_backbone, pick_device
 from .datasets import TaskPlan
 from .pipeline import ExtractConfig, ShardAssembler, _fit_pca, forward_batches
 
-__all__ = ["ClusterConfig", "ClusterError", "ClusterRunner", "open_runner", "shard_jobs"]
+__all__ = ["ClusterRunner", "WorkerError", "shard_jobs", "worker_threads"]
 
 
-class ClusterError(RuntimeError):
-    """A cluster that cannot be reached or has no workers, as one sentence."""
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Where the backbone runs: `workers` local processes, or the cluster behind `scheduler`."""
-
-    workers: int | None = None
-    scheduler: str | None = None
-    threads_per_worker: int = 1
-    connect_timeout: float = 10.0  # seconds to reach the scheduler and to see its first worker
-    announce: Callable[[str], None] | None = None  # told the cluster's size and dashboard link
-
-    def __post_init__(self) -> None:
-        if (self.workers is None) == (self.scheduler is None):
-            raise ValueError("give either --workers N (a local cluster) or --scheduler ADDRESS (a running one), not both")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
-            raise ValueError(f"--workers must be an integer >= 1, got {self.workers!r}")
-        if self.threads_per_worker < 1:
-            raise ValueError(f"threads per worker must be >= 1, got {self.threads_per_worker!r}")
+class WorkerError(RuntimeError):
+    """A failure on a worker whose own exception type cannot carry the worker's name."""
 
 
 # ------------------------------------------------------------------------------------------ on a worker
@@ -121,7 +96,7 @@ def _located(err: Exception) -> Exception:
     try:
         located = type(err)(text)
     except Exception:  # noqa: BLE001 - a type with another signature
-        located = ClusterError(f"{type(err).__name__} {text}")
+        located = WorkerError(f"{type(err).__name__} {text}")
     return located
 
 
@@ -167,16 +142,19 @@ def shard_jobs(pending: list[int], blocks: list[range], batch_size: int) -> list
     return jobs
 
 
+def worker_threads(client: Any) -> int:
+    """Torch threads for a task on this cluster: the fewest threads a worker has (1 on combo's local clusters)."""
+    workers = client.scheduler_info().get("workers", {}) or {}
+    return max(1, min((int(w.get("nthreads") or 1) for w in workers.values()), default=1))
+
+
 class ClusterRunner:
-    """The client's side: submits shard jobs, journals what comes back, reports the first failure."""
+    """The client's side: submits shard jobs to a dask.distributed `client`, journals what comes back,
+    reports the first failure (combo/cluster.py connects the client)."""
 
-    def __init__(self, client: Any, config: ClusterConfig):
+    def __init__(self, client: Any):
         self.client = client
-        self.config = config
-
-    @property
-    def workers(self) -> int:
-        return len(self.client.scheduler_info().get("workers", {}))
+        self.threads = worker_threads(client)
 
     def run_blocks(self, cfg: ExtractConfig, task_writer: TaskWriter, plan: TaskPlan, pending: list[int], *,
                    advance: Callable[[int], None] | None = None) -> int:
@@ -188,7 +166,7 @@ class ClusterRunner:
             return 0
         shared = self.client.scatter(plan, broadcast=False, hash=False)
         store = str(task_writer.store.path)
-        futures = [self.client.submit(write_shards, cfg, store, plan.task, job, shared, self.config.threads_per_worker,
+        futures = [self.client.submit(write_shards, cfg, store, plan.task, job, shared, self.threads,
                                       pure=False, key=f"combo-shards-{plan.task}-{job[0]}-{os.getpid()}-{id(jobs)}")
                    for job in jobs]
         images = 0
@@ -206,65 +184,5 @@ class ClusterRunner:
         return images
 
     def fit_pca(self, cfg: ExtractConfig, plan: TaskPlan, components: int) -> tuple[PcaBasis, dict[str, Any]]:
-        future = self.client.submit(fit_pca, cfg, plan, components, self.config.threads_per_worker, pure=False)
+        future = self.client.submit(fit_pca, cfg, plan, components, self.threads, pure=False)
         return future.result()
-
-
-def _local_cluster(config: ClusterConfig) -> Any:
-    from distributed import LocalCluster
-
-    kwargs: dict[str, Any] = dict(threads_per_worker=config.threads_per_worker, silence_logs=logging.ERROR,
-                                  # the dashboard needs bokeh; without it, no dashboard rather than a warning
-                                  dashboard_address=":0" if importlib.util.find_spec("bokeh") else None)
-    if torch.cuda.is_available():
-        try:
-            from dask_cuda import LocalCUDACluster  # one GPU per worker, pinned with CUDA_VISIBLE_DEVICES
-
-            return LocalCUDACluster(n_workers=config.workers, **kwargs)
-        except ImportError:
-            pass
-    return LocalCluster(n_workers=config.workers, processes=True, **kwargs)
-
-
-def _dashboard_link(client: Any) -> str | None:
-    if not importlib.util.find_spec("bokeh"):
-        return None
-    try:
-        return str(client.dashboard_link)
-    except Exception:  # noqa: BLE001 - a cluster without a dashboard
-        return None
-
-
-@contextmanager
-def open_runner(config: ClusterConfig, *, warn: Callable[[str], None] | None = None) -> Iterator[ClusterRunner]:
-    """Connect to (or start) the cluster; closes what it started on exit."""
-    try:
-        from distributed import Client
-    except ImportError:
-        raise ClusterError("--workers / --scheduler need dask.distributed: pip install distributed") from None
-    cluster = None
-    if config.scheduler is not None:
-        try:
-            client = Client(config.scheduler, timeout=f"{config.connect_timeout}s", set_as_default=False)
-        except (OSError, TimeoutError, ValueError) as err:
-            raise ClusterError(f"--scheduler {config.scheduler}: no dask scheduler could be reached there ({err}); "
-                               "start one with `dask scheduler`, or use --workers N for a cluster on this machine") from None
-    else:
-        cluster = _local_cluster(config)
-        client = Client(cluster, set_as_default=False)
-    try:
-        try:
-            client.wait_for_workers(1, timeout=config.connect_timeout)
-        except (TimeoutError, OSError):
-            raise ClusterError(f"the dask cluster at {client.scheduler.address} has no workers after "
-                               f"{config.connect_timeout:g} s; start some with `dask worker {client.scheduler.address}`") from None
-        runner = ClusterRunner(client, config)
-        if config.announce is not None:
-            link = _dashboard_link(client)
-            config.announce(f"dask cluster: {runner.workers} worker(s) at {client.scheduler.address}"
-                            + (f", dashboard {link}" if link else ""))
-        yield runner
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()

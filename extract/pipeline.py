@@ -60,7 +60,7 @@ from .images import ImageDecodeError, PlanImages, collate_plan_images
 from .order import RowOrder, natural_order, row_order
 
 if TYPE_CHECKING:
-    from .cluster import ClusterConfig, ClusterRunner
+    from .cluster import ClusterRunner
 
 
 def default_num_workers() -> int:
@@ -298,7 +298,7 @@ def extract(
     progress: ProgressFactory | None = None,
     state: ExtractState | None = None,
     warn: WarnFn | None = None,
-    cluster: "ClusterConfig | None" = None,
+    client: Any = None,
 ) -> ExtractResult:
     """Run `cfg.model` once over every image of `cfg.dataset` and write the store; resumable.
 
@@ -308,8 +308,8 @@ def extract(
     run wrote); shards already written stay, and rerunning the same command resumes.
     `state` (optional) is kept up to date for a caller that must explain an interruption; `warn`
     receives warnings (default: `warnings.warn`).
-    `cluster` (optional) runs the backbone on dask.distributed workers, whole shards per worker
-    (extract/cluster.py); this process keeps the lock, the journal and finalisation.
+    `client` (optional, a connected `distributed.Client`) runs the backbone on its workers, whole shards per
+    task (extract/cluster.py); this process keeps the lock, the journal and finalisation.
     """
     started = time.perf_counter()
     state = state if state is not None else ExtractState()
@@ -322,12 +322,12 @@ def extract(
         path = path.with_name(f"{cfg.dataset}-{compact.name}.zarr")
     check_writable(cfg.out, path)
     state.store = path
-    if cluster is None:
-        return _extract_into(path, cfg, layout, progress=progress, state=state, warn=warn, runner=None, started=started)
-    from .cluster import open_runner  # dask.distributed is imported only when asked for
+    runner = None
+    if client is not None:
+        from .cluster import ClusterRunner  # dask.distributed only when asked for
 
-    with open_runner(cluster, warn=warn) as runner:  # connects now: a bad address fails before the model loads
-        return _extract_into(path, cfg, layout, progress=progress, state=state, warn=warn, runner=runner, started=started)
+        runner = ClusterRunner(client)
+    return _extract_into(path, cfg, layout, progress=progress, state=state, warn=warn, runner=runner, started=started)
 
 
 def _extract_into(path: Path, cfg: ExtractConfig, layout: StoreLayout, *, progress: ProgressFactory | None,

@@ -15,7 +15,8 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from extract.cluster import ClusterConfig, ClusterError, shard_jobs  # noqa: E402
+from combo.cluster import ClusterConfig, ClusterError, open_client  # noqa: E402
+from extract.cluster import shard_jobs  # noqa: E402
 from extract.images import ImageDecodeError  # noqa: E402
 from extract.pipeline import ExtractConfig, extract  # noqa: E402
 from fakedata import make_vtab_tree  # noqa: E402
@@ -69,7 +70,8 @@ def test_shard_jobs_group_consecutive_blocks_up_to_one_batch():
 def test_cluster_store_equals_single_process_store(vtab, reference, cluster, tmp_path):
     local, _ = cluster
     seen = []
-    result = extract(config(vtab, tmp_path), cluster=ClusterConfig(scheduler=local.scheduler_address, announce=seen.append))
+    with open_client(ClusterConfig(scheduler=local.scheduler_address, announce=seen.append)) as client:
+        result = extract(config(vtab, tmp_path), client=client)
     assert seen and "2 worker(s)" in seen[0]
     assert result.tasks[0].status == "extracted" and result.tasks[0].images == 95
     assert validate_store(result.store).ok
@@ -86,7 +88,7 @@ def test_worker_killed_mid_run_ends_in_the_same_store(vtab, reference, cluster, 
 
     def run() -> None:
         try:
-            outcome["result"] = extract(config(vtab, tmp_path), cluster=ClusterConfig(scheduler=local.scheduler_address))
+            outcome["result"] = extract(config(vtab, tmp_path), client=client)
         except BaseException as err:  # noqa: BLE001 - reported by the assertion below
             outcome["error"] = err
 
@@ -106,21 +108,29 @@ def test_worker_killed_mid_run_ends_in_the_same_store(vtab, reference, cluster, 
 
 
 def test_a_worker_failure_is_reported_with_its_message(tmp_path, cluster):
-    local, _ = cluster
+    _, client = cluster
     root = tmp_path / "vtab"
     make_vtab_tree(root, {"eurosat": 2}, n_train=4, n_val=2, n_test=4, image_size=16, corrupt=[("test", 1)])
     with pytest.raises(ImageDecodeError) as err:
-        extract(config(root, tmp_path / "out"), cluster=ClusterConfig(scheduler=local.scheduler_address))
+        extract(config(root, tmp_path / "out"), client=client)
     message = str(err.value)
     assert message.startswith("on dask worker ") and "task eurosat, sample" in message and "--skip-bad" in message
 
 
 def test_unreachable_scheduler_fails_fast_and_writes_nothing(vtab, tmp_path):
+    from combo.cli import app
+    from typer.testing import CliRunner
+
     started = time.monotonic()
     with pytest.raises(ClusterError, match="--scheduler tcp://127.0.0.1:9: no dask scheduler could be reached"):
-        extract(config(vtab, tmp_path), cluster=ClusterConfig(scheduler="tcp://127.0.0.1:9", connect_timeout=1))
+        with open_client(ClusterConfig(scheduler="tcp://127.0.0.1:9", connect_timeout=1)):
+            pass
     assert time.monotonic() - started < 30
-    assert not (tmp_path / MODEL).exists()
+    result = CliRunner().invoke(app, ["extract", "--model", MODEL, "--random-init", "--dataset", "vtab", "--root", str(vtab),
+                                      "--out", str(tmp_path), "--image-size", str(SIZE), "--scheduler", "tcp://127.0.0.1:9"])
+    assert result.exit_code == 2 and "no dask scheduler could be reached" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / MODEL).exists()  # nothing written: the address is tried before the model loads
 
 
 def test_cluster_options_are_checked():
