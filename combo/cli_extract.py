@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 from rich.table import Table
 from rich.text import Text
 
+from .cluster import client_for, scheduler_option, workers_option
 from .clikit import (
     configure_threads,
     console,
@@ -38,18 +39,6 @@ class _RateColumn(TextColumn):
         from rich.text import Text
 
         return Text(_rate(task), style="cyan")
-
-
-@contextmanager
-def cluster_client(cluster) -> Iterator:
-    """The dask client of --workers / --scheduler (connected before the model loads), or None."""
-    if cluster is None:
-        yield None
-        return
-    from .cluster import open_client
-
-    with open_client(cluster) as client:
-        yield client
 
 
 @contextmanager
@@ -124,11 +113,8 @@ def extract_command(
     compact: Optional[str] = typer.Option(None, "--compact", help="Store the tokens encoded instead of at full size: "
                                           "int8, pca:R or pca:R,int8 (PCA fitted on each task's training split first). "
                                           "The store goes to OUT/<model>/<dataset>-<encoding>.zarr, e.g. vtab-pca128-int8.zarr."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Run the backbone on a local dask cluster of N "
-                                          "worker processes (1 torch thread each; one GPU each when there are GPUs), whole "
-                                          "shards per worker; this process keeps the store's lock and journal."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run the backbone on the running dask cluster at this "
-                                            "address (tcp://host:8786). Its workers must see --root and --out at the same paths."),
+    workers: Optional[int] = workers_option("the backbone (whole shards per worker; this process keeps the store's lock and journal)"),
+    scheduler: Optional[str] = scheduler_option(),
     threads: Optional[int] = threads_option(),
 ) -> None:
     """Run a frozen backbone once over a dataset and store every layer's tokens."""
@@ -162,11 +148,6 @@ def extract_command(
         cfg_kwargs["num_workers"] = num_workers
     cfg = ExtractConfig(**cfg_kwargs)
     check_config(cfg)  # bad options fail before anything is printed (extract() checks again: it is free)
-    cluster = None
-    if workers is not None or scheduler is not None:
-        from .cluster import ClusterConfig
-
-        cluster = ClusterConfig(workers=workers, scheduler=scheduler, announce=lambda line: say(line))
     if random_init:
         say(("note", "yellow"), ": ", model, f" has RANDOM weights (--random-init, seed {seed}); features are not pretrained")
     state = ExtractState()
@@ -175,7 +156,7 @@ def extract_command(
         say(("warning", "yellow"), ": ", message)
 
     try:
-        with cluster_client(cluster) as client, progress_bars() as factory:
+        with client_for(workers, scheduler, announce=lambda line: say(line)) as client, progress_bars() as factory:
             result = extract(cfg, progress=factory, state=state, warn=warn, client=client)
     except KeyboardInterrupt:
         error_line(_kept_clause(state), label="interrupted", style="yellow")

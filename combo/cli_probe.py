@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
+from .cluster import client_for, scheduler_option, workers_option
 from .progress import run_progress
 from .clikit import (GRID_HELP, configure_threads, console, err_console, friendly_errors, log_line, parse_grid, plain, say, split_list,
                      threads_option)
@@ -88,6 +89,8 @@ def probe_command(
     heads: int = typer.Option(2, "--heads", hidden=True, help="Adapter heads (paper: 2)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Finish the missing tasks of an interrupted run folder (give the run's options again). Rerunning the same command resumes the newest unfinished run under --out by itself."),
     init: str = typer.Option("timm", "--init", help="Init of the adapter's Linear layers: timm (trunc-normal 0.02, the authors') or torch (PyTorch's default; leaves chance level sooner in short runs, see the README)."),
+    workers: Optional[int] = workers_option("the tasks (one dask task per task; this process writes the run folder)"),
+    scheduler: Optional[str] = scheduler_option(),
     threads: Optional[int] = threads_option(),
 ) -> None:
     """Train ComBo (or the linear baseline) on feature stores and evaluate it; never reruns a backbone.
@@ -110,6 +113,8 @@ def probe_command(
         raise ValueError("--stores: give at least one store (short names, paths or URLs, comma-separated)")
     if resume is not None and select:
         raise ValueError("--resume works with plain probe runs, not with --select")
+    if select and (workers is not None or scheduler is not None):
+        raise ValueError("--workers / --scheduler work with plain probe runs, not with --select yet")
     options = storage_options(storage_option, *refs, store_root)
     kwargs: dict[str, Any] = {}
     if cache_budget:
@@ -146,7 +151,8 @@ def probe_command(
 
         print_warnings(result.relevance.warnings)
     else:
-        run = _probe_or_resume(cfg, resume)
+        with client_for(workers, scheduler, announce=lambda line: say(line, console_=err_console)) as client:
+            run = _probe_or_resume(cfg, resume, client=client)
         rows, run_dir = run.metrics, run.run_dir
         title = run.title  # the stores' own dataset and backbones, also for stores given as paths
     vtab = any(r.get("group") in GROUP_ORDER for r in rows)  # VTAB stores record each task's group
@@ -154,7 +160,7 @@ def probe_command(
     say("run folder: ", (str(run_dir), "bold"))
 
 
-def _probe_or_resume(cfg: Any, resume: Optional[Path]) -> Any:
+def _probe_or_resume(cfg: Any, resume: Optional[Path], *, client: Any = None) -> Any:
     """run_probe, resuming ``--resume RUN``, or else the newest unfinished run under --out with the same options
     (rerunning the same command finishes it); Ctrl-C says what finished and how to go on."""
     from probe.run import RunInterrupted, resume_options, run_probe
@@ -170,7 +176,7 @@ def _probe_or_resume(cfg: Any, resume: Optional[Path]) -> Any:
             say(("resuming", "bold"), f" {resume}: {len(state.done)} of {len(state.tasks)} tasks done", console_=err_console)
     try:
         with run_progress(err_console) as progress:
-            return run_probe(cfg, log=log_line, progress=progress, resume=resume)
+            return run_probe(cfg, log=log_line, progress=progress, resume=resume, client=client)
     except RunInterrupted as stop:
         say(("interrupted", "yellow"), f": {stop.done} of {stop.planned} tasks finished in {stop.run_dir}; rerun the same "
             f"command (or `combo probe ... --resume {stop.run_dir}`) to finish the rest", console_=err_console)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ClusterConfig", "ClusterError", "open_client"]
+__all__ = ["ClusterConfig", "ClusterError", "client_for", "open_client", "scheduler_option", "workers_option"]
 
 
 class ClusterError(RuntimeError):
@@ -102,3 +102,27 @@ def open_client(config: ClusterConfig) -> Iterator[Any]:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def workers_option(what: str = "the work") -> Any:
+    import typer
+
+    return typer.Option(None, "--workers", min=1, help=f"Run {what} on a local dask cluster of N worker processes "
+                        "(1 torch thread each; one GPU each when there are GPUs).")
+
+
+def scheduler_option() -> Any:
+    import typer
+
+    return typer.Option(None, "--scheduler", help="Use the running dask cluster at this address (tcp://host:8786); "
+                        "its workers must reach the same paths or URLs as this command.")
+
+
+@contextmanager
+def client_for(workers: int | None, scheduler: str | None, *, announce: Callable[[str], None] | None = None) -> Iterator[Any]:
+    """The client of --workers / --scheduler, connected before anything expensive starts; None without either."""
+    if workers is None and scheduler is None:
+        yield None
+        return
+    with open_client(ClusterConfig(workers=workers, scheduler=scheduler, announce=announce)) as client:
+        yield client

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from store_schema import FeatureStore
+from store_schema import FeatureStore, is_url
 
 from .adapter import INITS, ComboAdapter, ComboConfig
 from .align import default_grid, make_prepare, normalise_maps
@@ -397,12 +397,15 @@ def resume_options(cfg: ProbeConfig) -> dict[str, Any]:
 
 
 def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run_dir: Path | None = None,
-              progress: RunProgress | None = None, resume: str | os.PathLike | None = None) -> ProbeRun:
+              progress: RunProgress | None = None, resume: str | os.PathLike | None = None,
+              client: Any = None) -> ProbeRun:
     """Train and evaluate on every requested task of the stores; write the run folder.
 
     The folder's state.json records the planned tasks and which finished, after every task; ``resume`` names an
     unfinished folder whose missing tasks are trained (each task is seeded on its own, so the results equal an
-    uninterrupted run's). Ctrl-C raises `RunInterrupted`, which says what finished."""
+    uninterrupted run's). Ctrl-C raises `RunInterrupted`, which says what finished. ``client`` (a connected
+    `distributed.Client`) trains the tasks on its workers, one dask task each (probe/fanout.py); this process
+    writes the folder, and a task that fails there is reported by name after the others finish."""
     if resume is None:
         check_out_folder(run_dir.parent if run_dir is not None else cfg.out)
     device = pick_device(cfg.device)
@@ -432,20 +435,32 @@ def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run
     todo = [a for a in aligned_tasks if a.name not in state.done]
     if progress:
         progress.plan(len(todo))
-    for aligned in todo:
+
+    def record(aligned: AlignedTask, fit: TaskFit) -> None:
+        """The run folder after one more finished task (weights, predictions, config, metrics, state)."""
+        nonlocal rows
+        save_fit(run_dir, fit, aligned)
+        config_doc["tasks"][aligned.name] = {"model": fit.model_config, "classes": aligned.classes,
+                                             "grids": [list(g) for g in aligned.grids]}
+        write_json(run_dir / "config.json", config_doc)
+        rows = [r for r in rows if r["task"] != aligned.name] + [fit.metrics]
+        rows.sort(key=lambda r: planned.index(r["task"]))
+        write_table(rows, run_dir / "metrics")  # rewritten after each task: a crash keeps finished ones
+        state.tasks[aligned.name] = DONE
+        state.save(run_dir)
+        fits.append(fit)
+
+    if client is not None:
+        # the workers open the stores this process opened, by absolute path or URL (not by short name or relative path)
+        located = tuple(s.url if is_url(s.url) else os.path.abspath(s.url) for s in stores)
+        _fit_on_cluster(client, replace(cfg, stores=located, store_root=None), todo, record, state=state, run_dir=run_dir,
+                        planned=planned, progress=progress)
+    for aligned in todo if client is None else []:
         try:
             state.tasks[aligned.name] = "running"
             state.save(run_dir)
             fit = fit_task(aligned, cfg, device=device, log=log, progress=progress)
-            save_fit(run_dir, fit, aligned)
-            config_doc["tasks"][aligned.name] = {"model": fit.model_config, "classes": aligned.classes,
-                                                 "grids": [list(g) for g in aligned.grids]}
-            write_json(run_dir / "config.json", config_doc)
-            rows = [r for r in rows if r["task"] != aligned.name] + [fit.metrics]
-            rows.sort(key=lambda r: planned.index(r["task"]))
-            write_table(rows, run_dir / "metrics")  # rewritten after each task: a crash keeps finished ones
-            state.tasks[aligned.name] = DONE
-            state.save(run_dir)
+            record(aligned, fit)
         except BaseException as err:
             state.tasks[aligned.name] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             try:
@@ -455,7 +470,6 @@ def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run
             if isinstance(err, KeyboardInterrupt):
                 raise RunInterrupted(run_dir, len(state.done), len(planned)) from None
             raise
-        fits.append(fit)
     title = f"{cfg.method} on {' + '.join(backbones)} ({dataset}, protocol {cfg.protocol})"
     vtab = any(s.dataset == "vtab" for s in stores) or any(r.get("group") in GROUP_ORDER for r in rows)
     (run_dir / "results.md").write_text(markdown_table(rows, title=title, vtab=vtab))
@@ -463,6 +477,43 @@ def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run
     state.save(run_dir)
     return ProbeRun(run_dir=run_dir, metrics=rows, fits=fits, dataset=dataset, backbones=backbones, resumed=resumed,
                     title=title)
+
+
+class TasksFailed(RuntimeError):
+    """Some tasks of a run failed on the cluster; the others finished and are in the run folder."""
+
+
+def _fit_on_cluster(client: Any, cfg: ProbeConfig, todo: Sequence[AlignedTask], record: Callable[[AlignedTask, TaskFit], None],
+                    *, state: Any, run_dir: Path, planned: Sequence[str], progress: RunProgress | None) -> None:
+    from .fanout import fit_tasks  # dask.distributed only when asked for
+
+    by_name = {a.name: a for a in todo}
+    for name in by_name:
+        state.tasks[name] = "running"
+    state.save(run_dir)
+    failures: list[str] = []
+    try:
+        for name, outcome in fit_tasks(client, cfg, list(by_name)):
+            if isinstance(outcome, BaseException):
+                state.tasks[name] = "failed"
+                state.save(run_dir)
+                failures.append(f"{name} ({outcome})")
+                continue
+            if progress:
+                progress.start(name, steps=cfg.total_steps)
+                progress.finish(name, summary=f"{100 * outcome.metrics['accuracy']:.1f}% on {outcome.metrics['n']} "
+                                              f"{outcome.metrics['split']}")
+            record(by_name[name], outcome)
+    except KeyboardInterrupt:
+        for name in by_name:
+            if state.tasks.get(name) == "running":
+                state.tasks[name] = "interrupted"
+        state.save(run_dir)
+        raise RunInterrupted(run_dir, len(state.done), len(planned)) from None
+    if failures:
+        raise TasksFailed(f"{len(failures)} of {len(todo)} task(s) failed on the cluster: {'; '.join(failures)}. "
+                          f"The other tasks finished in {run_dir}; rerun the same command (or --resume {run_dir}) "
+                          "to train the failed ones again")
 
 
 def stores_dataset(stores: Sequence[FeatureStore]) -> str:

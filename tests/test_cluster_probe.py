@@ -1,0 +1,103 @@
+"""`combo probe` on a dask.distributed cluster (probe/fanout.py): the sequential run's results, task by task."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from safetensors.numpy import load_file
+
+distributed = pytest.importorskip("distributed")
+
+from probe.run import ProbeConfig, TasksFailed, run_probe  # noqa: E402
+from storefactory import vtab_like_splits, write_store  # noqa: E402
+
+TASKS = ("alpha", "beta", "gamma")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One store, three learnable tasks (the label is a bright token whose position is the class)."""
+    path = tmp_path_factory.mktemp("stores") / "synthetic.zarr"
+    n_train, n_val, n_test = 24, 8, 16
+    n = n_train + n_val + n_test
+    for k, task in enumerate(TASKS):
+        rng = np.random.default_rng(k)
+        labels = rng.integers(0, 3, n)
+        tokens = rng.normal(size=(n, 2, 4, 8)).astype(np.float32)
+        tokens[np.arange(n), :, labels] += 3.0
+        write_store(path, tokens=tokens, labels=labels.tolist(), splits=vtab_like_splits(n_train, n_val, n_test),
+                    grid=(2, 2), task=task, num_classes=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=50) as cluster, distributed.Client(cluster, set_as_default=False) as c:
+        yield c
+
+
+def config(store: Path, out: Path) -> ProbeConfig:
+    return ProbeConfig(stores=(str(store),), dataset="synthetic", out=str(out), steps=25, batch_size=8, width=16, depth=1,
+                       num_heads=2, cache="ram")
+
+
+def test_three_task_probe_on_the_cluster_equals_the_sequential_run(store, client, tmp_path):
+    sequential = run_probe(config(store, tmp_path / "seq"))  # this process: 1 torch thread (conftest), like the workers
+    clustered = run_probe(config(store, tmp_path / "dask"), client=client)
+    assert [m["task"] for m in clustered.metrics] == list(TASKS)  # the planned order, whatever finished first
+    for a, b in zip(sequential.metrics, clustered.metrics):
+        for key in ("task", "accuracy", "n", "final_loss", "split", "n_train", "steps", "cache"):
+            assert a[key] == b[key], (key, a, b)
+    for task in TASKS:
+        seq_w = load_file(str(sequential.run_dir / f"adapter-{task}.safetensors"))
+        par_w = load_file(str(clustered.run_dir / f"adapter-{task}.safetensors"))
+        assert seq_w.keys() == par_w.keys()
+        for name in seq_w:
+            np.testing.assert_array_equal(seq_w[name], par_w[name], err_msg=f"{task}: {name}")
+        assert pq.read_table(sequential.run_dir / f"predictions-{task}.parquet").equals(
+            pq.read_table(clustered.run_dir / f"predictions-{task}.parquet"))
+    state = json.loads((clustered.run_dir / "state.json").read_text())
+    assert state["complete"] and all(v == "done" for v in state["tasks"].values())
+    assert (clustered.run_dir / "results.md").exists()
+
+
+def test_a_failed_task_is_named_and_the_others_finish(store, client, tmp_path):
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store, damaged)
+    shard = damaged / "beta" / "tokens" / "c" / "0" / "0" / "0" / "0"  # the first shard of beta's tokens
+    data = bytearray(shard.read_bytes())
+    data[64] ^= 0x10  # one flipped bit: the chunk checksum fails when a worker reads it
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TasksFailed) as err:
+        run_probe(config(damaged, tmp_path / "runs"), client=client)
+    message = str(err.value)
+    assert message.startswith("1 of 3 task(s) failed on the cluster: beta (on dask worker ") and "--resume" in message
+    run_dir = next((tmp_path / "runs").iterdir())
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["tasks"] == {"alpha": "done", "beta": "failed", "gamma": "done"} and not state["complete"]
+    assert (run_dir / "adapter-alpha.safetensors").exists() and (run_dir / "adapter-gamma.safetensors").exists()
+
+
+def test_cluster_options_on_the_command_line(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from combo.cli import app
+
+    result = CliRunner().invoke(app, ["probe", "--stores", str(store), "--dataset", "synthetic", "--select", "top-1",
+                                      "--workers", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "not with --select yet" in result.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_probe_replace_keeps_config_picklable(store, tmp_path):
+    import cloudpickle
+
+    cfg = replace(config(store, tmp_path), tasks=("alpha",))
+    assert cloudpickle.loads(cloudpickle.dumps(cfg)) == cfg
