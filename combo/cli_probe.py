@@ -89,7 +89,7 @@ def probe_command(
     heads: int = typer.Option(2, "--heads", hidden=True, help="Adapter heads (paper: 2)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Finish the missing tasks of an interrupted run folder (give the run's options again). Rerunning the same command resumes the newest unfinished run under --out by itself."),
     init: str = typer.Option("timm", "--init", help="Init of the adapter's Linear layers: timm (trunc-normal 0.02, the authors') or torch (PyTorch's default; leaves chance level sooner in short runs, see the README)."),
-    workers: Optional[int] = workers_option("the tasks (one dask task per task; this process writes the run folder)"),
+    workers: Optional[int] = workers_option("the tasks (one dask task per task and pass; this process writes the run folder)"),
     scheduler: Optional[str] = scheduler_option(),
     threads: Optional[int] = threads_option(),
 ) -> None:
@@ -113,8 +113,6 @@ def probe_command(
         raise ValueError("--stores: give at least one store (short names, paths or URLs, comma-separated)")
     if resume is not None and select:
         raise ValueError("--resume works with plain probe runs, not with --select")
-    if select and (workers is not None or scheduler is not None):
-        raise ValueError("--workers / --scheduler work with plain probe runs, not with --select yet")
     options = storage_options(storage_option, *refs, store_root)
     kwargs: dict[str, Any] = {}
     if cache_budget:
@@ -137,8 +135,10 @@ def probe_command(
     if selection is not None:
         from probe.relevance import run_select
 
-        with run_progress(err_console) as progress:
-            result = run_select(cfg, select=selection, group_lambda=group_lambda, log=log_line, progress=progress)
+        with client_for(workers, scheduler, announce=lambda line: say(line, console_=err_console)) as client, \
+                run_progress(err_console) as progress:
+            result = run_select(cfg, select=selection, group_lambda=group_lambda, log=log_line, progress=progress,
+                                client=client)
         rows, run_dir = result.metrics, result.run_dir
         title = f"ComBo on the backbones chosen per task ({selection.describe()}, lambda {group_lambda:g})"
         chosen = Table(title="selected backbones")

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from .cluster import client_for, scheduler_option, workers_option
 from .progress import run_progress
 from .clikit import (GRID_HELP, configure_threads, console, err_console, friendly_errors, log_line, parse_grid, plain, say, split_list,
                      threads_option)
@@ -80,6 +81,8 @@ def relevance_command(
     depth: int = typer.Option(6, "--depth", hidden=True, help="Adapter depth (paper: 6)."),
     heads: int = typer.Option(2, "--heads", hidden=True, help="Adapter heads (paper: 2)."),
     init: str = typer.Option("timm", "--init", help="Init of the adapter's Linear layers: timm (the authors') or torch (PyTorch's default)."),
+    workers: Optional[int] = workers_option("the tasks (one dask task per task and pass; this process writes the run folder)"),
+    scheduler: Optional[str] = scheduler_option(),
     threads: Optional[int] = threads_option(),
 ) -> None:
     """Rank backbones per task: the paper's norm of ComBo's Lambda slices after training with a group penalty,
@@ -102,16 +105,18 @@ def relevance_command(
         cache=cache, device=device, out=out, storage_options=_storage_options(storage_option),
         width=width, depth=depth, num_heads=heads, init=init, **kwargs,
     )
+    announce = lambda line: say(line, console_=err_console)  # noqa: E731
     if selection is None:
-        with run_progress(err_console) as progress:
-            run = run_relevance(cfg, group_lambda=group_lambda, log=log_line, layer_heldout=layer_heldout, progress=progress)
+        with client_for(workers, scheduler, announce=announce) as client, run_progress(err_console) as progress:
+            run = run_relevance(cfg, group_lambda=group_lambda, log=log_line, layer_heldout=layer_heldout, progress=progress,
+                                client=client)
         console.print(_relevance_table(run.importances, {m["task"]: m for m in run.metrics}, None, run.backbones,
                                        title=f"Backbone relevance (lambda = {group_lambda:g}): s_k share (rank), held-out drop"))
         run_dir, warnings = run.run_dir, run.warnings
     else:
-        with run_progress(err_console) as progress:
+        with client_for(workers, scheduler, announce=announce) as client, run_progress(err_console) as progress:
             result = run_select(cfg, select=selection, group_lambda=group_lambda, log=log_line, layer_heldout=layer_heldout,
-                                progress=progress)
+                                progress=progress, client=client)
         console.print(_relevance_table(result.relevance.importances, {m["task"]: m for m in result.relevance.metrics},
                                        {m["task"]: m for m in result.metrics}, result.relevance.backbones,
                                        title=f"Relevance (lambda = {group_lambda:g}) and ComBo retrained on {result.selection.describe()}"))
@@ -170,17 +175,20 @@ def atlas_command(
     out: str = typer.Option("runs", "--out", "-o", help="Folder for run folders."),
     store_root: Optional[str] = typer.Option(None, "--store-root", help="Where short store names live (default $COMBO_STORE_ROOT or ./stores)."),
     storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE (repeatable)."),
+    workers: Optional[int] = workers_option("the probes (one dask task per task and backbone; this process writes the run folder)"),
+    scheduler: Optional[str] = scheduler_option(),
     threads: Optional[int] = threads_option(),
 ) -> None:
     """Linear probe on every layer of every backbone (cls token and mean of patch tokens), all layers at once."""
     configure_threads(threads)
     from probe.atlas import run_atlas
 
-    with run_progress(err_console) as progress:
+    with client_for(workers, scheduler, announce=lambda line: say(line, console_=err_console)) as client, \
+            run_progress(err_console) as progress:
         run = run_atlas(
             _stores(stores), dataset=dataset, tasks=split_list(task), protocol=protocol, poolings=pooling, steps=steps,
             batch_size=batch_size, lr=lr, seed=seed, device=device, out=out, store_root=store_root,
-            storage_options=_storage_options(storage_option), log=log_line, progress=progress,
+            storage_options=_storage_options(storage_option), log=log_line, progress=progress, client=client,
         )
     table = Table(title=plain(f"Best layer per task (linear probe, {run.best[0]['split'] if run.best else ''})"))
     for col, justify in (("task", "left"), ("backbone", "left"), ("layer", "right"), ("pooling", "left"),

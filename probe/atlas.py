@@ -20,6 +20,7 @@ streams differ in scale by orders of magnitude then train with one learning rate
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,14 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from store_schema import FeatureStore
+from store_schema import FeatureStore, is_url
 
 from .align import normalise_maps
 from .data import SplitSource, eval_batches
 from .linear import MultiLayerLinearProbe
 from .relevance import backbone_names
 from .results import VTAB_GROUPS, new_run_dir, sanitise_url, write_json, write_table
-from .run import PROTOCOL_STEPS, store_provenance, stores_dataset
+from .run import PROTOCOL_STEPS, TasksFailed, store_provenance, stores_dataset
 from .stores import align_tasks, open_stores
 from .progress import RunProgress
 from .runstate import DONE, new_state
@@ -158,12 +159,14 @@ def run_atlas(
     log: Log = None,
     run_dir: Path | None = None,
     progress: RunProgress | None = None,
+    client: Any = None,
 ) -> AtlasRun:
     """Per-layer linear probes of every backbone in ``stores`` on every task; writes a run folder (kind "atlas")
     with atlas.csv (task, backbone, layer, pooling, accuracy, ...), atlas_best.csv and a PNG per task group.
 
     A store without a requested task is skipped for that task (named in the log); a task in no store is an
-    error. ``steps`` None = the protocol's (1,300 dev, 1,600 final).
+    error. ``steps`` None = the protocol's (1,300 dev, 1,600 final). ``client`` (a connected
+    `distributed.Client`) probes each (task, backbone) on its workers (probe/fanout.py); the folder is the same.
     """
     poolings = parse_poolings(poolings)
     if protocol not in PROTOCOL_STEPS:
@@ -190,17 +193,25 @@ def run_atlas(
     state.save(run_dir)
     if progress:
         progress.plan(sum(task in store.tasks for task in task_list for store in opened))
+    calls: dict[tuple[str, int], tuple[tuple, dict]] = {}
     for task in task_list:
         for k, (store, name) in enumerate(zip(opened, names)):
             if task not in store.tasks:
                 if log:
                     log(f"{task}: {name} has no such task, skipped")
                 continue
-            rows += _atlas_one(store, name, k, task, poolings=poolings, protocol=protocol, cfg=cfg,
-                               device=torch_device, log=log, progress=progress)
-            write_table(rows, run_dir / "atlas")  # rewritten as it goes: a crash keeps what finished
-        state.tasks[task] = DONE
-        state.save(run_dir)
+            calls[(task, k)] = ((name, k, task), dict(poolings=poolings, protocol=protocol, cfg=cfg))
+    if client is None:
+        for task in task_list:
+            for (t, k), (args, kwargs) in calls.items():
+                if t == task:
+                    rows += _atlas_one(opened[k], *args, device=torch_device, log=log, progress=progress, **kwargs)
+                    write_table(rows, run_dir / "atlas")  # rewritten as it goes: a crash keeps what finished
+            state.tasks[task] = DONE
+            state.save(run_dir)
+    else:
+        rows = _atlas_on_cluster(client, opened, calls, task_list, run_dir=run_dir, state=state, device=device,
+                                 progress=progress, storage_options=storage_options)
     if not rows:
         raise AtlasError("nothing was probed: no store holds the requested tasks with the requested poolings")
     best = best_per_task(rows)
@@ -213,6 +224,48 @@ def run_atlas(
     state.complete = True
     state.save(run_dir)
     return AtlasRun(run_dir=run_dir, rows=rows, best=best, figures=paths)
+
+
+def atlas_job(url: str, storage_options: dict[str, Any] | None, *args: Any, device: torch.device,
+              **kwargs: Any) -> list[dict[str, Any]]:
+    """`_atlas_one` on a dask worker, which opens the store itself."""
+    store = open_stores([url], storage_options=storage_options)[0]
+    return _atlas_one(store, *args, device=device, log=None, progress=None, **kwargs)
+
+
+def _atlas_on_cluster(client: Any, opened: Sequence[FeatureStore], calls: dict[tuple[str, int], tuple[tuple, dict]],
+                      task_list: Sequence[str], *, run_dir: Path, state: Any, device: str | None,
+                      progress: RunProgress | None, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every (task, backbone) probe on the cluster; rows in the sequential run's order, a failure named after the
+    others finish."""
+    from .fanout import map_jobs
+
+    urls = [s.url if is_url(s.url) else os.path.abspath(s.url) for s in opened]
+    remote = {key: ((urls[key[1]], storage_options, *args), kwargs) for key, (args, kwargs) in calls.items()}
+    done: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    failures: list[str] = []
+    for key, outcome in map_jobs(client, atlas_job, remote, device=device):
+        task, k = key
+        label = f"{task}: {calls[key][0][0]}"
+        if isinstance(outcome, BaseException):
+            failures.append(f"{label} ({outcome})")
+            continue
+        done[key] = outcome
+        if progress:
+            progress.start(label, steps=calls[key][1]["cfg"].steps)
+            best = max(outcome, key=lambda r: r["accuracy"]) if outcome else None
+            progress.finish(label, summary=f"best layer {best['layer']} ({best['pooling']}) {100 * best['accuracy']:.1f}%"
+                            if best else "skipped (no cls token)")
+        rows = [r for key2 in calls if key2 in done for r in done[key2]]  # the sequential order
+        write_table(rows, run_dir / "atlas")
+        for t in task_list:
+            if all(key2 in done for key2 in calls if key2[0] == t) and state.tasks.get(t) != DONE:
+                state.tasks[t] = DONE
+                state.save(run_dir)
+    if failures:
+        raise TasksFailed(f"{len(failures)} of {len(calls)} probe(s) failed on the cluster: {'; '.join(failures)}. "
+                          f"The others finished in {run_dir}; rerun the command to probe them again")
+    return [r for key in calls for r in done[key]]
 
 
 def _task_list(stores: Sequence[FeatureStore], wanted: Sequence[str] | None) -> list[str]:

@@ -10,16 +10,20 @@ is reported by name, and the others still finish.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from .run import ProbeConfig, TaskFit, fit_task
-from .stores import align_tasks, open_stores
+from .stores import AlignedTask, align_tasks, open_stores
 from .train import pick_device
 
-__all__ = ["fit_remote", "fit_tasks"]
+__all__ = ["aligned_task", "fit_job", "fit_tasks", "map_jobs", "on_worker", "slim"]
+
+T = TypeVar("T")
+K = TypeVar("K")
 
 
 def _worker() -> tuple[str, int, int]:
@@ -35,36 +39,59 @@ def _worker() -> tuple[str, int, int]:
         return "this process", 0, torch.get_num_threads()
 
 
-def fit_remote(cfg: ProbeConfig, task: str) -> TaskFit:
-    """Runs on a worker: open the stores, align `task`, train and evaluate it; the fit without its data handles."""
+def on_worker(job: Callable[..., T], args: tuple, kwargs: dict[str, Any], device: str | None = None) -> T:
+    """Runs on a worker: ``job(*args, device=..., **kwargs)`` with torch on the worker's own thread count and
+    device (``device``, else worker k takes GPU k when there are GPUs); a failure comes back as one sentence
+    naming the worker."""
     where, index, threads = _worker()
     try:
         torch.set_num_threads(threads)
-        device = pick_device(cfg.device)
-        if device.type == "cuda" and cfg.device is None:
-            device = torch.device(f"cuda:{index % torch.cuda.device_count()}")  # worker k takes GPU k
-        stores = open_stores(cfg.stores, store_root=cfg.store_root, dataset=cfg.dataset,
-                             storage_options=cfg.storage_options)
-        fit = fit_task(align_tasks(stores, task), cfg, device=device)
+        torch_device = pick_device(device)
+        if torch_device.type == "cuda" and device is None:
+            torch_device = torch.device(f"cuda:{index % torch.cuda.device_count()}")
+        return job(*args, device=torch_device, **kwargs)
     except Exception as err:  # noqa: BLE001 - sent back as one sentence naming the worker
         raise RuntimeError(f"on {where}: {err}") from None
+
+
+def map_jobs(client: Any, job: Callable[..., T], calls: Mapping[K, tuple[tuple, dict]], *, device: str | None = None
+             ) -> Iterator[tuple[K, T | BaseException]]:
+    """``job(*args, **kwargs)`` for every ``key: (args, kwargs)`` of ``calls`` on the cluster (one dask task each);
+    yields (key, result) or (key, the worker's error) as each finishes. Leaving early cancels the rest."""
+    from distributed import as_completed
+
+    token = uuid.uuid4().hex[:8]
+    futures = {client.submit(on_worker, job, args, kwargs, device, pure=False, key=f"combo-{job.__name__}-{i}-{token}"): key
+               for i, (key, (args, kwargs)) in enumerate(calls.items())}
+    try:
+        for future in as_completed(list(futures), loop=client.loop):
+            key = futures[future]
+            try:
+                yield key, future.result()
+            except Exception as err:  # noqa: BLE001 - the caller reports it by its key
+                yield key, err
+    finally:
+        client.cancel(list(futures))
+
+
+def slim(fit: TaskFit) -> TaskFit:
+    """A fit to send back: the model on the CPU; store handles and closures stay on the worker."""
     fit.model.to("cpu")
-    fit.source = fit.prepare = None  # store handles and closures stay on the worker
+    fit.source = fit.prepare = None
     return fit
+
+
+def aligned_task(cfg: ProbeConfig, task: str) -> AlignedTask:
+    """The task as the worker reads it: its own handles on the stores `cfg` names (absolute paths or URLs)."""
+    stores = open_stores(cfg.stores, store_root=cfg.store_root, dataset=cfg.dataset, storage_options=cfg.storage_options)
+    return align_tasks(stores, task)
+
+
+def fit_job(cfg: ProbeConfig, task: str, *, device: torch.device, group_lambda: float | None = None) -> TaskFit:
+    """Train and evaluate one task (probe.run.fit_task) on a worker."""
+    return slim(fit_task(aligned_task(cfg, task), cfg, device=device, group_lambda=group_lambda))
 
 
 def fit_tasks(client: Any, cfg: ProbeConfig, tasks: Sequence[str]) -> Iterator[tuple[str, TaskFit | BaseException]]:
     """Train `tasks` on the cluster; yields (task, fit) or (task, the worker's error) as each finishes."""
-    from distributed import as_completed
-
-    futures = {client.submit(fit_remote, cfg, task, pure=False, key=f"combo-fit-{task}-{id(tasks)}"): task
-               for task in tasks}
-    try:
-        for future in as_completed(list(futures), loop=client.loop):
-            task = futures[future]
-            try:
-                yield task, future.result()
-            except Exception as err:  # noqa: BLE001 - the caller reports it by task name
-                yield task, err
-    finally:
-        client.cancel(list(futures))
+    return map_jobs(client, fit_job, {task: ((cfg, task), {}) for task in tasks}, device=cfg.device)

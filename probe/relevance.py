@@ -30,7 +30,7 @@ are told apart by their position in ``--stores`` ("clip#0", "clip#1").
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,8 @@ from .heldout import HELDOUT_REPEATS, chance_accuracy, descending_ranks, heldout
 from .results import markdown_table, new_run_dir, write_json, write_table
 from .progress import RunProgress
 from .runstate import DONE, RunState, new_state
-from .run import ProbeConfig, TaskFit, fit_task, run_config, save_fit, stores_dataset
+from .run import (ProbeConfig, TaskFit, TasksFailed, failed_message, fit_task, located_config, run_config, save_fit,
+                  stores_dataset)
 from .stores import AlignedTask, align_tasks, common_tasks, open_stores
 from .train import pick_device
 
@@ -317,11 +318,74 @@ def relevance_config(cfg: ProbeConfig) -> ProbeConfig:
     return replace(cfg, protocol=RELEVANCE_PROTOCOL)
 
 
+@dataclass
+class TaskRelevance:
+    """One task's penalised fit with what it says: s_k and held-out rows per backbone and per layer."""
+
+    fit: TaskFit
+    rows: list[dict[str, Any]]
+    layer_rows: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    warnings: list[str]
+
+
+def relevance_of_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, group_lambda: float,
+                      names: Sequence[str], layer_ids: Sequence[Sequence[int]], top_k: int = 1,
+                      heldout_repeats: int = HELDOUT_REPEATS, layer_heldout: bool = False, log: Log = None,
+                      progress: RunProgress | None = None) -> TaskRelevance:
+    """Train the penalised model on one task (``cfg`` already on the relevance protocol) and measure it."""
+    fit = fit_task(aligned, cfg, device=device, group_lambda=group_lambda, log=log, progress=progress,
+                   label=f"{aligned.name}: penalised")
+    model = fit.model
+    assert isinstance(model, ComboAdapter)
+    rows = importance_rows(aligned.name, model, names, group_lambda=group_lambda)
+    add_heldout(rows, fit, device=device, batch_size=cfg.eval_batch_size, repeats=heldout_repeats, seed=cfg.seed)
+    layer_rows = layer_importance_rows(aligned.name, model, names, layer_ids)
+    if layer_heldout:
+        add_layer_heldout(layer_rows, fit, device=device, batch_size=cfg.eval_batch_size, seed=cfg.seed)
+    metrics = {**fit.metrics, "group_lambda": group_lambda,
+               "penalty": float(relevance_penalty(model, group_lambda).detach().cpu()), "backbones": "+".join(names)}
+    return TaskRelevance(fit, rows, layer_rows, metrics, relevance_warnings(aligned.name, rows, top_k=top_k))
+
+
+def relevance_job(cfg: ProbeConfig, task: str, *, device: torch.device, **kwargs: Any) -> TaskRelevance:
+    """`relevance_of_task` on a dask worker (probe/fanout.py), the fit sent back without its data handles."""
+    from .fanout import aligned_task, slim
+
+    result = relevance_of_task(aligned_task(cfg, task), cfg, device=device, **kwargs)
+    result.fit = slim(result.fit)
+    return result
+
+
+def in_order(aligned_tasks: Sequence[AlignedTask], results: Iterator[tuple[str, Any]],
+             record: Callable[[AlignedTask, Any], None]) -> list[str]:
+    """Record results that arrive in any order in the planned order (files grow as a sequential run's would);
+    returns the failures, "task (error)", once every task has finished or failed."""
+    pending: dict[str, Any] = {}
+    failed: set[str] = set()
+    failures: list[str] = []
+    position = 0
+    for name, outcome in results:
+        if isinstance(outcome, BaseException):
+            failed.add(name)
+            failures.append(f"{name} ({outcome})")
+        else:
+            pending[name] = outcome
+        while position < len(aligned_tasks) and (aligned_tasks[position].name in pending
+                                                 or aligned_tasks[position].name in failed):
+            aligned = aligned_tasks[position]
+            if aligned.name in pending:
+                record(aligned, pending.pop(aligned.name))
+            position += 1
+    return failures
+
+
 def _relevance_pass(cfg: ProbeConfig, *, stores: Sequence[FeatureStore], aligned_tasks: Sequence[AlignedTask],
                     device: torch.device, group_lambda: float, run_dir: Path, config_doc: dict[str, Any],
                     metrics_stem: str, weights_prefix: str, log: Log, top_k: int = 1,
                     heldout_repeats: int = HELDOUT_REPEATS, layer_heldout: bool = False,
-                    progress: RunProgress | None = None, state: RunState | None = None) -> RelevanceRun:
+                    progress: RunProgress | None = None, state: RunState | None = None,
+                    client: Any = None) -> RelevanceRun:
     cfg = relevance_config(cfg)
     names = backbone_names(stores)
     layer_ids = [_layer_ids(s) for s in stores]
@@ -330,28 +394,17 @@ def _relevance_pass(cfg: ProbeConfig, *, stores: Sequence[FeatureStore], aligned
     metrics: list[dict[str, Any]] = []
     fits: list[TaskFit] = []
     warnings: list[str] = []
-    for aligned in aligned_tasks:
-        fit = fit_task(aligned, cfg, device=device, group_lambda=group_lambda, log=log, progress=progress,
-                       label=f"{aligned.name}: penalised")
-        model = fit.model
-        assert isinstance(model, ComboAdapter)
-        save_fit(run_dir, fit, aligned, prefix=weights_prefix)
-        rows = importance_rows(aligned.name, model, names, group_lambda=group_lambda)
-        add_heldout(rows, fit, device=device, batch_size=cfg.eval_batch_size, repeats=heldout_repeats, seed=cfg.seed)
-        task_warnings = relevance_warnings(aligned.name, rows, top_k=top_k)
-        warnings += task_warnings
+
+    def record(aligned: AlignedTask, result: TaskRelevance) -> None:
+        fits.append(result.fit)
+        save_fit(run_dir, result.fit, aligned, prefix=weights_prefix)
+        warnings.extend(result.warnings)
         config_doc["warnings"] = warnings
-        importances += rows
-        layer_rows = layer_importance_rows(aligned.name, model, names, layer_ids)
-        if layer_heldout:
-            add_layer_heldout(layer_rows, fit, device=device, batch_size=cfg.eval_batch_size, seed=cfg.seed)
-        layers += layer_rows
-        metrics.append({**fit.metrics, "group_lambda": group_lambda,
-                        "penalty": float(relevance_penalty(model, group_lambda).detach().cpu()),
-                        "backbones": "+".join(names)})
-        fits.append(fit)
+        importances.extend(result.rows)
+        layers.extend(result.layer_rows)
+        metrics.append(result.metrics)
         config_doc.setdefault("tasks", {})[aligned.name] = {
-            "model": fit.model_config, "classes": aligned.classes, "grids": [list(g) for g in aligned.grids]}
+            "model": result.fit.model_config, "classes": aligned.classes, "grids": [list(g) for g in aligned.grids]}
         write_json(run_dir / "config.json", config_doc)
         # rewritten after each task: a crash keeps the finished ones
         write_table(importances, run_dir / "relevance")
@@ -361,14 +414,44 @@ def _relevance_pass(cfg: ProbeConfig, *, stores: Sequence[FeatureStore], aligned
             state.tasks[aligned.name] = DONE
             state.save(run_dir)
         if log:
-            ranked = sorted(rows, key=lambda r: r["rank"])
+            ranked = sorted(result.rows, key=lambda r: r["rank"])
             log(f"{aligned.name}: " + ", ".join(
                 f"{r['backbone']} {r['importance_normalised']:.2f} (held-out drop {100 * r['heldout_drop']:+.1f} pts)"
                 for r in ranked))
-            for text in task_warnings:
+            for text in result.warnings:
                 log(f"warning: {text}")
+
+    options = dict(group_lambda=group_lambda, names=names, layer_ids=layer_ids, top_k=top_k,
+                   heldout_repeats=heldout_repeats, layer_heldout=layer_heldout)
+    if client is None:
+        for aligned in aligned_tasks:
+            record(aligned, relevance_of_task(aligned, cfg, device=device, log=log, progress=progress, **options))
+    else:
+        from .fanout import map_jobs
+
+        remote = located_config(cfg, stores)
+        results = map_jobs(client, relevance_job, {a.name: ((remote, a.name), options) for a in aligned_tasks},
+                           device=cfg.device)
+        failures = in_order(aligned_tasks, _announced(results, progress, "penalised"), record)
+        if failures:
+            if state is not None:
+                for text in failures:
+                    state.tasks[text.split(" (", 1)[0]] = "failed"
+                state.save(run_dir)
+            raise TasksFailed(failed_message(failures, len(aligned_tasks), run_dir, resumable=False))
     return RelevanceRun(run_dir=run_dir, backbones=names, importances=importances, layer_importances=layers,
                         metrics=metrics, fits=fits, warnings=warnings)
+
+
+def _announced(results: Iterator[tuple[str, Any]], progress: RunProgress | None, what: str) -> Iterator[tuple[str, Any]]:
+    """Tell the progress display about each fit finished on the cluster (its steps ran there)."""
+    for name, outcome in results:
+        if progress and not isinstance(outcome, BaseException):
+            fit = outcome.fit if isinstance(outcome, TaskRelevance) else outcome
+            label = f"{name}: {what}"
+            progress.start(label, steps=fit.metrics["steps"])
+            progress.finish(label, summary=f"{100 * fit.metrics['accuracy']:.1f}% on {fit.metrics['n']} {fit.metrics['split']}")
+        yield name, outcome
 
 
 def _config_doc(cfg: ProbeConfig, stores: Sequence[FeatureStore], device: torch.device, *, kind: str,
@@ -393,11 +476,12 @@ def _warnings_md(warnings: Sequence[str]) -> str:
 
 def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log: Log = None,
                   run_dir: Path | None = None, heldout_repeats: int = HELDOUT_REPEATS,
-                  layer_heldout: bool = False, progress: RunProgress | None = None) -> RelevanceRun:
+                  layer_heldout: bool = False, progress: RunProgress | None = None, client: Any = None) -> RelevanceRun:
     """Train ComBo once per task with the group penalty on the dev protocol's training split and write
     relevance.csv (s_k and the held-out drop), layer_relevance.csv and the penalised model's metrics.csv on
     the held-out split (kind "relevance" in config.json). The test split is never read. ``layer_heldout`` adds
-    each layer's held-out drop to layer_relevance.csv (one evaluation per layer of every backbone)."""
+    each layer's held-out drop to layer_relevance.csv (one evaluation per layer of every backbone). ``client`` (a
+    connected `distributed.Client`) trains the tasks on its workers (probe/fanout.py); the folder is the same."""
     if group_lambda < 0:
         raise ValueError(f"--lambda must be >= 0, got {group_lambda}")
     device, stores, aligned_tasks = _open(cfg)
@@ -411,7 +495,8 @@ def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log
         progress.plan(len(aligned_tasks))
     run = _relevance_pass(cfg, stores=stores, aligned_tasks=aligned_tasks, device=device, group_lambda=group_lambda,
                           run_dir=run_dir, config_doc=doc, metrics_stem="metrics", weights_prefix="", log=log,
-                          heldout_repeats=heldout_repeats, layer_heldout=layer_heldout, progress=progress, state=state)
+                          heldout_repeats=heldout_repeats, layer_heldout=layer_heldout, progress=progress, state=state,
+                          client=client)
     title = (f"ComBo with group penalty (lambda={group_lambda:g}) on {' + '.join(names)} ({stores_dataset(stores)}, "
              f"protocol {RELEVANCE_PROTOCOL}: held-out accuracy)")
     text = markdown_table(run.metrics, title=title, vtab=_is_vtab(stores, run.metrics)) + _warnings_md(run.warnings)
@@ -423,7 +508,7 @@ def run_relevance(cfg: ProbeConfig, *, group_lambda: float = DEFAULT_LAMBDA, log
 
 def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float = DEFAULT_LAMBDA, log: Log = None,
                run_dir: Path | None = None, heldout_repeats: int = HELDOUT_REPEATS,
-               layer_heldout: bool = False, progress: RunProgress | None = None) -> SelectRun:
+               layer_heldout: bool = False, progress: RunProgress | None = None, client: Any = None) -> SelectRun:
     """Relevance run, then per task keep the backbones ``select`` names and retrain ComBo on them without the
     penalty. ``select``: "top-K" (e.g. "top-2") or a threshold on normalised importance ("0.2", "ge0.2", ">=0.2").
 
@@ -451,29 +536,29 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
                                 group_lambda=group_lambda, run_dir=run_dir, config_doc=doc,
                                 metrics_stem="penalised_metrics", weights_prefix="penalised-", log=log,
                                 top_k=selection.top_k or 1, heldout_repeats=heldout_repeats,
-                                layer_heldout=layer_heldout, progress=progress)
+                                layer_heldout=layer_heldout, progress=progress, client=client)
     chosen: dict[str, list[str]] = {}
     selection_rows: list[dict[str, Any]] = []
     metrics: list[dict[str, Any]] = []
     comparison: list[dict[str, Any]] = []
     fits: list[TaskFit] = []
     penalised = {m["task"]: m for m in relevance.metrics}
+    subsets: dict[str, tuple[list[int], ProbeConfig, AlignedTask]] = {}
     for aligned in aligned_tasks:
         rows = [r for r in relevance.importances if r["task"] == aligned.name]
         keep = choose_backbones(rows, selection)
-        kept_names = [names[k] for k in keep]
-        chosen[aligned.name] = kept_names
+        chosen[aligned.name] = [names[k] for k in keep]
         for r in rows:
             selection_rows.append({"task": aligned.name, "backbone": r["backbone"], "store_index": r["store_index"],
                                    "importance_normalised": r["importance_normalised"], "rank": r["rank"],
                                    "heldout_drop": r["heldout_drop"], "heldout_rank": r["heldout_rank"],
                                    "by": selection.by, "selected": r["store_index"] in keep})
-        subset_cfg = replace(cfg, stores=tuple(cfg.stores[k] for k in keep), group_lambda=0.0)
-        subset = align_tasks([stores[k] for k in keep], aligned.name)
-        if log:
-            log(f"{aligned.name}: retraining without the penalty on {', '.join(kept_names)} ({selection.describe()})")
-        fit = fit_task(subset, subset_cfg, device=device, group_lambda=0.0, log=log, progress=progress,
-                       label=f"{aligned.name}: retrain on {'+'.join(kept_names)}")
+        subsets[aligned.name] = (keep, replace(cfg, stores=tuple(cfg.stores[k] for k in keep), group_lambda=0.0),
+                                 align_tasks([stores[k] for k in keep], aligned.name))
+
+    def record(aligned: AlignedTask, fit: TaskFit) -> None:
+        keep, _, subset = subsets[aligned.name]
+        kept_names = chosen[aligned.name]
         save_fit(run_dir, fit, subset)
         metrics.append({**fit.metrics, "backbones": "+".join(kept_names), "num_backbones": len(keep)})
         comparison.append({
@@ -491,6 +576,27 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
         write_table(comparison, run_dir / "comparison")
         state.tasks[aligned.name] = DONE
         state.save(run_dir)
+
+    if client is None:
+        for aligned in aligned_tasks:
+            _, subset_cfg, subset = subsets[aligned.name]
+            kept_names = chosen[aligned.name]
+            if log:
+                log(f"{aligned.name}: retraining without the penalty on {', '.join(kept_names)} ({selection.describe()})")
+            record(aligned, fit_task(subset, subset_cfg, device=device, group_lambda=0.0, log=log, progress=progress,
+                                     label=f"{aligned.name}: retrain on {'+'.join(kept_names)}"))
+    else:
+        from .fanout import fit_job, map_jobs
+
+        calls = {a.name: ((located_config(subsets[a.name][1], [stores[k] for k in subsets[a.name][0]]), a.name),
+                          {"group_lambda": 0.0}) for a in aligned_tasks}
+        results = _announced(map_jobs(client, fit_job, calls, device=cfg.device), progress, "retrain")
+        failures = in_order(aligned_tasks, results, record)
+        if failures:
+            for text in failures:
+                state.tasks[text.split(" (", 1)[0]] = "failed"
+            state.save(run_dir)
+            raise TasksFailed(failed_message(failures, len(aligned_tasks), run_dir, resumable=False))
     vtab = _is_vtab(stores, metrics)
     title = f"ComBo on the backbones chosen by relevance ({selection.describe()}) ({stores_dataset(stores)}, protocol {cfg.protocol})"
     text = markdown_table(metrics, title=title, vtab=vtab)

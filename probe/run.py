@@ -451,9 +451,7 @@ def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run
         fits.append(fit)
 
     if client is not None:
-        # the workers open the stores this process opened, by absolute path or URL (not by short name or relative path)
-        located = tuple(s.url if is_url(s.url) else os.path.abspath(s.url) for s in stores)
-        _fit_on_cluster(client, replace(cfg, stores=located, store_root=None), todo, record, state=state, run_dir=run_dir,
+        _fit_on_cluster(client, located_config(cfg, stores), todo, record, state=state, run_dir=run_dir,
                         planned=planned, progress=progress)
     for aligned in todo if client is None else []:
         try:
@@ -481,6 +479,20 @@ def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run
 
 class TasksFailed(RuntimeError):
     """Some tasks of a run failed on the cluster; the others finished and are in the run folder."""
+
+
+def failed_message(failures: Sequence[str], total: int, run_dir: Path, *, resumable: bool = True) -> str:
+    again = (f"rerun the same command (or --resume {run_dir}) to train the failed ones again" if resumable
+             else "rerun the command to train them again")
+    return (f"{len(failures)} of {total} task(s) failed on the cluster: {'; '.join(failures)}. "
+            f"The other tasks finished in {run_dir}; {again}")
+
+
+def located_config(cfg: ProbeConfig, stores: Sequence[FeatureStore]) -> ProbeConfig:
+    """`cfg` naming the stores this process opened by absolute path or URL, as workers elsewhere must open them
+    (not by short name under a store root, nor by a path relative to this process's folder)."""
+    located = tuple(s.url if is_url(s.url) else os.path.abspath(s.url) for s in stores)
+    return replace(cfg, stores=located, store_root=None)
 
 
 def _fit_on_cluster(client: Any, cfg: ProbeConfig, todo: Sequence[AlignedTask], record: Callable[[AlignedTask, TaskFit], None],
@@ -511,9 +523,7 @@ def _fit_on_cluster(client: Any, cfg: ProbeConfig, todo: Sequence[AlignedTask], 
         state.save(run_dir)
         raise RunInterrupted(run_dir, len(state.done), len(planned)) from None
     if failures:
-        raise TasksFailed(f"{len(failures)} of {len(todo)} task(s) failed on the cluster: {'; '.join(failures)}. "
-                          f"The other tasks finished in {run_dir}; rerun the same command (or --resume {run_dir}) "
-                          "to train the failed ones again")
+        raise TasksFailed(failed_message(failures, len(todo), run_dir))
 
 
 def stores_dataset(stores: Sequence[FeatureStore]) -> str:

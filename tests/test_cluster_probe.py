@@ -20,20 +20,29 @@ from storefactory import vtab_like_splits, write_store  # noqa: E402
 TASKS = ("alpha", "beta", "gamma")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """One store, three learnable tasks (the label is a bright token whose position is the class)."""
-    path = tmp_path_factory.mktemp("stores") / "synthetic.zarr"
+def make_store(path: Path, *, alias: str, signal: float, seed: int) -> Path:
+    """Three learnable tasks (the label is a bright token whose position is the class), `signal` its brightness."""
     n_train, n_val, n_test = 24, 8, 16
     n = n_train + n_val + n_test
     for k, task in enumerate(TASKS):
-        rng = np.random.default_rng(k)
-        labels = rng.integers(0, 3, n)
+        rng = np.random.default_rng(100 * seed + k)
+        labels = np.random.default_rng(k).integers(0, 3, n)  # the same labels in every store
         tokens = rng.normal(size=(n, 2, 4, 8)).astype(np.float32)
-        tokens[np.arange(n), :, labels] += 3.0
+        tokens[np.arange(n), :, labels] += signal
         write_store(path, tokens=tokens, labels=labels.tolist(), splits=vtab_like_splits(n_train, n_val, n_test),
-                    grid=(2, 2), task=task, num_classes=3)
+                    grid=(2, 2), task=task, num_classes=3, alias=alias)
     return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return make_store(tmp_path_factory.mktemp("stores") / "synthetic.zarr", alias="synthetic", signal=3.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def weak(tmp_path_factory) -> Path:
+    """A second backbone whose features carry less of the answer (for relevance and atlas)."""
+    return make_store(tmp_path_factory.mktemp("weak") / "weak.zarr", alias="weak", signal=0.5, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +94,53 @@ def test_a_failed_task_is_named_and_the_others_finish(store, client, tmp_path):
     assert (run_dir / "adapter-alpha.safetensors").exists() and (run_dir / "adapter-gamma.safetensors").exists()
 
 
+def _table(path: Path, drop: tuple[str, ...] = ("train_seconds", "seconds")) -> list[dict]:
+    """A run table without its timing columns (the only ones a cluster run may change)."""
+    import csv
+
+    with open(path) as handle:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(handle)]
+
+
+def test_select_on_the_cluster_equals_the_sequential_run(store, weak, client, tmp_path):
+    from probe.relevance import run_select
+
+    cfg = replace(config(store, tmp_path / "seq"), stores=(str(store), str(weak)))
+    sequential = run_select(cfg, select="top-1", group_lambda=0.01)
+    clustered = run_select(replace(cfg, out=str(tmp_path / "dask")), select="top-1", group_lambda=0.01, client=client)
+    assert clustered.chosen == sequential.chosen
+    for name in ("relevance.csv", "layer_relevance.csv", "penalised_metrics.csv", "selection.csv", "metrics.csv",
+                 "comparison.csv"):
+        assert _table(clustered.run_dir / name) == _table(sequential.run_dir / name), name
+    for task in TASKS:
+        for prefix in ("", "penalised-"):
+            a = load_file(str(sequential.run_dir / f"{prefix}adapter-{task}.safetensors"))
+            b = load_file(str(clustered.run_dir / f"{prefix}adapter-{task}.safetensors"))
+            for name in a:
+                np.testing.assert_array_equal(a[name], b[name], err_msg=f"{prefix}{task}: {name}")
+    assert json.loads((clustered.run_dir / "state.json").read_text())["complete"]
+
+
+def test_atlas_on_the_cluster_equals_the_sequential_run(store, weak, client, tmp_path):
+    from probe.atlas import run_atlas
+
+    kwargs = dict(dataset="synthetic", steps=20, batch_size=8, figures=False, poolings="mean")
+    sequential = run_atlas([store, weak], out=tmp_path / "seq", **kwargs)
+    clustered = run_atlas([store, weak], out=tmp_path / "dask", client=client, **kwargs)
+    assert len(clustered.rows) == 2 * 2 * len(TASKS)  # 2 backbones x 2 layers x 3 tasks, mean pooling
+    assert _table(clustered.run_dir / "atlas.csv") == _table(sequential.run_dir / "atlas.csv")
+    assert _table(clustered.run_dir / "atlas_best.csv") == _table(sequential.run_dir / "atlas_best.csv")
+
+
 def test_cluster_options_on_the_command_line(store, tmp_path):
     from typer.testing import CliRunner
 
     from combo.cli import app
 
-    result = CliRunner().invoke(app, ["probe", "--stores", str(store), "--dataset", "synthetic", "--select", "top-1",
-                                      "--workers", "2", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "not with --select yet" in result.output
+    for command in (["probe"], ["relevance"], ["atlas"]):
+        result = CliRunner().invoke(app, [*command, "--stores", str(store), "--dataset", "synthetic", "--workers", "2",
+                                          "--scheduler", "tcp://127.0.0.1:9", "--out", str(tmp_path)])
+        assert result.exit_code == 2 and "not both" in result.output, (command, result.output)
     assert not any(tmp_path.iterdir())
 
 
