@@ -35,7 +35,7 @@ from .backbones import Backbone, load_backbone, pick_device
 from .datasets import TaskPlan
 from .pipeline import ExtractConfig, ShardAssembler, _fit_pca, forward_batches
 
-__all__ = ["ClusterRunner", "WorkerError", "shard_jobs", "worker_threads"]
+__all__ = ["ClusterRunner", "WorkerError", "shard_jobs"]
 
 
 class WorkerError(RuntimeError):
@@ -47,41 +47,34 @@ class WorkerError(RuntimeError):
 _BACKBONE: dict[str, tuple[Backbone, torch.device]] = {}  # one model per worker process, kept between tasks
 
 
-def _worker_name() -> str | None:
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().name)
-    except (ImportError, ValueError):
-        return None
-
-
-def _where() -> str:
+def _worker() -> tuple[str, int, int]:
+    """Where this runs (for messages), its index among the cluster's workers (for picking a GPU) and its
+    thread count (torch uses as many)."""
     try:
         from distributed import get_worker
 
         worker = get_worker()
-        return f"dask worker {worker.name} ({worker.address})"
+        name = str(worker.name)
+        return f"dask worker {name} ({worker.address})", int(name) if name.isdigit() else 0, int(worker.state.nthreads)
     except (ImportError, ValueError):
-        return "this process"
+        return "this process", 0, torch.get_num_threads()
 
 
-def _worker_device(cfg: ExtractConfig) -> torch.device:
-    """`--device` when given; else worker k of a local cluster takes GPU k (mod the GPUs it sees), or the CPU."""
+def _worker_device(cfg: ExtractConfig, index: int) -> torch.device:
+    """`--device` when given; else worker k takes GPU k (mod the GPUs it sees), or the CPU."""
     if cfg.device is not None or not torch.cuda.is_available():
         return pick_device(cfg.device)
-    name = _worker_name()
-    index = int(name) if name is not None and name.isdigit() else 0
     return torch.device(f"cuda:{index % torch.cuda.device_count()}")
 
 
-def _worker_backbone(cfg: ExtractConfig, threads: int) -> tuple[Backbone, torch.device]:
+def _worker_backbone(cfg: ExtractConfig) -> tuple[Backbone, torch.device]:
     key = json.dumps([cfg.model, cfg.image_size, cfg.random_init, cfg.weights, cfg.seed, cfg.model_kwargs],
                      sort_keys=True, default=str)
     if key not in _BACKBONE:
         _BACKBONE.clear()  # another run's model: free it first
+        _, index, threads = _worker()
         torch.set_num_threads(threads)
-        device = _worker_device(cfg)
+        device = _worker_device(cfg, index)
         backbone = load_backbone(cfg.model, image_size=cfg.image_size, random_init=cfg.random_init,
                                  weights=cfg.weights, seed=cfg.seed, model_kwargs=cfg.model_kwargs)
         backbone.model.to(device)
@@ -92,7 +85,7 @@ def _worker_backbone(cfg: ExtractConfig, threads: int) -> tuple[Backbone, torch.
 def _located(err: Exception) -> Exception:
     """`err` with the worker named in its message, of the same type where that type takes one message
     (so the client reports it as it would a local failure)."""
-    text = f"on {_where()}: {err}"
+    text = f"on {_worker()[0]}: {err}"
     try:
         located = type(err)(text)
     except Exception:  # noqa: BLE001 - a type with another signature
@@ -100,12 +93,11 @@ def _located(err: Exception) -> Exception:
     return located
 
 
-def write_shards(cfg: ExtractConfig, store: str, task: str, blocks: list[int], plan: TaskPlan,
-                 threads: int = 1) -> list[dict[str, Any]]:
+def write_shards(cfg: ExtractConfig, store: str, task: str, blocks: list[int], plan: TaskPlan) -> list[dict[str, Any]]:
     """Runs on a worker: the backbone over `blocks` of `task` (store row order `plan`), each shard written
     into the store at `store`; returns their journal entries for the client to record."""
     try:
-        backbone, device = _worker_backbone(cfg, threads)
+        backbone, device = _worker_backbone(cfg)
         shards = ShardWriter.open(store, task)
         assembler = ShardAssembler(shards.blocks, blocks, backbone, plan, np.dtype(shards.layout.dtype))
         entries = []
@@ -118,10 +110,10 @@ def write_shards(cfg: ExtractConfig, store: str, task: str, blocks: list[int], p
         raise _located(err) from None
 
 
-def fit_pca(cfg: ExtractConfig, plan: TaskPlan, components: int, threads: int = 1) -> tuple[PcaBasis, dict[str, Any]]:
+def fit_pca(cfg: ExtractConfig, plan: TaskPlan, components: int) -> tuple[PcaBasis, dict[str, Any]]:
     """Runs on a worker: the PCA fit of `--compact pca:R` (extract.pipeline._fit_pca) on that worker's device."""
     try:
-        backbone, device = _worker_backbone(cfg, threads)
+        backbone, device = _worker_backbone(cfg)
         return _fit_pca(cfg, backbone, plan, components, device=device, progress=None, num_workers=0)
     except Exception as err:  # noqa: BLE001 - re-raised, with the worker named
         raise _located(err) from None
@@ -142,19 +134,12 @@ def shard_jobs(pending: list[int], blocks: list[range], batch_size: int) -> list
     return jobs
 
 
-def worker_threads(client: Any) -> int:
-    """Torch threads for a task on this cluster: the fewest threads a worker has (1 on combo's local clusters)."""
-    workers = client.scheduler_info().get("workers", {}) or {}
-    return max(1, min((int(w.get("nthreads") or 1) for w in workers.values()), default=1))
-
-
 class ClusterRunner:
     """The client's side: submits shard jobs to a dask.distributed `client`, journals what comes back,
     reports the first failure (combo/cluster.py connects the client)."""
 
     def __init__(self, client: Any):
         self.client = client
-        self.threads = worker_threads(client)
 
     def run_blocks(self, cfg: ExtractConfig, task_writer: TaskWriter, plan: TaskPlan, pending: list[int], *,
                    advance: Callable[[int], None] | None = None) -> int:
@@ -166,7 +151,7 @@ class ClusterRunner:
             return 0
         shared = self.client.scatter(plan, broadcast=False, hash=False)
         store = str(task_writer.store.path)
-        futures = [self.client.submit(write_shards, cfg, store, plan.task, job, shared, self.threads,
+        futures = [self.client.submit(write_shards, cfg, store, plan.task, job, shared,
                                       pure=False, key=f"combo-shards-{plan.task}-{job[0]}-{os.getpid()}-{id(jobs)}")
                    for job in jobs]
         images = 0
@@ -184,5 +169,5 @@ class ClusterRunner:
         return images
 
     def fit_pca(self, cfg: ExtractConfig, plan: TaskPlan, components: int) -> tuple[PcaBasis, dict[str, Any]]:
-        future = self.client.submit(fit_pca, cfg, plan, components, self.threads, pure=False)
+        future = self.client.submit(fit_pca, cfg, plan, components, pure=False)
         return future.result()
