@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 CODES = "codes"
 TOKEN_SCALE = "token_scale"
@@ -263,14 +264,22 @@ def encode(x: np.ndarray, spec: CompactSpec, basis: PcaBasis | None = None, *, w
     if spec.pca is not None and basis is None:
         raise ValueError("encode: a PCA encoding needs the task's fitted basis")
     workers = min(x.shape[1], workers or _cpus())
-    if workers <= 1 or x.shape[1] == 1:
-        return _encode(x, spec, basis)
-    from concurrent.futures import ThreadPoolExecutor
+    with one_blas_thread():
+        if workers <= 1 or x.shape[1] == 1:
+            return _encode(x, spec, basis)
+        from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="combo-encode") as pool:
-        parts = list(pool.map(lambda l: _encode(x[:, l : l + 1], spec, None if basis is None else basis.select([l])),
-                              range(x.shape[1])))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="combo-encode") as pool:
+            parts = list(pool.map(lambda l: _encode(x[:, l : l + 1], spec, None if basis is None else basis.select([l])),
+                                  range(x.shape[1])))
     return [np.concatenate([p[i] for p in parts], axis=1) for i in range(len(parts[0]))]
+
+
+def one_blas_thread():
+    """numpy's BLAS on one thread: its sums (PCA fit, projection) then come out the same bits whatever the
+    machine's or the process's thread count (a dask worker runs 1, a laptop 8), so a compact store's bytes
+    depend on its inputs alone. Encoding still uses every CPU, one layer per thread."""
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _cpus() -> int:
@@ -333,10 +342,11 @@ class PcaFit:
             return
         u = standardise(x, map_stats(x))
         n, num_layers, t, d = u.shape
-        for layer in range(num_layers):
-            flat = u[:, layer].reshape(n * t, d)
-            self.sum[layer] += flat.sum(axis=0, dtype=np.float64)
-            self.outer[layer] += (flat.T @ flat).astype(np.float64)
+        with one_blas_thread():  # the same bits on any machine (see one_blas_thread)
+            for layer in range(num_layers):
+                flat = u[:, layer].reshape(n * t, d)
+                self.sum[layer] += flat.sum(axis=0, dtype=np.float64)
+                self.outer[layer] += (flat.T @ flat).astype(np.float64)
         self.count += n * t
         self.rows += n
 
@@ -350,7 +360,8 @@ class PcaFit:
         comps = np.empty((self.sum.shape[0], d, components), dtype=np.float32)
         for layer in range(self.sum.shape[0]):
             cov = self.outer[layer] / self.count - np.outer(mean[layer], mean[layer])
-            values, vectors = np.linalg.eigh((cov + cov.T) / 2)
+            with one_blas_thread():
+                values, vectors = np.linalg.eigh((cov + cov.T) / 2)
             top = vectors[:, np.argsort(values)[::-1][:components]]
             # a fixed sign per direction (largest entry positive), so the basis is reproducible
             signs = np.sign(top[np.abs(top).argmax(axis=0), np.arange(components)])

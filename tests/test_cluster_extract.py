@@ -79,6 +79,15 @@ def test_cluster_store_equals_single_process_store(vtab, reference, cluster, tmp
     assert not (result.store / "eurosat" / ".journal.jsonl").exists()
 
 
+def test_compact_extraction_on_the_cluster_equals_one_process(vtab, cluster, tmp_path):
+    """--compact pca:R,int8: the PCA fit runs on a worker too, and the encoded store is the same."""
+    _, client = cluster
+    single = extract(config(vtab, tmp_path / "single", compact="pca:16,int8"))
+    clustered = extract(config(vtab, tmp_path / "dask", compact="pca:16,int8"), client=client)
+    assert clustered.store.name == "vtab-pca16-int8.zarr" and validate_store(clustered.store).ok
+    assert data_objects(clustered.store) == data_objects(single.store)
+
+
 def test_worker_killed_mid_run_ends_in_the_same_store(vtab, reference, cluster, tmp_path):
     local, client = cluster
     pids = client.run(os.getpid)  # worker address -> pid
