@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,32 @@ def test_a_worker_failure_is_reported_with_its_message(tmp_path, cluster):
         extract(config(root, tmp_path / "out"), client=client)
     message = str(err.value)
     assert message.startswith("on dask worker ") and "task eurosat, sample" in message and "--skip-bad" in message
+
+
+def test_a_worker_without_the_weights_fails_the_run_with_its_message(vtab, cluster, tmp_path):
+    """The client loads the weights file, then it is gone before any worker loads it: the run stops with the
+    worker's own error (naming the worker and the file), it does not hang."""
+    import timm
+    from safetensors.torch import save_file
+
+    from extract.backbones import WeightsUnavailableError
+
+    _, client = cluster
+    weights = tmp_path / "tiny.safetensors"
+    model = timm.create_model(MODEL, pretrained=False, img_size=SIZE)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+
+    def progress(task, total):  # called once the client has loaded the model, before any shard is sent out
+        weights.unlink(missing_ok=True)
+        return lambda n: None
+
+    cfg = replace(config(vtab, tmp_path / "out"), random_init=False, weights=str(weights))
+    started = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as err:
+        extract(cfg, client=client, progress=progress)
+    assert time.monotonic() - started < 120
+    message = str(err.value)
+    assert message.startswith("on dask worker ") and "tiny.safetensors" in message, message
 
 
 def test_unreachable_scheduler_fails_fast_and_writes_nothing(vtab, tmp_path):
