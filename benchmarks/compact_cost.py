@@ -28,7 +28,7 @@ Columns (a compact row is always compared with the float16 store of the same tas
 - ``steps/s ratio``: training steps/s of the compact store / float16 store, median over seeds of the paired
   ratios (the timing includes reading the split into the cache once; 2 shared cores: noisy).
 
-    python benchmarks/compact_cost.py                       # ~10-15 min on 2 CPU cores
+    python benchmarks/compact_cost.py                       # ~50 min on 2 CPU cores (1500-step probes, 5 seeds)
     python benchmarks/compact_cost.py --quick               # ~2 min smoke test (2 seeds, 100 steps, small tests)
     python benchmarks/compact_cost.py --formats int8,pca:16 --tasks position --seeds 5 --workdir /tmp/cc
 """
@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FP16 = "fp16"
 TASKS = ("digits", "position", "count")
-DEFAULT_FORMATS = "int8,pca:8,pca:16,pca:32,pca:16+int8"  # '+' joins the parts of one format (',' splits formats)
+DEFAULT_FORMATS = "int8,pca:32+int8,pca:64+int8"  # '+' joins the parts of one format (',' splits formats)
 FP16_LIMIT = 60000.0
 
 
@@ -292,7 +292,7 @@ def map_errors(store: Path, reference: Path, rows_wanted: int, drop_top: int) ->
 
 # ------------------------------------------------------------------------------------------ sizes at ViT-B geometry
 
-GEOMETRY_FORMATS = ("int8", "pca:64", "pca:128", "pca:128+int8", "pca:64+int8")
+GEOMETRY_FORMATS = ("int8", "pca:128", "pca:128+int8", "pca:256", "pca:256+int8")
 
 
 def geometry_sizes(args: argparse.Namespace, work: Path) -> str:
@@ -401,7 +401,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--formats", default=None, help=f"comma list; '+' joins parts of one (default {DEFAULT_FORMATS})")
     parser.add_argument("--features", default="clean,outliers", help="clean, outliers or both")
     parser.add_argument("--seeds", type=int, default=None, help="probe seeds 0..S-1 (default 5; --quick 2)")
-    parser.add_argument("--steps", type=int, default=None, help="probe steps (default 300; --quick 100)")
+    parser.add_argument("--steps", type=int, default=None, help="probe steps (default 1500; --quick 100)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=32, help="adapter width (the paper's 128 is slow on 2 cores)")
     parser.add_argument("--adapter-depth", type=int, default=1)
@@ -427,7 +427,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="images for the sizes at ViT-B geometry (0: skip that table)")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (2 if args.quick else 5)
-    args.steps = args.steps or (100 if args.quick else 300)
+    args.steps = args.steps or (100 if args.quick else 1500)
     args.test = args.test or (300 if args.quick else 2000)
     if args.quick and args.train == 800:
         args.train, args.val = 400, 100
