@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,9 @@ class WorkerError(RuntimeError):
 # ------------------------------------------------------------------------------------------ on a worker
 
 _BACKBONE: dict[str, tuple[Backbone, torch.device]] = {}  # one model per worker process, kept between tasks
+# One job at a time per worker process: a worker with several threads would otherwise run two jobs on the one
+# model at once (its block hooks would collect both). Torch uses the worker's threads inside each job instead.
+_ONE_JOB = threading.Lock()
 
 
 def _worker() -> tuple[str, int, int]:
@@ -97,24 +101,30 @@ def write_shards(cfg: ExtractConfig, store: str, task: str, blocks: list[int], p
     """Runs on a worker: the backbone over `blocks` of `task` (store row order `plan`), each shard written
     into the store at `store`; returns their journal entries for the client to record."""
     try:
-        backbone, device = _worker_backbone(cfg)
-        shards = ShardWriter.open(store, task)
-        assembler = ShardAssembler(shards.blocks, blocks, backbone, plan, np.dtype(shards.layout.dtype))
-        entries = []
-        # no DataLoader worker processes: a dask worker is a daemon process, which may not have children
-        for batch in forward_batches(cfg, backbone, plan, assembler.rows(), device=device, num_workers=0):
-            for shard in assembler.add(batch):
-                entries.append(shards.write(shard.block, shard.tokens, shard.prefix, skipped=shard.skipped))
-        return entries
+        with _ONE_JOB:
+            return _write_shards(cfg, store, task, blocks, plan)
     except Exception as err:  # noqa: BLE001 - re-raised, with the worker named
         raise _located(err) from None
+
+
+def _write_shards(cfg: ExtractConfig, store: str, task: str, blocks: list[int], plan: TaskPlan) -> list[dict[str, Any]]:
+    backbone, device = _worker_backbone(cfg)
+    shards = ShardWriter.open(store, task)
+    assembler = ShardAssembler(shards.blocks, blocks, backbone, plan, np.dtype(shards.layout.dtype))
+    entries = []
+    # no DataLoader worker processes: a dask worker is a daemon process, which may not have children
+    for batch in forward_batches(cfg, backbone, plan, assembler.rows(), device=device, num_workers=0):
+        for shard in assembler.add(batch):
+            entries.append(shards.write(shard.block, shard.tokens, shard.prefix, skipped=shard.skipped))
+    return entries
 
 
 def fit_pca(cfg: ExtractConfig, plan: TaskPlan, components: int) -> tuple[PcaBasis, dict[str, Any]]:
     """Runs on a worker: the PCA fit of `--compact pca:R` (extract.pipeline._fit_pca) on that worker's device."""
     try:
-        backbone, device = _worker_backbone(cfg)
-        return _fit_pca(cfg, backbone, plan, components, device=device, progress=None, num_workers=0)
+        with _ONE_JOB:
+            backbone, device = _worker_backbone(cfg)
+            return _fit_pca(cfg, backbone, plan, components, device=device, progress=None, num_workers=0)
     except Exception as err:  # noqa: BLE001 - re-raised, with the worker named
         raise _located(err) from None
 

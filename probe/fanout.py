@@ -10,6 +10,7 @@ is reported by name, and the others still finish.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -23,6 +24,9 @@ from .train import pick_device
 __all__ = ["aligned_task", "fit_job", "fit_tasks", "map_jobs", "on_worker", "slim"]
 
 T = TypeVar("T")
+# One job at a time per worker process: fits seed torch's global generator (a second fit in another thread of
+# the same worker would draw from it too) and each uses all of the worker's threads.
+_ONE_JOB = threading.Lock()
 K = TypeVar("K")
 
 
@@ -45,13 +49,18 @@ def on_worker(job: Callable[..., T], args: tuple, kwargs: dict[str, Any], device
     naming the worker."""
     where, index, threads = _worker()
     try:
-        torch.set_num_threads(threads)
-        torch_device = pick_device(device)
-        if torch_device.type == "cuda" and device is None:
-            torch_device = torch.device(f"cuda:{index % torch.cuda.device_count()}")
-        return job(*args, device=torch_device, **kwargs)
+        with _ONE_JOB:
+            return _run(job, args, kwargs, device, index, threads)
     except Exception as err:  # noqa: BLE001 - sent back as one sentence naming the worker
         raise RuntimeError(f"on {where}: {err}") from None
+
+
+def _run(job: Callable[..., T], args: tuple, kwargs: dict[str, Any], device: str | None, index: int, threads: int) -> T:
+    torch.set_num_threads(threads)
+    torch_device = pick_device(device)
+    if torch_device.type == "cuda" and device is None:
+        torch_device = torch.device(f"cuda:{index % torch.cuda.device_count()}")
+    return job(*args, device=torch_device, **kwargs)
 
 
 def map_jobs(client: Any, job: Callable[..., T], calls: Mapping[K, tuple[tuple, dict]], *, device: str | None = None

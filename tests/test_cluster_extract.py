@@ -89,6 +89,15 @@ def test_compact_extraction_on_the_cluster_equals_one_process(vtab, cluster, tmp
     assert data_objects(clustered.store) == data_objects(single.store)
 
 
+def test_a_worker_with_two_threads_runs_one_job_at_a_time(vtab, reference, tmp_path):
+    """dask runs as many tasks at once as a worker has threads; they must not share the worker's one model."""
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None,
+                                  silence_logs=50) as local, distributed.Client(local, set_as_default=False) as client:
+        result = extract(config(vtab, tmp_path), client=client)
+    assert validate_store(result.store).ok
+    assert data_objects(result.store) == data_objects(reference)
+
+
 def test_worker_killed_mid_run_ends_in_the_same_store(vtab, reference, cluster, tmp_path):
     local, client = cluster
     pids = client.run(os.getpid)  # worker address -> pid
