@@ -78,7 +78,7 @@ def main() -> None:
         clusters = {}
         for name, (n, threads) in {"dask 1x2": (1, args.threads), "dask 2x1": (2, 1)}.items():
             started = time.perf_counter()
-            cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=None,
+            cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0",
                                    silence_logs=logging.ERROR)
             client = Client(cluster, set_as_default=False)
             extract(cfg(work / "warm", work / f"warm-{n}"), client=client)  # loads the model on every worker it reaches

@@ -91,7 +91,7 @@ def main() -> None:
                                depth=args.depth, cache="ram", tasks=tasks)
 
         started = time.perf_counter()
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=logging.ERROR)
         client = Client(cluster, set_as_default=False)
         run_probe(cfg("warm", steps=2), client=client)  # torch and combo imported on both workers

@@ -43,9 +43,9 @@ class ClusterConfig:
 def _local_cluster(config: ClusterConfig) -> Any:
     from distributed import LocalCluster
 
+    # a free port for the HTTP server (and the dashboard, which needs bokeh): another cluster may hold 8787
     kwargs: dict[str, Any] = dict(threads_per_worker=config.threads_per_worker, silence_logs=logging.ERROR,
-                                  # the dashboard needs bokeh; without it, no dashboard rather than a warning
-                                  dashboard_address=":0" if importlib.util.find_spec("bokeh") else None)
+                                  dashboard_address=":0")
     import torch
 
     if torch.cuda.is_available():

@@ -34,7 +34,7 @@ from store_schema.compact import PcaBasis
 
 from .backbones import Backbone, load_backbone, pick_device
 from .datasets import TaskPlan
-from .pipeline import ExtractConfig, ShardAssembler, _fit_pca, forward_batches
+from .pipeline import ExtractConfig, _fit_pca, write_behind
 
 __all__ = ["ClusterRunner", "WorkerError", "shard_jobs"]
 
@@ -74,10 +74,12 @@ def _worker_device(cfg: ExtractConfig, index: int) -> torch.device:
 def _worker_backbone(cfg: ExtractConfig) -> tuple[Backbone, torch.device]:
     key = json.dumps([cfg.model, cfg.image_size, cfg.random_init, cfg.weights, cfg.seed, cfg.model_kwargs],
                      sort_keys=True, default=str)
+    _, index, threads = _worker()
+    # every job, in the thread that runs it: OpenMP's thread count is a per-thread setting, and a dask worker
+    # runs its jobs on any of its threads (the first job's setting alone left later ones on 1 thread: +40% time)
+    torch.set_num_threads(threads)
     if key not in _BACKBONE:
         _BACKBONE.clear()  # another run's model: free it first
-        _, index, threads = _worker()
-        torch.set_num_threads(threads)
         device = _worker_device(cfg, index)
         backbone = load_backbone(cfg.model, image_size=cfg.image_size, random_init=cfg.random_init,
                                  weights=cfg.weights, seed=cfg.seed, model_kwargs=cfg.model_kwargs)
@@ -110,13 +112,13 @@ def write_shards(cfg: ExtractConfig, store: str, task: str, blocks: list[int], p
 def _write_shards(cfg: ExtractConfig, store: str, task: str, blocks: list[int], plan: TaskPlan) -> list[dict[str, Any]]:
     backbone, device = _worker_backbone(cfg)
     shards = ShardWriter.open(store, task)
-    assembler = ShardAssembler(shards.blocks, blocks, backbone, plan, np.dtype(shards.layout.dtype))
-    entries = []
-    # no DataLoader worker processes: a dask worker is a daemon process, which may not have children
-    for batch in forward_batches(cfg, backbone, plan, assembler.rows(), device=device, num_workers=0):
-        for shard in assembler.add(batch):
-            entries.append(shards.write(shard.block, shard.tokens, shard.prefix, skipped=shard.skipped))
-    return entries
+    entries: list[dict[str, Any]] = []
+    # writes behind the model as in one process; no DataLoader worker processes (a dask worker is a daemon
+    # process, which may not have children)
+    write_behind(cfg, backbone, plan, shards.blocks, blocks, np.dtype(shards.layout.dtype),
+                 lambda shard: entries.append(shards.write(shard.block, shard.tokens, shard.prefix, skipped=shard.skipped)),
+                 device=device, num_workers=0)
+    return sorted(entries, key=lambda e: e["block"])
 
 
 def fit_pca(cfg: ExtractConfig, plan: TaskPlan, components: int) -> tuple[PcaBasis, dict[str, Any]]:

@@ -543,19 +543,20 @@ class ShardAssembler:
         return finished
 
 
-def _write_blocks_here(cfg: ExtractConfig, task_writer: TaskWriter, backbone: Backbone, plan: TaskPlan,
-                       pending: list[int], *, device: torch.device, advance: Callable[[int], None] | None) -> int:
-    """Extract `pending` blocks in this process: finished shards are compressed, written and journaled by a
-    background thread while the next batches run through the model. Returns the images run."""
-    assembler = ShardAssembler(task_writer.blocks, pending, backbone, plan, np.dtype(task_writer.store.layout.dtype))
-    writes: list[Future[None]] = []
+def write_behind(cfg: ExtractConfig, backbone: Backbone, plan: TaskPlan, blocks: list[range], pending: list[int],
+                 dtype: np.dtype, write: Callable[[Shard], Any], *, device: torch.device,
+                 advance: Callable[[int], None] | None = None, num_workers: int | None = None) -> int:
+    """Run `pending` blocks through the backbone; each finished shard goes to `write` (compress, write, hash,
+    journal) on a background thread while the next batches run through the model, at most two shards
+    behind it. Returns the images run. Used here and by a dask worker (extract/cluster.py)."""
+    assembler = ShardAssembler(blocks, pending, backbone, plan, dtype)
+    writes: list[Future[Any]] = []
     done_images = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="combo-writer") as pool:
         try:
-            for batch in forward_batches(cfg, backbone, plan, assembler.rows(), device=device):
+            for batch in forward_batches(cfg, backbone, plan, assembler.rows(), device=device, num_workers=num_workers):
                 for shard in assembler.add(batch):
-                    writes.append(pool.submit(task_writer.write_block, shard.block, shard.tokens, shard.prefix,
-                                              skipped=shard.skipped))
+                    writes.append(pool.submit(write, shard))
                 # Bound memory: at most two shards in flight behind the model.
                 while len(writes) > 2:
                     writes.pop(0).result()
@@ -563,7 +564,7 @@ def _write_blocks_here(cfg: ExtractConfig, task_writer: TaskWriter, backbone: Ba
                 if advance:
                     advance(len(batch.rows))
         except BaseException:
-            # Whatever happened, shards already handed to the writer are finished and journaled.
+            # Whatever happened, shards already handed to the writer are finished (and journaled).
             for fut in writes:
                 try:
                     fut.result()
@@ -627,7 +628,10 @@ def _extract_task(
         if runner is not None:  # a dask cluster: whole shards per worker, this process journals them
             done_images = runner.run_blocks(cfg, task_writer, plan, pending, advance=advance)
         else:
-            done_images = _write_blocks_here(cfg, task_writer, backbone, plan, pending, device=device, advance=advance)
+            done_images = write_behind(
+                cfg, backbone, plan, task_writer.blocks, pending, np.dtype(task_writer.store.layout.dtype),
+                lambda shard: task_writer.write_block(shard.block, shard.tokens, shard.prefix, skipped=shard.skipped),
+                device=device, advance=advance)
     finally:
         if state is not None:
             state.shards_kept = len(task_writer.done)

@@ -56,7 +56,7 @@ def reference(vtab, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster():
     """A running 2-process cluster, reached through --scheduler (a LocalCluster per test would cost its start)."""
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   silence_logs=50) as local, distributed.Client(local, set_as_default=False) as client:
         yield local, client
 
@@ -91,7 +91,7 @@ def test_compact_extraction_on_the_cluster_equals_one_process(vtab, cluster, tmp
 
 def test_a_worker_with_two_threads_runs_one_job_at_a_time(vtab, reference, tmp_path):
     """dask runs as many tasks at once as a worker has threads; they must not share the worker's one model."""
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None,
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
                                   silence_logs=50) as local, distributed.Client(local, set_as_default=False) as client:
         result = extract(config(vtab, tmp_path), client=client)
     assert validate_store(result.store).ok
