@@ -39,6 +39,18 @@ def data_objects(store: Path) -> dict[str, dict]:
     return {k: v for k, v in objects.items() if not k.endswith("zarr.json")}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """This process runs the reference on 1 torch thread, as each worker does: other tests' in-process CLI calls
+    set the thread count (--threads), and a float sum over 2 threads differs from 1 in the last bits."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def vtab(tmp_path_factory):
     root = tmp_path_factory.mktemp("vtab")

@@ -20,6 +20,18 @@ from storefactory import vtab_like_splits, write_store  # noqa: E402
 TASKS = ("alpha", "beta", "gamma")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """This process runs the reference on 1 torch thread, as each worker does: other tests' in-process CLI calls
+    set the thread count (--threads), and a float sum over 2 threads differs from 1 in the last bits."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_store(path: Path, *, alias: str, signal: float, seed: int) -> Path:
     """Three learnable tasks (the label is a bright token whose position is the class), `signal` its brightness."""
     n_train, n_val, n_test = 24, 8, 16
