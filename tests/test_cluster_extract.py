@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from combo.cluster import ClusterConfig, ClusterError, open_client  # noqa: E402
 from extract.cluster import shard_jobs  # noqa: E402
@@ -37,18 +38,6 @@ def data_objects(store: Path) -> dict[str, dict]:
     """Every object of a finished store with its sha256, except the zarr.json documents (they hold timestamps)."""
     objects = json.loads((store / "manifest.json").read_text())["objects"]
     return {k: v for k, v in objects.items() if not k.endswith("zarr.json")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """This process runs the reference on 1 torch thread, as each worker does: other tests' in-process CLI calls
-    set the thread count (--threads), and a float sum over 2 threads differs from 1 in the last bits."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

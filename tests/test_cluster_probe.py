@@ -13,23 +13,12 @@ import pytest
 from safetensors.numpy import load_file
 
 distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from probe.run import ProbeConfig, TasksFailed, run_probe  # noqa: E402
 from storefactory import vtab_like_splits, write_store  # noqa: E402
 
 TASKS = ("alpha", "beta", "gamma")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """This process runs the reference on 1 torch thread, as each worker does: other tests' in-process CLI calls
-    set the thread count (--threads), and a float sum over 2 threads differs from 1 in the last bits."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_store(path: Path, *, alias: str, signal: float, seed: int) -> Path:
