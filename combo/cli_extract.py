@@ -80,7 +80,7 @@ def _shards(n: int) -> str:
 
 def _kept_clause(state) -> str:
     """What an interrupted or failed run leaves behind, in words (no markup: printed as plain text)."""
-    if state.removed or state.store is None or not state.store.exists():
+    if state.removed or state.store is None or (isinstance(state.store, Path) and not state.store.exists()):
         return "nothing was written"
     if state.task is None or not state.shards_kept:
         return f"no shard was finished; what {state.store} held before is kept"
@@ -113,6 +113,7 @@ def extract_command(
     compact: Optional[str] = typer.Option(None, "--compact", help="Store the tokens encoded instead of at full size: "
                                           "int8, pca:R or pca:R,int8 (PCA fitted on each task's training split first). "
                                           "The store goes to OUT/<model>/<dataset>-<encoding>.zarr, e.g. vtab-pca128-int8.zarr."),
+    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE for a remote --out such as s3://bucket/stores (repeatable; never written anywhere; credentials come from the environment)."),
     workers: Optional[int] = workers_option("the backbone (whole shards per worker; this process keeps the store's lock and journal)"),
     scheduler: Optional[str] = scheduler_option(),
     threads: Optional[int] = threads_option(),
@@ -122,6 +123,8 @@ def extract_command(
     from extract.pipeline import ExtractConfig, ExtractState, check_config, extract
     from store_schema import default_store_root
     from store_schema.manifest import describe_missing
+
+    from .cli_store import storage_options
 
     cfg_kwargs = dict(
         model=model,
@@ -143,6 +146,7 @@ def extract_command(
         label_column=label_column,
         split_column=split_column,
         compact=compact,
+        storage_options=storage_options(storage_option, out) or None,
     )
     if num_workers is not None:
         cfg_kwargs["num_workers"] = num_workers

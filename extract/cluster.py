@@ -10,8 +10,9 @@ arrives and finalises the task, exactly as a single-process run does, so resume 
   again has the same bytes (its rows, the same batches, the same model);
 - a client killed mid-run leaves the journal; the same command, on a cluster or not, resumes it.
 
-What the workers need: the dataset root and the store at the same paths as the client (one
-machine, or a shared file system), and the model's weights (the timm cache or `--weights`) on
+What the workers need: the dataset root at the same path as the client, the store at the same path
+(one machine, or a shared file system) or at its URL (`--out s3://...`: each worker uploads its
+shards itself, store_schema/staging.py), and the model's weights (the timm cache or `--weights`) on
 their own disk. A worker that cannot load the weights fails the run with its own message.
 
 Without `--device`, worker k of a cluster uses GPU k (mod the GPUs it sees) when there are GPUs.
@@ -101,7 +102,8 @@ def _located(err: Exception) -> Exception:
 
 def write_shards(cfg: ExtractConfig, store: str, task: str, blocks: list[int], plan: TaskPlan) -> list[dict[str, Any]]:
     """Runs on a worker: the backbone over `blocks` of `task` (store row order `plan`), each shard written
-    into the store at `store`; returns their journal entries for the client to record."""
+    into the store at `store` (a folder, or a URL: then uploaded, see store_schema/staging.py); returns their
+    journal entries for the client to record."""
     try:
         with _ONE_JOB:
             return _write_shards(cfg, store, task, blocks, plan)
@@ -111,7 +113,7 @@ def write_shards(cfg: ExtractConfig, store: str, task: str, blocks: list[int], p
 
 def _write_shards(cfg: ExtractConfig, store: str, task: str, blocks: list[int], plan: TaskPlan) -> list[dict[str, Any]]:
     backbone, device = _worker_backbone(cfg)
-    shards = ShardWriter.open(store, task)
+    shards = ShardWriter.open(store, task, storage_options=cfg.storage_options)
     entries: list[dict[str, Any]] = []
     # writes behind the model as in one process; no DataLoader worker processes (a dask worker is a daemon
     # process, which may not have children)
@@ -162,7 +164,8 @@ class ClusterRunner:
         if not jobs:
             return 0
         shared = self.client.scatter(plan, broadcast=False, hash=False)
-        store = str(task_writer.store.path)
+        remote = task_writer.store.remote
+        store = remote.url if remote is not None else str(task_writer.store.path)
         futures = [self.client.submit(write_shards, cfg, store, plan.task, job, shared,
                                       pure=False, key=f"combo-shards-{plan.task}-{job[0]}-{os.getpid()}-{id(jobs)}")
                    for job in jobs]

@@ -42,7 +42,7 @@ from store_schema import (
     store_path,
 )
 from store_schema.compact import CompactSpec, CompactSpecError, PcaBasis, PcaFit, fit_split
-from store_schema.location import nearest_existing
+from store_schema.location import can_list, list_sizes, nearest_existing, resolve
 from store_schema.writer import JOURNAL_NAME, shard_block
 
 from .backbones import (
@@ -100,6 +100,8 @@ class ExtractConfig:
     # --compact: write the tokens encoded (store_schema/compact.py), e.g. "int8", "pca:128", "pca:128,int8";
     # the store goes to OUT/<model>/<dataset>-<encoding>.zarr and the full-size tokens are never written
     compact: str | None = None
+    # fsspec options of a remote --out (endpoint_url, profile ...; never credentials), also used by the workers
+    storage_options: dict[str, Any] | None = None
 
     @property
     def compact_spec(self) -> CompactSpec | None:
@@ -119,7 +121,7 @@ class TaskResult:
 
 @dataclass
 class ExtractResult:
-    store: Path
+    store: Path | str  # a folder, or a remote store's URL
     tasks: list[TaskResult]
     bytes_on_disk: int
     seconds: float
@@ -133,7 +135,7 @@ class ExtractResult:
 class ExtractState:
     """Where a run stands, for a caller that has to explain an interruption or a failure."""
 
-    store: Path | None = None
+    store: Path | str | None = None  # a folder, or a remote store's URL
     task: str | None = None  # the task being written
     shards_kept: int = 0  # shards of `task` finished and journaled (this run's and earlier runs')
     shards_total: int = 0
@@ -210,12 +212,20 @@ def check_config(cfg: ExtractConfig) -> BackboneSpec:
     return spec
 
 
-def check_writable(out: str, store: Path) -> None:
+def check_writable(out: str, store: Path | str, *, storage_options: dict[str, Any] | None = None) -> None:
     """Can this run create or extend `store` under the store root `out`? Checked before the model is
-    loaded: a read-only or unwritable folder, or a file where a folder should be, is one sentence."""
+    loaded: a read-only or unwritable folder, or a file where a folder should be, is one sentence.
+    A URL: its file system must be installed and able to list (the staging folder's resume needs it)."""
     if is_url(out):
-        raise StoreError(f"--out {out}: extraction writes local stores; extract under a local --out, then copy "
-                         "the store with `combo store push`")
+        try:
+            location = resolve(str(store), storage_options=storage_options)
+        except (ImportError, ValueError) as err:
+            raise StoreError(f"--out {out}: cannot write there ({err})") from None
+        if not can_list(location):
+            raise StoreError(f"--out {out}: a plain web server cannot be written to; use s3://, gs://, ... "
+                             "or a local folder")
+        return
+    assert isinstance(store, Path)
     existing = nearest_existing(store.absolute())
     if not existing.is_dir():
         if existing == Path(out).absolute():
@@ -317,10 +327,11 @@ def extract(
     spec = check_config(cfg)
     layout = cfg.layout or StoreLayout(dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard)
     compact = cfg.compact_spec
-    path = Path(store_path(cfg.out, spec.alias, cfg.dataset))
+    target = store_path(cfg.out, spec.alias, cfg.dataset)
     if compact is not None:
-        path = path.with_name(f"{cfg.dataset}-{compact.name}.zarr")
-    check_writable(cfg.out, path)
+        target = target[: -len(f"{cfg.dataset}.zarr")] + f"{cfg.dataset}-{compact.name}.zarr"
+    path: Path | str = target if is_url(target) else Path(target)
+    check_writable(cfg.out, path, storage_options=cfg.storage_options)
     state.store = path
     runner = None
     if client is not None:
@@ -330,7 +341,7 @@ def extract(
     return _extract_into(path, cfg, layout, progress=progress, state=state, warn=warn, runner=runner, started=started)
 
 
-def _extract_into(path: Path, cfg: ExtractConfig, layout: StoreLayout, *, progress: ProgressFactory | None,
+def _extract_into(path: Path | str, cfg: ExtractConfig, layout: StoreLayout, *, progress: ProgressFactory | None,
                   state: ExtractState, warn: WarnFn, runner: "ClusterRunner | None", started: float) -> ExtractResult:
     compact = cfg.compact_spec
     # on a cluster the workers run the model; this process only needs its geometry for the store's metadata
@@ -361,25 +372,25 @@ def _extract_into(path: Path, cfg: ExtractConfig, layout: StoreLayout, *, progre
             name = plan.classes[label] if label is not None and label < len(plan.classes) else "?"
             warn(f"task {plan.task} has a single class ({name}, {len(plan)} images): its features are "
                  "stored, but no probe can be trained on it (combo probe refuses one-class tasks)")
-    created = _missing_dirs(path)
+    created = _missing_dirs(path) if isinstance(path, Path) else []
     results: list[TaskResult] = []
     try:
         with StoreWriter(path, store_info(backbone, dataset=cfg.dataset, root=cfg.root), layout, overwrite=cfg.overwrite,
-                         compact=compact) as writer:
+                         compact=compact, storage_options=cfg.storage_options) as writer:
             for plan in plans:
-                existed = (path / plan.task).exists()
+                existed = (writer.path / plan.task).exists()
                 try:
                     results.append(_extract_task(cfg, writer, backbone, plan, device=device, progress=progress, state=state,
                                                  runner=runner))
                 except BaseException:
-                    if not existed and not _has_shards(path / plan.task):
+                    if not existed and not _has_shards(writer.path / plan.task):
                         try:
                             writer.drop_task(plan.task)  # created by this run, nothing in it: leave no trace
                         except Exception:  # noqa: BLE001 - the original failure is what matters
                             pass
                     raise
     except BaseException:
-        if created and path.is_dir() and not any(c.is_dir() for c in path.iterdir()):
+        if created and isinstance(path, Path) and path.is_dir() and not any(c.is_dir() for c in path.iterdir()):
             shutil.rmtree(path, ignore_errors=True)  # the store this run created holds no task: remove it
             for folder in created[1:]:
                 try:
@@ -388,7 +399,10 @@ def _extract_into(path: Path, cfg: ExtractConfig, layout: StoreLayout, *, progre
                     break
             state.removed = True
         raise
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    if isinstance(path, Path):
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    else:
+        size = sum((list_sizes(resolve(path, storage_options=cfg.storage_options)) or {}).values())
     return ExtractResult(store=path, tasks=results, bytes_on_disk=size, seconds=time.perf_counter() - started)
 
 

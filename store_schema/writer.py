@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,7 @@ import pyarrow as pa
 import zarr
 
 from . import samples as sample_table
+from . import staging as stage
 from .errors import SchemaVersionError, StoreError, StoreLockedError, StoreMismatchError
 from .compact import (
     CHANNEL_SCALE,
@@ -41,7 +43,7 @@ from .compact import (
     encode,
 )
 from .layout import StoreLayout
-from .location import Location, fsync_dir, is_hidden, list_sizes, resolve
+from .location import Location, fsync_dir, is_hidden, is_url, list_sizes, resolve, write_file_atomic
 from .manifest import MANIFEST_NAME, Entry, Manifest, absent_or_resized, sha256_bytes
 from .metadata import (
     FORMAT_MAJOR,
@@ -135,6 +137,18 @@ class Skipped:
 
 
 
+def is_row_shard(key: str) -> bool:
+    """A shard of a task's row arrays ("task/tokens/c/3/0/0/0"): written (and, for a remote store, uploaded)
+    by the shard writers, journaled, never mirrored."""
+    parts = key.split("/")
+    return len(parts) >= 3 and parts[1] in ROW_ARRAYS and parts[2] == "c"
+
+
+def _staging_private(key: str) -> bool:
+    """What a staging folder keeps when it is refreshed from its remote store: the lock and the journals."""
+    return key == LOCK_NAME or key.endswith("/" + JOURNAL_NAME)
+
+
 def _read_doc(path: Path) -> dict[str, Any] | None:
     """A zarr.json as a dict; None when it is missing or unreadable."""
     try:
@@ -152,13 +166,20 @@ def _fsync_file(path: Path) -> None:
 
 
 class StoreWriter:
-    """Opens (creating if needed) a local store for writing and holds its lock until closed."""
+    """Opens (creating if needed) a store for writing and holds its lock until closed.
+
+    A remote store (s3://, any writable fsspec URL) is written through a staging folder on this machine
+    (store_schema/staging.py): `path` / `location` are then the staging folder and `remote` the store."""
 
     def __init__(self, path: str | os.PathLike, info: StoreInfo, layout: StoreLayout, *, overwrite: bool = False,
-                 compact: CompactSpec | None = None):
-        self.location: Location = resolve(path)
-        if self.location.kind != "local":
-            raise StoreError(f"{path}: extraction writes local stores; copy it elsewhere with `combo store push`")
+                 compact: CompactSpec | None = None, storage_options: dict[str, Any] | None = None):
+        self.location: Location = resolve(path, storage_options=storage_options if is_url(path) else None)
+        self.remote: Location | None = None
+        if self.location.kind == "zip":
+            raise StoreError(f"{path}: zip stores are read-only; write a folder, then `combo store pack` it")
+        if self.location.kind == "remote":
+            self.remote = self.location
+            self.location = resolve(stage.staging_dir(self.remote))
         self.path = Path(self.location.root)
         feats = info.features
         if compact is not None:
@@ -176,13 +197,38 @@ class StoreWriter:
             if compact is not None:
                 storage["compact"] = compact.to_attrs()
             attrs = _json_normal(info.to_attrs(storage=storage, tasks=[]))
+            if self.remote is not None:
+                self._refresh_staging()
             self.group = self._open_or_create(attrs, info, overwrite=overwrite)
             self._repair()
+            self.sync()
         except BaseException:
             self.close()
             raise
 
     # -- lifecycle ----------------------------------------------------------------------
+    def _refresh_staging(self) -> None:
+        """Make the staging folder hold the remote store's metadata (the remote is the truth): emptied when
+        the remote has no store, refreshed (journals kept) when its root zarr.json is not the one last mirrored."""
+        assert self.remote is not None
+        remote_root = stage.remote_root_digest(self.remote)
+        if remote_root is None:
+            stage.reset(self.path, keep=lambda key: key == LOCK_NAME)
+        elif remote_root != stage.recorded_root_digest(self.path):
+            stage.reset(self.path, keep=_staging_private)
+            stage.pull(self.remote, self.path, skip=is_row_shard)
+
+    def sync(self) -> None:
+        """A remote store: upload what changed in the staging folder, manifest last (local store: nothing)."""
+        if self.remote is not None:
+            stage.mirror(self.path, self.remote, skip=is_row_shard)
+
+    def _remove_remote(self, prefix: str = "") -> None:
+        """A remote store: delete a task folder ("task/") or, with no prefix, the whole store there."""
+        if self.remote is not None:
+            stage.delete_remote(self.remote, prefix)
+            stage.forget(self.path, prefix)
+
     def _acquire_lock(self):
         lock_path = self.path / LOCK_NAME
         while True:
@@ -257,6 +303,7 @@ class StoreWriter:
         return group
 
     def _wipe(self) -> None:
+        self._remove_remote()
         for child in self.path.iterdir():
             if child.name == LOCK_NAME:
                 continue
@@ -300,6 +347,7 @@ class StoreWriter:
             objects[f"{task}/zarr.json"] = _entry(self.path / task / "zarr.json")
         objects["zarr.json"] = _entry(self.path / "zarr.json")
         self.location.write_bytes(MANIFEST_NAME, Manifest(objects).to_bytes())
+        self.sync()
 
     def _repair(self) -> None:
         """Complete what a killed writer left: complete tasks missing from the manifest get their
@@ -322,7 +370,7 @@ class StoreWriter:
         entries = self.manifest().for_task(task)
         if not entries:
             return []
-        listed = list_sizes(self.location, prefix=f"{task}/") or {}
+        listed = list_sizes(self.remote or self.location, prefix=f"{task}/") or {}
         missing, resized = absent_or_resized(entries, listed)
         return sorted({*missing, *resized})
 
@@ -334,6 +382,7 @@ class StoreWriter:
             raise StoreError(f"task {name!r} in {self.path} has written shards; not removing it")
         if task_dir.exists():
             shutil.rmtree(task_dir)
+        self._remove_remote(f"{name}/")
         root_attrs = self.attrs
         if name in root_attrs["tasks"]:
             root_attrs["tasks"] = [t for t in root_attrs["tasks"] if t != name]
@@ -342,6 +391,7 @@ class StoreWriter:
             self.publish()
         else:
             self.consolidate()
+            self.sync()
 
     # -- tasks ----------------------------------------------------------------------------
     @property
@@ -385,6 +435,7 @@ class StoreWriter:
         task_dir = self.path / name
         if task_dir.exists() and overwrite:
             shutil.rmtree(task_dir)
+            self._remove_remote(f"{name}/")
         if task_dir.exists() and TASK_ATTR not in ((_read_doc(task_dir / "zarr.json") or {}).get("attributes") or {}):
             shards = task_dir / (CODES if self.compact else TOKENS) / "c"
             if (task_dir / JOURNAL_NAME).exists() or (shards.exists() and any(shards.iterdir())):
@@ -393,6 +444,7 @@ class StoreWriter:
                     "nothing was deleted. Use --overwrite to extract the task again"
                 )
             shutil.rmtree(task_dir)  # creation was interrupted before any shard: start the task afresh
+            self._remove_remote(f"{name}/")
         if (task_dir / "zarr.json").exists():
             existing = self.location.read_bytes(f"{name}/{SAMPLES_NAME}") if (task_dir / SAMPLES_NAME).exists() else None
             if existing is None or not sample_table.same_samples(sample_table.from_bytes(existing), samples):
@@ -404,6 +456,7 @@ class StoreWriter:
             if row_order is not None and "row_order" not in writer.attrs:
                 writer.group.attrs[TASK_ATTR] = {**writer.attrs, "row_order": _json_normal(row_order)}
                 self.consolidate()
+                self.sync()
             return writer
         split_names = sample_table.split_names(samples)
         clash = sorted(set(split_names) & RESERVED_NAMES)
@@ -459,6 +512,7 @@ class StoreWriter:
             root_attrs["tasks"] = sorted([*root_attrs["tasks"], name])
             self.group.attrs[ROOT_ATTR] = root_attrs
         self.consolidate()
+        self.sync()  # a remote store: the task's metadata is there before any worker writes a shard
         return TaskWriter(self, name)
 
     def _compact_arrays(self, group: zarr.Group, *, n: int, num_layers: int, num_tokens: int, feature_dim: int,
@@ -524,9 +578,10 @@ def _journal_entries(path: Path) -> dict[str, Entry]:
     return out
 
 
-def task_entries(root: Path, task: str, journal: dict[str, Entry]) -> dict[str, Entry]:
+def task_entries(root: Path, task: str, journal: dict[str, Entry], *, staged: bool = False) -> dict[str, Entry]:
     """Manifest entries of every object of a task except its zarr.json: shards from the journal's
-    recorded sha256 where there is one (they were hashed when written), everything else hashed now."""
+    recorded sha256 where there is one (they were hashed when written), everything else hashed now.
+    `staged`: `root` is the staging folder of a remote store, whose shards are only in the journal."""
     out: dict[str, Entry] = {}
     base = root / task
     for path in sorted(base.rglob("*")):
@@ -537,7 +592,9 @@ def task_entries(root: Path, task: str, journal: dict[str, Entry]) -> dict[str, 
             continue
         recorded = journal.get(rel)
         out[rel] = Entry(sha256=recorded.sha256, size=path.stat().st_size) if recorded else _entry(path)
-    return out
+    if staged:
+        out.update({k: e for k, e in journal.items() if k.startswith(f"{task}/") and k not in out})
+    return dict(sorted(out.items()))
 
 
 class ShardWriter:
@@ -548,8 +605,9 @@ class ShardWriter:
     only its path, while one client owns the lock, the journal and `finalize`."""
 
     def __init__(self, path: str | os.PathLike, name: str, *, layout: StoreLayout, compact: CompactSpec | None,
-                 feature_dim: int):
+                 feature_dim: int, remote: Location | None = None):
         self.path = Path(path)
+        self.remote = remote  # a remote store: `path` is a staging folder, each shard is uploaded, then deleted here
         self.name = name
         self.layout = layout
         self.compact = compact
@@ -565,15 +623,25 @@ class ShardWriter:
         self.blocks: list[range] = [range(s, min(s + step, self.num_rows)) for s in range(0, self.num_rows, step)]
 
     @classmethod
-    def open(cls, path: str | os.PathLike, name: str) -> "ShardWriter":
-        """The shard writer of task `name` of the store at `path`, configured from the store's own metadata."""
+    def open(cls, path: str | os.PathLike, name: str, *, storage_options: dict[str, Any] | None = None) -> "ShardWriter":
+        """The shard writer of task `name` of the store at `path` (a folder or a URL), configured from the
+        store's own metadata. For a URL the task's metadata is fetched into a temporary folder of this process."""
+        remote, scratch = None, None
+        if is_url(path):
+            remote = resolve(path, storage_options=storage_options)
+            scratch = tempfile.TemporaryDirectory(prefix="combo-shards-")
+            path = scratch.name
+            write_file_atomic(Path(path) / "zarr.json", remote.read_bytes("zarr.json"))
+            stage.pull(remote, Path(path), skip=is_row_shard, prefix=f"{name}/")
         doc = _read_doc(Path(path) / "zarr.json")
         attrs = ((doc or {}).get("attributes") or {}).get(ROOT_ATTR)
         if not isinstance(attrs, dict):
             raise StoreError(f"{path}: no combo store here (no readable zarr.json with {ROOT_ATTR!r})")
         storage = attrs.get("storage") or {}
-        return cls(path, name, layout=StoreLayout.from_attrs(storage), compact=CompactSpec.from_attrs(storage.get("compact")),
-                   feature_dim=int(attrs["features"]["feature_dim"]))
+        writer = cls(path, name, layout=StoreLayout.from_attrs(storage), compact=CompactSpec.from_attrs(storage.get("compact")),
+                     feature_dim=int(attrs["features"]["feature_dim"]), remote=remote)
+        writer._scratch = scratch  # removed with the writer
+        return writer
 
     def arrays(self) -> list[tuple[str, zarr.Array]]:
         """Every row array, a shard of each per block (tokens, or a compact task's arrays; prefix)."""
@@ -644,6 +712,12 @@ class ShardWriter:
         for array_name, array in self.arrays():
             key = self.key(array_name, array, block)
             path = self.path / key
+            if self.remote is not None:  # one put (atomic), its sha256 kept with it; the local copy goes
+                data = path.read_bytes()
+                checksums[key], sizes[key] = sha256_bytes(data), len(data)
+                self.remote.write_bytes(key, data, sha256=checksums[key])
+                path.unlink()
+                continue
             _fsync_file(path)  # the data is durable before the journal says it is there
             data = path.read_bytes()
             checksums[key], sizes[key] = sha256_bytes(data), len(data)
@@ -658,7 +732,7 @@ class TaskWriter:
         self.store = store
         self.name = name
         self.shards = ShardWriter(store.path, name, layout=store.layout, compact=store.compact,
-                                  feature_dim=int(store.attrs["features"]["feature_dim"]))
+                                  feature_dim=int(store.attrs["features"]["feature_dim"]), remote=store.remote)
         self.group = self.shards.group
         self.compact = store.compact
         self.tokens = self.shards.tokens
@@ -699,16 +773,26 @@ class TaskWriter:
         a shard cut short (or lost) by a crash is redone, never trusted."""
         if not self._journal_path.exists():
             return
+        lines = []
         for line in self._journal_path.read_text().splitlines():
             try:
                 entry = json.loads(line)
-                keys = dict(entry["checksums"])
+                lines.append((entry, dict(entry["checksums"])))
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut by a kill: that shard is simply redone
+        uploaded: set[str] = set()
+        if self.store.remote is not None:  # a remote store's shards are there, not in the staging folder
+            wanted = {k: (d, (e.get("sizes") or {}).get(k)) for e, keys in lines for k, d in keys.items()}
+            uploaded = stage.shards_intact(self.store.remote, wanted, prefix=f"{self.name}/")
+        for entry, keys in lines:
             intact = True
             for key, digest in keys.items():
                 path = self.store.path / key
-                if not path.exists() or sha256_bytes(path.read_bytes()) != digest:
+                if self.store.remote is not None:
+                    if key not in uploaded:
+                        intact = False
+                        break
+                elif not path.exists() or sha256_bytes(path.read_bytes()) != digest:
                     intact = False
                     break
             if intact:
@@ -758,6 +842,8 @@ class TaskWriter:
             for block in blocks:
                 for array_name, array in self._arrays():
                     (self.store.path / self._key(array_name, array, block)).unlink(missing_ok=True)
+            if self.store.remote is not None:
+                stage.delete_keys(self.store.remote, damaged)
             attrs = self.attrs
             attrs.update(complete=False, skipped=[])
             attrs.pop("completed", None)
@@ -816,5 +902,6 @@ class TaskWriter:
         self.group.attrs[TASK_ATTR] = attrs
         _fsync_file(self.store.path / self.name / "zarr.json")
         journal = {k: Entry(sha256=v, size=self.sizes.get(k)) for d in self.done.values() for k, v in d.items()}
-        self.store.publish({self.name: task_entries(self.store.path, self.name, journal)})
+        self.store.publish({self.name: task_entries(self.store.path, self.name, journal,
+                                                    staged=self.store.remote is not None)})
         self._journal_path.unlink(missing_ok=True)
