@@ -354,7 +354,7 @@ class StoreWriter:
         entries (shards from the journal's recorded sha256), stale journals of finished tasks go."""
         have = self.manifest().tasks()  # none when manifest.json is missing or unreadable
         complete = [t for t in self.attrs["tasks"] if _task_complete(self.path / t)]
-        fresh = {t: task_entries(self.path, t, _journal_entries(self.path / t / JOURNAL_NAME))
+        fresh = {t: task_entries(self.path, t, _journal_entries(self.path / t / JOURNAL_NAME), staged=self.remote is not None)
                  for t in complete if t not in have}
         if fresh or not (self.path / MANIFEST_NAME).exists():
             self.publish(fresh)

@@ -170,3 +170,37 @@ def test_cluster_extraction_to_s3_equals_the_local_store(vtab, reference, s3, bu
     assert data_objects(manifest) == data_objects(json.loads((reference / "manifest.json").read_text()))
     assert set(remote_keys(s3, bucket, prefix)) == set(manifest["objects"]) | {"manifest.json"}
     assert validate_store(result.store, storage_options=s3.options, checksums="all").ok
+
+
+def test_killed_while_publishing_a_finished_task_the_next_run_completes_it(vtab, reference, s3, bucket, staging,  # noqa: F811
+                                                                          monkeypatch):
+    """The client dies after the task's `complete` flag and the root zarr.json went up but before the manifest
+    (and before it could note what it uploaded): the next run takes the remote's metadata, rebuilds the manifest
+    from the journal it kept, and finishes the store without extracting anything again."""
+    import store_schema.staging as staging_module
+    from store_schema.location import Location
+
+    cfg = config(vtab, f"s3://{bucket}/out", storage_options=s3.options)
+    prefix = f"out/{MODEL}/vtab.zarr/"
+    write_bytes = Location.write_bytes
+    state = {"complete": False}
+
+    def dies_before_the_manifest(self, key, data, **kw):
+        if key == "eurosat/zarr.json" and b'"complete": true' in data:
+            state["complete"] = True
+        if key == "manifest.json" and state["complete"]:
+            raise KeyboardInterrupt
+        return write_bytes(self, key, data, **kw)
+
+    monkeypatch.setattr(Location, "write_bytes", dies_before_the_manifest)
+    monkeypatch.setattr(staging_module, "_write_record", lambda *a, **k: None)  # as if killed: nothing noted
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg)
+    monkeypatch.undo()
+    monkeypatch.setenv(STAGING_ENV, str(staging))
+    assert state["complete"]
+    result = extract(cfg)
+    assert [t.status for t in result.tasks] == ["already complete"] and result.images == 0
+    manifest = remote_manifest(s3, bucket, prefix)
+    assert data_objects(manifest) == data_objects(json.loads((reference / "manifest.json").read_text()))
+    assert validate_store(f"s3://{bucket}/{prefix}", storage_options=s3.options, checksums="all").ok
