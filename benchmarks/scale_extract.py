@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +63,12 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader decoding processes of the local run")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from distributed import Client, LocalCluster
+    from combo.cluster import ClusterConfig, open_client  # what `--workers N` starts
 
     torch.set_num_threads(args.threads)
     logging.getLogger("distributed").setLevel(logging.ERROR)  # no INFO lines from the clusters closing
     work = Path(tempfile.mkdtemp(prefix="scale-extract-"))
+    stack = ExitStack()
     try:
         make_folder(work / "data", args.images, 320)
         make_folder(work / "warm", 8, 320)
@@ -78,11 +80,9 @@ def main() -> None:
         clusters = {}
         for name, (n, threads) in {"dask 1x2": (1, args.threads), "dask 2x1": (2, 1)}.items():
             started = time.perf_counter()
-            cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0",
-                                   silence_logs=logging.ERROR)
-            client = Client(cluster, set_as_default=False)
+            client = stack.enter_context(open_client(ClusterConfig(workers=n, threads_per_worker=threads)))
             extract(cfg(work / "warm", work / f"warm-{n}"), client=client)  # loads the model on every worker it reaches
-            clusters[name] = (cluster, client, time.perf_counter() - started)
+            clusters[name] = (None, client, time.perf_counter() - started)
         rates: dict[str, list[float]] = {"local": [], "dask 1x2": [], "dask 2x1": []}
         reference = None
         for repeat in range(args.repeats):
@@ -97,9 +97,7 @@ def main() -> None:
                 objects = data_objects(result.store)
                 reference = reference or objects
                 assert objects == reference, f"{name}: the store differs from the first run's"
-        for cluster, client, _ in clusters.values():
-            client.close()
-            cluster.close()
+        stack.close()
         med = {name: statistics.median(v) for name, v in rates.items()}
         print(f"{args.model} at {args.image_size} px, random init, {args.images} images, batch {args.batch_size}; "
               f"torch {torch.__version__}; median of {args.repeats} interleaved runs; stores byte-identical: yes\n")
@@ -115,6 +113,7 @@ def main() -> None:
               f" -> {'met' if overhead <= 0.05 else 'NOT met'}")
         print(f"2 workers x 1 thread / one process x {args.threads} threads: {med['dask 2x1'] / med['local']:.2f}x images/s")
     finally:
+        stack.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

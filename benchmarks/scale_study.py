@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from distributed import Client, LocalCluster
+    from combo.cluster import ClusterConfig, open_client  # what `--workers N` starts
 
     torch.set_num_threads(args.threads)
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -91,9 +91,8 @@ def main() -> None:
                                depth=args.depth, cache="ram", tasks=tasks)
 
         started = time.perf_counter()
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                               silence_logs=logging.ERROR)
-        client = Client(cluster, set_as_default=False)
+        clients = open_client(ClusterConfig(workers=2))
+        client = clients.__enter__()
         run_probe(cfg("warm", steps=2), client=client)  # torch and combo imported on both workers
         start_seconds = time.perf_counter() - started
         seconds: dict[str, list[float]] = {"sequential": [], "dask 2x1": []}
@@ -105,8 +104,7 @@ def main() -> None:
                 run = run_probe(cfg(name.replace(" ", "")), client=client if name != "sequential" else None)
                 seconds[name].append(time.perf_counter() - t)
                 results[name] = [(m["task"], m["accuracy"]) for m in run.metrics]
-        client.close()
-        cluster.close()
+        clients.__exit__(None, None, None)
         same = results["sequential"] == results["dask 2x1"]
         med = {k: statistics.median(v) for k, v in seconds.items()}
         print(f"4 tasks x {args.rows} rows ({args.layers} layers, {args.grid}x{args.grid} tokens, D={args.dim}); ComBo width "

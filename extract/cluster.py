@@ -22,6 +22,7 @@ The client (a `distributed.Client`) comes from combo/cluster.py: `--workers N` /
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -136,15 +137,26 @@ def fit_pca(cfg: ExtractConfig, plan: TaskPlan, components: int) -> tuple[PcaBas
 # ------------------------------------------------------------------------------------------ on the client
 
 
-def shard_jobs(pending: list[int], blocks: list[range], batch_size: int) -> list[list[int]]:
-    """Pending blocks grouped into dask tasks: runs of consecutive blocks holding at least one batch of rows
-    (so small shards still fill the model's batches), never more."""
+def shard_jobs(pending: list[int], blocks: list[range], batch_size: int, *, max_batches: int = 8) -> list[list[int]]:
+    """Pending blocks grouped into dask tasks: runs of consecutive blocks, each closed at the first block
+    boundary where its rows fill whole batches but for 5% (or at `max_batches` batches). A job's rows are
+    cut into batches of their own, so a job of two 18-row shards at batch 32 would run a batch of 4
+    beside one of 32; seven such shards run 4 batches, the last one nearly full."""
     jobs: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
     for block in pending:
-        if jobs and jobs[-1][-1] == block - 1 and sum(len(blocks[b]) for b in jobs[-1]) < batch_size:
-            jobs[-1].append(block)
-        else:
-            jobs.append([block])
+        if current and current[-1] != block - 1:
+            jobs.append(current)
+            current, rows = [], 0
+        current.append(block)
+        rows += len(blocks[block])
+        batches = rows / batch_size
+        if rows >= batch_size and (math.ceil(batches) - batches <= 0.05 * batches or batches >= max_batches):
+            jobs.append(current)
+            current, rows = [], 0
+    if current:
+        jobs.append(current)
     return jobs
 
 

@@ -15,11 +15,11 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -464,16 +464,35 @@ class Batch:
     bad: dict[int, str]
 
 
+T = TypeVar("T")
+_END = object()
+
+
+def one_ahead(items: Iterable[T]) -> Iterator[T]:
+    """`items`, each produced on a background thread while the caller works on the one before: without
+    DataLoader worker processes (--num-workers 0, or a dask worker, a daemon process that may have no
+    children) image decoding, which releases the GIL, still overlaps the model. Same items, same order."""
+    with ThreadPoolExecutor(1, thread_name_prefix="combo-decode") as pool:
+        iterator = iter(items)
+        future = pool.submit(next, iterator, _END)
+        while True:
+            item = future.result()
+            if item is _END:
+                return
+            future = pool.submit(next, iterator, _END)
+            yield item
+
+
 def forward_batches(cfg: ExtractConfig, backbone: Backbone, plan: TaskPlan, rows: list[int], *, device: torch.device,
                     num_workers: int | None = None) -> Iterator[Batch]:
     """The images of `rows` (store row order) through the backbone, `cfg.batch_size` at a time. An image that
     cannot be decoded stops the run with its sample named, unless `cfg.skip_bad` (then it is in `bad`)."""
     dataset = PlanImages(plan, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std)
-    loader = DataLoader(Subset(dataset, rows), batch_size=cfg.batch_size, shuffle=False,
-                        num_workers=cfg.num_workers if num_workers is None else num_workers,
+    workers = cfg.num_workers if num_workers is None else num_workers
+    loader = DataLoader(Subset(dataset, rows), batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", collate_fn=collate_plan_images)
     torch_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
-    for images, row_ids, errors in loader:
+    for images, row_ids, errors in (loader if workers else one_ahead(loader)):
         row_ids = [int(r) for r in row_ids]
         bad = {i: str(e) for i, e in enumerate(errors) if e}
         if bad and not cfg.skip_bad:

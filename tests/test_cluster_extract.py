@@ -62,10 +62,20 @@ def cluster():
         yield local, client
 
 
-def test_shard_jobs_group_consecutive_blocks_up_to_one_batch():
-    blocks = [range(s, min(s + 3, 20)) for s in range(0, 20, 3)]  # 7 blocks of 3 rows (the last 2)
-    assert shard_jobs([0, 1, 2, 3, 5, 6], blocks, batch_size=8) == [[0, 1, 2], [3], [5, 6]]
-    assert shard_jobs([0, 1, 2], blocks, batch_size=1) == [[0], [1], [2]]
+def test_shard_jobs_fill_whole_batches():
+    blocks = [range(s, min(s + 3, 26)) for s in range(0, 26, 3)]  # 9 blocks of 3 rows (the last 2)
+    # batch 8: 8 blocks of 3 rows are 3 whole batches; a gap in the pending blocks ends a job early
+    assert shard_jobs(list(range(9)), blocks, batch_size=8) == [[0, 1, 2, 3, 4, 5, 6, 7], [8]]
+    assert shard_jobs([0, 1, 2, 3, 5, 6], blocks, batch_size=8) == [[0, 1, 2, 3], [5, 6]]
+    assert shard_jobs([0, 1, 2], blocks, batch_size=1) == [[0], [1], [2]]  # 3 whole batches each
+    assert shard_jobs([0, 1, 2], blocks, batch_size=3) == [[0], [1], [2]]
+    assert shard_jobs(list(range(9)), blocks, batch_size=64, max_batches=8) == [list(range(9))]  # all, < 1 batch
+    # 18-row shards at batch 32 (vit_small, 32 MiB shards): 7 shards = 126 rows = 4 batches, the last nearly full
+    shards = [range(s, s + 18) for s in range(0, 18 * 20, 18)]
+    assert [len(j) for j in shard_jobs(list(range(20)), shards, batch_size=32)] == [7, 7, 6]
+    # never more than max_batches batches in one job
+    big = [range(s, s + 100) for s in range(0, 1000, 100)]
+    assert [len(j) for j in shard_jobs(list(range(10)), big, batch_size=33, max_batches=8)] == [3, 3, 3, 1]
     assert shard_jobs([], blocks, batch_size=8) == []
 
 
@@ -177,6 +187,21 @@ def test_unreachable_scheduler_fails_fast_and_writes_nothing(vtab, tmp_path):
     assert result.exit_code == 2 and "no dask scheduler could be reached" in result.output, result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / MODEL).exists()  # nothing written: the address is tried before the model loads
+
+
+def test_workers_undo_dasks_malloc_setting(monkeypatch):
+    """dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which costs a CPU forward 25-45%
+    (benchmarks/RESULTS.md, scale_extract): every worker of open_client runs combo's plugin that undoes it."""
+    from combo.worker_setup import keep_freed_memory
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert keep_freed_memory() is False  # nothing to undo
+    with open_client(ClusterConfig(workers=1)) as client:
+        plugins = client.run(lambda dask_worker: sorted(dask_worker.plugins))
+        environ = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        undone = client.run(keep_freed_memory)
+    assert [p for p in plugins.values() if "combo-keep-freed-memory" in p] == list(plugins.values())
+    assert set(environ.values()) == {"65536"} and set(undone.values()) == {True}
 
 
 def test_cluster_options_are_checked():
