@@ -399,10 +399,7 @@ def _extract_into(path: Path | str, cfg: ExtractConfig, layout: StoreLayout, *, 
                     break
             state.removed = True
         raise
-    if isinstance(path, Path):
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    else:
-        size = sum((list_sizes(resolve(path, storage_options=cfg.storage_options)) or {}).values())
+    size = sum((list_sizes(resolve(path, storage_options=cfg.storage_options)) or {}).values())
     return ExtractResult(store=path, tasks=results, bytes_on_disk=size, seconds=time.perf_counter() - started)
 
 

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import posixpath
-import shutil
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -193,7 +192,3 @@ def shards_intact(remote: Location, entries: dict[str, tuple[str, int | None]], 
 
     with ThreadPoolExecutor(16) as pool:
         return {k for k, ok in zip(present, pool.map(same, present)) if ok}
-
-
-def drop_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -712,16 +712,15 @@ class ShardWriter:
         for array_name, array in self.arrays():
             key = self.key(array_name, array, block)
             path = self.path / key
-            if self.remote is not None:  # one put (atomic), its sha256 kept with it; the local copy goes
-                data = path.read_bytes()
-                checksums[key], sizes[key] = sha256_bytes(data), len(data)
-                self.remote.write_bytes(key, data, sha256=checksums[key])
-                path.unlink()
-                continue
-            _fsync_file(path)  # the data is durable before the journal says it is there
+            if self.remote is None:
+                _fsync_file(path)  # the data is durable before the journal says it is there
             data = path.read_bytes()
             checksums[key], sizes[key] = sha256_bytes(data), len(data)
-            fsync_dir(path.parent)
+            if self.remote is not None:  # one put (atomic), its sha256 kept with it; the local copy goes
+                self.remote.write_bytes(key, data, sha256=checksums[key])
+                path.unlink()
+            else:
+                fsync_dir(path.parent)
         return {"block": block, "checksums": checksums, "sizes": sizes, "skipped": [s.__dict__ for s in skipped]}
 
 
@@ -784,18 +783,15 @@ class TaskWriter:
         if self.store.remote is not None:  # a remote store's shards are there, not in the staging folder
             wanted = {k: (d, (e.get("sizes") or {}).get(k)) for e, keys in lines for k, d in keys.items()}
             uploaded = stage.shards_intact(self.store.remote, wanted, prefix=f"{self.name}/")
+
+        def holds(key: str, digest: str) -> bool:
+            if self.store.remote is not None:
+                return key in uploaded
+            path = self.store.path / key
+            return path.exists() and sha256_bytes(path.read_bytes()) == digest
+
         for entry, keys in lines:
-            intact = True
-            for key, digest in keys.items():
-                path = self.store.path / key
-                if self.store.remote is not None:
-                    if key not in uploaded:
-                        intact = False
-                        break
-                elif not path.exists() or sha256_bytes(path.read_bytes()) != digest:
-                    intact = False
-                    break
-            if intact:
+            if all(holds(key, digest) for key, digest in keys.items()):
                 self.done[int(entry["block"])] = keys
                 self.sizes.update({k: int(v) for k, v in (entry.get("sizes") or {}).items()})
                 for s in entry.get("skipped", []):
