@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -10,7 +9,6 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -20,38 +18,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 from combo.cluster import ClusterConfig, ClusterError, open_client  # noqa: E402
 from extract.cluster import shard_jobs  # noqa: E402
 from extract.images import ImageDecodeError  # noqa: E402
-from extract.pipeline import ExtractConfig, extract  # noqa: E402
+from extract.pipeline import extract  # noqa: E402
+from extractcase import MODEL, ROWS, SIZE, config, data_objects, reference, vtab  # noqa: E402,F401 - fixtures
 from fakedata import make_vtab_tree  # noqa: E402
 from store_schema import open_store, validate_store  # noqa: E402
-
-MODEL = "vit_tiny_patch16_224"
-SIZE = 32
-ROWS = 8  # rows per shard: 95 rows -> 12 shards, one dask task each (batch 8)
-
-
-def config(root: Path, out: Path, **kw) -> ExtractConfig:
-    return ExtractConfig(model=MODEL, dataset="vtab", root=str(root), out=str(out), image_size=SIZE, random_init=True,
-                         batch_size=8, num_workers=0, rows_per_shard=ROWS, **kw)
-
-
-def data_objects(store: Path) -> dict[str, dict]:
-    """Every object of a finished store with its sha256, except the zarr.json documents (they hold timestamps)."""
-    objects = json.loads((store / "manifest.json").read_text())["objects"]
-    return {k: v for k, v in objects.items() if not k.endswith("zarr.json")}
-
-
-@pytest.fixture(scope="module")
-def vtab(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vtab")
-    make_vtab_tree(root, {"eurosat": 4}, n_train=10, n_val=5, n_test=80, image_size=16)
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(vtab, tmp_path_factory):
-    """The single-process store every cluster run must equal byte for byte."""
-    result = extract(config(vtab, tmp_path_factory.mktemp("single")))
-    return result.store
 
 
 @pytest.fixture(scope="module")

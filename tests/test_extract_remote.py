@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from combo.cli import app
-from extract.pipeline import ExtractConfig, extract
-from fakedata import make_vtab_tree
+from extract.pipeline import extract
+from extractcase import MODEL, ROWS, SIZE, config, data_objects, manifest_objects, reference, vtab  # noqa: F401 - fixtures
 from servers import s3  # noqa: F401 - fixture
 from store_schema import open_store, validate_store
 from store_schema.staging import STAGING_ENV, staging_dir
@@ -20,28 +20,6 @@ from store_schema.location import resolve
 from store_schema.writer import TaskWriter, is_row_shard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-MODEL = "vit_tiny_patch16_224"
-SIZE = 32
-ROWS = 8  # 95 rows -> 12 shards
-
-
-def config(root: Path, out: str, **kw) -> ExtractConfig:
-    return ExtractConfig(model=MODEL, dataset="vtab", root=str(root), out=out, image_size=SIZE, random_init=True,
-                         batch_size=8, num_workers=0, rows_per_shard=ROWS, **kw)
-
-
-@pytest.fixture(scope="module")
-def vtab(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vtab")
-    make_vtab_tree(root, {"eurosat": 4}, n_train=10, n_val=5, n_test=80, image_size=16)
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(vtab, tmp_path_factory) -> Path:
-    return extract(config(vtab, str(tmp_path_factory.mktemp("local")))).store
-
 
 @pytest.fixture
 def staging(tmp_path, monkeypatch) -> Path:
@@ -55,11 +33,6 @@ def bucket(s3, request) -> str:  # noqa: F811 - the s3 fixture
     name = "ext-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
     s3.boto().create_bucket(Bucket=name)
     return name
-
-
-def data_objects(manifest: dict) -> dict[str, dict]:
-    """Every object of a finished store with its sha256, except the zarr.json documents (they hold timestamps)."""
-    return {k: v for k, v in manifest["objects"].items() if not k.endswith("zarr.json")}
 
 
 def remote_keys(s3, bucket: str, prefix: str) -> dict[str, int]:  # noqa: F811
@@ -80,8 +53,7 @@ def test_cli_extract_to_s3_equals_the_local_store(vtab, reference, s3, bucket, s
     assert url in result.output.replace("\n", "")
     prefix = f"stores/{MODEL}/vtab.zarr/"
     manifest = remote_manifest(s3, bucket, prefix)
-    local = json.loads((reference / "manifest.json").read_text())
-    assert data_objects(manifest) == data_objects(local)  # every shard and the sample table, byte for byte
+    assert manifest_objects(manifest) == data_objects(reference)  # every shard and the sample table, byte for byte
     # exactly the store's objects went up: no journal, lock or mirror record, nothing half-written
     assert set(remote_keys(s3, bucket, prefix)) == set(manifest["objects"]) | {"manifest.json"}
     report = validate_store(url, storage_options=s3.options, checksums="all")
@@ -112,7 +84,7 @@ def test_interrupted_remote_extraction_resumes_from_the_clients_journal(vtab, re
         extract(cfg)
     monkeypatch.setattr(TaskWriter, "record", record)
     listed = remote_keys(s3, bucket, prefix)
-    assert "manifest.json" not in listed or "eurosat/zarr.json" not in data_objects(remote_manifest(s3, bucket, prefix))
+    assert "manifest.json" not in listed or "eurosat/zarr.json" not in manifest_objects(remote_manifest(s3, bucket, prefix))
     doc = json.loads(s3.boto().get_object(Bucket=bucket, Key=prefix + "eurosat/zarr.json")["Body"].read())
     assert doc["attributes"]["combo_task"]["complete"] is False  # readers see an unfinished task
     shards = sorted(k for k in listed if k.startswith("eurosat/tokens/c/"))
@@ -124,7 +96,7 @@ def test_interrupted_remote_extraction_resumes_from_the_clients_journal(vtab, re
     assert result.tasks[0].status == "resumed"
     assert result.tasks[0].images == 95 - 4 * ROWS  # 5 journaled, one of them lost: 4 shards kept
     manifest = remote_manifest(s3, bucket, prefix)
-    assert data_objects(manifest) == data_objects(json.loads((reference / "manifest.json").read_text()))
+    assert manifest_objects(manifest) == data_objects(reference)
     assert validate_store(f"s3://{bucket}/{prefix}", storage_options=s3.options, checksums="all").ok
 
 
@@ -167,7 +139,7 @@ def test_cluster_extraction_to_s3_equals_the_local_store(vtab, reference, s3, bu
     assert result.tasks[0].status == "extracted" and result.tasks[0].images == 95
     prefix = f"dask/{MODEL}/vtab.zarr/"
     manifest = remote_manifest(s3, bucket, prefix)
-    assert data_objects(manifest) == data_objects(json.loads((reference / "manifest.json").read_text()))
+    assert manifest_objects(manifest) == data_objects(reference)
     assert set(remote_keys(s3, bucket, prefix)) == set(manifest["objects"]) | {"manifest.json"}
     assert validate_store(result.store, storage_options=s3.options, checksums="all").ok
 
@@ -202,5 +174,5 @@ def test_killed_while_publishing_a_finished_task_the_next_run_completes_it(vtab,
     result = extract(cfg)
     assert [t.status for t in result.tasks] == ["already complete"] and result.images == 0
     manifest = remote_manifest(s3, bucket, prefix)
-    assert data_objects(manifest) == data_objects(json.loads((reference / "manifest.json").read_text()))
+    assert manifest_objects(manifest) == data_objects(reference)
     assert validate_store(f"s3://{bucket}/{prefix}", storage_options=s3.options, checksums="all").ok
