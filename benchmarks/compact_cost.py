@@ -2,7 +2,7 @@
 on the same features with injected "massive" channels and high-norm outlier tokens. One table, one run.
 
 For each task (sklearn digits, and two generated tasks whose answer needs spatial detail, see
-benchmarks/shapes_data.py: which quadrant a shape is in, how many shapes there are) this script
+benchmarks/shapes_data.py: which quadrant a shape is in, how many bright shapes there are among grey ones) this script
 
 1. extracts a float16 store with a small random-init timm ViT (``--model``, depth ``--depth``, ``--image-size``),
 2. writes an *outlier* variant of it through `store_schema.StoreWriter` (same sample table and metadata):
@@ -28,7 +28,7 @@ Columns (a compact row is always compared with the float16 store of the same tas
 - ``steps/s ratio``: training steps/s of the compact store / float16 store, median over seeds of the paired
   ratios (the timing includes reading the split into the cache once; 2 shared cores: noisy).
 
-    python benchmarks/compact_cost.py                       # ~50 min on 2 CPU cores (1500-step probes, 5 seeds)
+    python benchmarks/compact_cost.py                       # ~40 min on 2 CPU cores (1500-step probes, 5 seeds)
     python benchmarks/compact_cost.py --quick               # ~2 min smoke test (2 seeds, 100 steps, small tests)
     python benchmarks/compact_cost.py --formats int8,pca:16 --tasks position --seeds 5 --workdir /tmp/cc
 """
@@ -251,7 +251,7 @@ def probe(store: Path, seed: int, args: argparse.Namespace, work: Path) -> Fit:
     run = run_probe(ProbeConfig(
         stores=(str(store),), dataset="folder", protocol="final", steps=args.steps, batch_size=args.batch_size,
         seed=seed, device="cpu", out=str(work / "runs"), width=args.width, depth=args.adapter_depth,
-        num_heads=args.heads, cache=args.cache,
+        num_heads=args.heads, cache=args.cache, init=args.init,
     ))
     fit = run.fits[0]
     order = np.argsort(fit.eval_rows)  # predictions by store row, whatever order the evaluation read them in
@@ -406,6 +406,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=32, help="adapter width (the paper's 128 is slow on 2 cores)")
     parser.add_argument("--adapter-depth", type=int, default=1)
     parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--init", default="torch", choices=("timm", "torch"),
+                        help="ComBo's F/head init (default torch: it escapes the start plateau sooner, so a plateau "
+                             "seed does not pass for a store's cost; timm: the authors', RESULTS.md)")
     parser.add_argument("--cache", default="auto", help="probe cache mode (auto = RAM on CPU)")
     parser.add_argument("--model", default="vit_tiny_patch16_224")
     parser.add_argument("--depth", type=int, default=4, help="backbone blocks (= store layers)")
@@ -516,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
     print("```\npython " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}", *(argv or sys.argv[1:])])
           + "\n```\n")
     print(f"torch {_t.__version__}, {_t.get_num_threads()} thread(s); ComBo adapter width {args.width}, depth "
-          f"{args.adapter_depth}, {args.steps} steps, batch {args.batch_size}, protocol final (trainval -> test); "
+          f"{args.adapter_depth}, init {args.init}, {args.steps} steps, batch {args.batch_size}, protocol final (trainval -> test); "
           f"seeds {seeds[0]}..{seeds[-1]}; backbone {args.model} depth {args.depth}, random init, "
           f"{args.image_size} px\n")
     for note in notes:
