@@ -170,6 +170,28 @@ def test_xarray_opens_a_compact_task(source, tmp_path):
     np.testing.assert_array_equal(got, open_store(tmp_path / "c.zarr").task("task").read(slice(None)))
 
 
+def test_compact_store_travels_by_push_pull_and_pack(source, tmp_path):
+    """A compact store's objects are ordinary store objects: push, pull and pack copy them all, each copy validates
+    and reads the same encoded tokens and decoded maps."""
+    from store_schema.pack import pack_store
+
+    original = tmp_path / "c.zarr"
+    compact_store(source, original, CompactSpec.parse("pca:8,int8"))
+    shared, back, packed = tmp_path / "shared" / "c.zarr", tmp_path / "back" / "c.zarr", tmp_path / "c.zarr.zip"
+    for args in (["store", "push", str(original), str(shared)], ["store", "pull", str(shared), str(back)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    pack_store(back, packed)
+    rows = np.array([5, 40, 0])
+    want = open_store(original).task("task")
+    for copy in (shared, back, packed):
+        assert validate_store(copy, checksums="all").ok, copy
+        got = open_store(copy).task("task")
+        assert got.compact == want.compact
+        np.testing.assert_array_equal(got.read(rows), want.read(rows))
+        np.testing.assert_array_equal(got.read(rows, normalised=True), want.read(rows, normalised=True))
+
+
 def test_compact_task_missing_a_shard_is_refused(source, tmp_path):
     compact_store(source, tmp_path / "c.zarr", CompactSpec(int8=True))
     shard = next(p for p in (tmp_path / "c.zarr" / "task" / "token_scale" / "c").rglob("*") if p.is_file())
