@@ -85,7 +85,6 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from probe.adapter import ComboAdapter, ComboConfig
-    from probe.align import make_prepare
     from probe.data import plan_cache, training_batches
     from probe.stores import align_tasks, open_stores
     from probe.train import TrainConfig, set_seed, train_steps
@@ -97,12 +96,9 @@ def child(args: argparse.Namespace) -> None:
     split_bytes = source.n * source.row_bytes()
     budget = int(split_bytes * args.budget_fraction)
     cpu = torch.device("cpu")
-    from probe.run import decoding_prepare
+    from probe.run import combo_prepare
 
-    # as run_probe does: a compact store's batches are decoded here, normalised with their stored statistics
-    normalised = [source.compact_of(k) for k in range(len(aligned.parts))]
-    prepare = decoding_prepare(source, make_prepare(aligned.grids, target=aligned.grids[0], prenormalised=normalised),
-                               normalised=normalised)
+    prepare = combo_prepare(aligned, source, aligned.grids[0])  # as run_probe: a compact store is decoded here
 
     def model() -> torch.nn.Module:
         set_seed(0)
@@ -192,8 +188,7 @@ def main() -> None:
             from store_schema.compactor import compact_store
 
             fp16_speed = spawn(args, "speed", store)
-            store = Path(tmp) / "bench-compact.zarr"
-            compact_store(Path(tmp) / "bench.zarr", store, CompactSpec.parse(args.compact))
+            store = compact_store(store, Path(tmp) / "bench-compact.zarr", CompactSpec.parse(args.compact)).store
         on_disk = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
         speed = spawn(args, "speed", store)
         ram = spawn(args, "ram", store)

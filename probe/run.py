@@ -238,12 +238,16 @@ def model_and_prepare(aligned: AlignedTask, source: SplitSource, cfg: ProbeConfi
     model_config["layers_per_backbone"] = list(combo.layers_per_backbone)
     model_config["feature_dims"] = list(combo.feature_dims)
     model_config["grid"] = list(grid)
-    # a compact store already on the target grid is decoded normalised with its maps' exact stored statistics;
-    # one that must be resized is decoded in original units, then resized and normalised like a full-size one
+    return "combo", model_config, ComboAdapter(combo), combo_prepare(aligned, source, grid)
+
+
+def combo_prepare(aligned: AlignedTask, source: SplitSource, grid: tuple[int, int]) -> Callable:
+    """ComBo's ``prepare`` for batches of ``source`` at ``grid``. A compact store already on the grid is decoded
+    normalised with its maps' exact stored statistics; one that must be resized is decoded in original units,
+    then resized and normalised like a full-size one."""
     normalised = [source.compact_of(k) and tuple(g) == tuple(grid) for k, g in enumerate(aligned.grids)]
-    prepare = decoding_prepare(source, make_prepare(aligned.grids, target=grid, prenormalised=normalised),
-                               normalised=normalised)
-    return "combo", model_config, ComboAdapter(combo), prepare
+    return decoding_prepare(source, make_prepare(aligned.grids, target=grid, prenormalised=normalised),
+                            normalised=normalised)
 
 
 # --------------------------------------------------------------------------------------------- training
