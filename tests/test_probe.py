@@ -296,7 +296,10 @@ def test_backbones_of_different_widths_train_rank_and_select(tmp_path):
     write_store(tmp_path / "small.zarr", tokens=noise, labels=labels, splits=vtab_like_splits(*n), grid=(2, 2),
                 alias="small", dataset="synthetic", num_classes=3, layout=StoreLayout(rows_per_shard=8, rows_per_chunk=4))
     stores = (str(tmp_path / "tiny.zarr"), str(tmp_path / "small.zarr"))
+    # init torch: with the authors' init this 48-image fit sat on ComBo's start plateau (31-56%) on some CPUs and
+    # thread counts (benchmarks/init_plateau.py); this test is about the mixed widths, not the init
     cfg = ProbeConfig(stores=stores, dataset="synthetic", protocol="dev", steps=150, batch_size=16, width=16, depth=1,
+                      init="torch",
                       lr=3e-3, device="cpu", out=str(tmp_path / "runs"))
     run = run_probe(cfg)
     model = run.fits[0].model
