@@ -21,6 +21,8 @@ from .layout import StoreLayout
 from .location import Location, list_sizes, resolve
 from .manifest import Manifest, absent_or_resized, describe_missing, load_manifest, verify_bytes
 from .metadata import FORMAT_MAJOR, FORMAT_NAME, FORMAT_VERSION, ROOT_ATTR, TASK_ATTR, UPGRADE_HINT, format_version
+from . import shardread
+from .shardread import ShardFiles, ShardSpec
 from .writer import PREFIX, SAMPLES_NAME, TOKENS, shard_key
 
 
@@ -198,10 +200,11 @@ def read_spans(sorted_rows: np.ndarray, *, rows_per_shard: int, num_rows: int, m
 
 
 def read_rows(array: zarr.Array, rows: Sequence[int] | np.ndarray, *, layers: Sequence[int] | None, rows_per_shard: int,
-              where: str = "") -> np.ndarray:
+              where: str = "", files: ShardFiles | None = None) -> np.ndarray:
     """Rows (any order, repeats allowed) of a [N, L, ...] zarr array into one preallocated array.
 
-    Spans come from `read_spans` (capped at `SPAN_BYTES` per call, so zarr fetches and decodes
+    With ``files`` (where the array's shards are) and an array in combo's own layout, the inner chunks are
+    decoded on the read pool straight into the output (store_schema/shardread.py). Otherwise spans come from `read_spans` (capped at `SPAN_BYTES` per call, so zarr fetches and decodes
     their chunks concurrently: one round trip per span on remote stores) and are scattered
     straight into the output: peak memory is the output plus one span. A layer selection is read
     with orthogonal indexing, so only those layers' inner chunks are decoded.
@@ -217,6 +220,10 @@ def read_rows(array: zarr.Array, rows: Sequence[int] | np.ndarray, *, layers: Se
         raise IndexError(f"{where}: rows outside 0..{num_rows - 1}")
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
+    spec = ShardSpec.of(array) if files is not None else None
+    if spec is not None:
+        shardread.read_into(spec, files, out, sorted_rows, order, layers=layer_list, where=where)
+        return out
     row_bytes = int(np.prod(shape[1:])) * out.dtype.itemsize
     max_rows = max(rows_per_shard, SPAN_BYTES // max(1, row_bytes))
     for lo, hi in read_spans(sorted_rows, rows_per_shard=rows_per_shard, num_rows=num_rows, max_rows=max_rows):
@@ -387,9 +394,16 @@ class TaskStore:
         self.require_complete()
         rows = self._rows(rows)
         out = read_rows(array, rows, layers=layers, rows_per_shard=self.rows_per_shard,
-                        where=f"task {self.name} of {self.store.url}")
+                        where=f"task {self.name} of {self.store.url}", files=self.files(array))
         self._check_written(out, rows, array_name=PREFIX if prefix else TOKENS)
         return out
+
+    def files(self, array: zarr.Array) -> ShardFiles | None:
+        """Where the shard reader fetches `array`'s shards (None: zarr reads them; $COMBO_SHARD_READER=zarr
+        forces that, for comparison)."""
+        if os.environ.get("COMBO_SHARD_READER") == "zarr":
+            return None
+        return shardread.files_for(self.store.location, array)
 
     def _rows(self, rows: Sequence[int] | np.ndarray | slice) -> np.ndarray:
         if isinstance(rows, slice):
@@ -403,7 +417,8 @@ class TaskStore:
         self.require_complete()
         rows = self._rows(rows)
         where = f"task {self.name} of {self.store.url}"
-        out = [read_rows(a, rows, layers=layers, rows_per_shard=self.rows_per_shard, where=where) for a in arrays]
+        out = [read_rows(a, rows, layers=layers, rows_per_shard=self.rows_per_shard, where=where, files=self.files(a))
+               for a in arrays]
         self._check_written(out[-1], rows, array_name=MAP_STATS)  # map_stats: NaN where never written
         return out
 
