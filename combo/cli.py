@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import cli_compact, cli_extract, cli_probe, cli_store, cli_study
+from .worker_setup import tensor_huge_pages
 
 app = typer.Typer(
     name="combo",
@@ -27,6 +28,7 @@ app.add_typer(cli_store.app, name="store")
 
 
 def main() -> None:
+    tensor_huge_pages()
     app()
 
 

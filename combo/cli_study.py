@@ -72,7 +72,7 @@ def relevance_command(
     seed: int = typer.Option(42, "--seed", help="Seed for the init and the sample order (paper: 42)."),
     grid: Optional[str] = typer.Option(None, "--grid", help=GRID_HELP),
     cache: str = typer.Option("auto", "--cache", help="Where the training split lives: auto, device, ram, stream."),
-    cache_budget: Optional[str] = typer.Option(None, "--cache-budget", help="Memory for the cached split, e.g. 8GiB (default: half the RAM)."),
+    cache_budget: Optional[str] = typer.Option(None, "--cache-budget", help="RAM for the training split, e.g. 8GiB (default: half the RAM); a larger split is streamed within it. The run holds at most this plus the overhead its cache line states (batches, adapter)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu, mps; default: the best available."),
     out: str = typer.Option("runs", "--out", "-o", help="Folder for run folders."),
     store_root: Optional[str] = typer.Option(None, "--store-root", help="Where short store names live (default $COMBO_STORE_ROOT or ./stores)."),

@@ -115,11 +115,36 @@ def prepare_features(
         if flag and tuple(int(v) for v in grid) != tuple(int(v) for v in target):
             raise FeatureShapeError(f"backbone {k}: normalised maps on grid {tuple(grid)} cannot be resized to {tuple(target)}; "
                                     "decode them in original units")
-    aligned = [align_grid(x, grid, target) if flag else normalise_maps(align_grid(x, grid, target), eps=eps)
-               for (x, grid), flag in zip(parts, flags)]
     if len(set(widths)) > 1:
-        return aligned
-    return aligned[0] if len(aligned) == 1 else torch.cat(aligned, dim=1)
+        return [_aligned_into(None, x, grid, target, normalise=not flag, eps=eps) for (x, grid), flag in zip(parts, flags)]
+    # equal widths: every backbone is written (and normalised in place) into its slice of one float32 tensor,
+    # so a batch costs one float32 copy of itself, not three (cast, centred, scaled) plus a concatenation
+    th, tw = (int(v) for v in target)
+    first = parts[0][0]
+    out = torch.empty((batches[0], sum(int(x.shape[1]) for x, _ in parts), th * tw, widths[0]), dtype=torch.float32,
+                      device=first.device)
+    start = 0
+    for (x, grid), flag in zip(parts, flags):
+        _aligned_into(out[:, start : start + int(x.shape[1])], x, grid, target, normalise=not flag, eps=eps)
+        start += int(x.shape[1])
+    return out
+
+
+def _aligned_into(out: Tensor | None, x: Tensor, grid: tuple[int, int], target: tuple[int, int], *, normalise: bool,
+                  eps: float) -> Tensor:
+    """`align_grid` (and `normalise_maps`, in place: the same arithmetic) written into `out` (None: a new tensor)."""
+    if tuple(int(v) for v in grid) == tuple(int(v) for v in target):
+        if out is None:
+            out = x.float().clone() if x.dtype == torch.float32 else x.float()  # never normalise the caller's tensor
+        else:
+            out.copy_(x)
+    else:
+        resized = align_grid(x, grid, target)
+        out = resized if out is None else out.copy_(resized)
+    if normalise:
+        var, mean = torch.var_mean(out, dim=(2, 3), correction=0, keepdim=True)
+        out.sub_(mean).mul_(torch.rsqrt(var + eps))
+    return out
 
 
 def make_prepare(

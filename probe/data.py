@@ -54,6 +54,18 @@ CACHE_MODES = ("auto", "device", "ram", "stream")
 # compressed bytes): measured with benchmarks/probe_stream.py, the data buffers peak near the budget
 STREAM_WINDOWS_IN_RAM = 6
 STREAM_BATCHES_IN_RAM = 2  # the batch being trained on + the one being assembled (batches are copies)
+# evaluation reads one batch at a time, whatever the split's size: the batch being evaluated, one queued and
+# one being read; a batch holds at most EVAL_BATCH_BYTES as stored (fewer rows than eval_batch_size if need be)
+EVAL_BATCHES_IN_RAM = 3
+EVAL_BATCH_BYTES = 16 * 2**20
+# What a run holds beyond its cache budget and what it held after its imports (peak RSS, measured with
+# benchmarks/large_store.py and tests/test_memory_budget.py): torch's kernels, thread pools and the adapter ...
+FIXED_OVERHEAD_BYTES = 256 * 2**20
+# ... and copies of one training batch's stored bytes: the batch itself and the one being assembled, its float32
+# copy (2x for float16), the adapter's contiguous copy of that for Lambda (2x), gradients and activations
+TRAIN_BATCH_COPIES = 10
+# ... and of one evaluation batch's: the reads in flight (EVAL_BATCHES_IN_RAM), its float32 copies, and freed blocks glibc keeps
+EVAL_BATCH_COPIES = 10
 Batch = tuple[list[Tensor], Tensor]
 
 
@@ -415,18 +427,33 @@ def stream_batches(source: SplitSource, *, batch_size: int, seed: int, window_ro
         prefetch.close()
 
 
-def eval_batches(source: SplitSource, *, batch_size: int) -> Iterator[Batch]:
-    """The split in stored order, read ahead in a background thread (any split size)."""
-    labels = source.labels.astype(np.int64)
+def eval_batch_rows(source: SplitSource, batch_size: int, *, max_batch_bytes: int | None = EVAL_BATCH_BYTES) -> int:
+    """Rows per evaluation batch: `batch_size`, fewer when its stored bytes would pass `max_batch_bytes`
+    (at ViT-B geometry 256 rows are 0.9 GiB per store as stored and twice that as float32 once prepared;
+    a sample's prediction does not depend on the batch it is in)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    # whole batches per read (at least a shard's worth), so only the split's last batch is smaller
+    if max_batch_bytes is None:
+        return batch_size
+    rows = max(1, min(batch_size, int(max_batch_bytes // max(1, source.row_bytes()))))
+    shard = source.task.reference.rows_per_shard
+    return rows if rows >= batch_size or rows < shard else rows // shard * shard  # capped: whole shards per batch
+
+
+def eval_batches(source: SplitSource, *, batch_size: int, max_batch_bytes: int | None = EVAL_BATCH_BYTES) -> Iterator[Batch]:
+    """The split in stored order, read ahead in a background thread: at most `EVAL_BATCHES_IN_RAM` reads
+    (of whole batches of `eval_batch_rows` rows, at least a shard) exist at once, whatever the split's size."""
+    labels = source.labels.astype(np.int64)
+    batch_size = eval_batch_rows(source, batch_size, max_batch_bytes=max_batch_bytes)
+    # whole batches per read, at least a shard's worth (an inner chunk holds all its shard's rows, so a read
+    # of part of a shard decodes all of it); only the split's last batch is smaller
     rows_per_read = batch_size * max(1, -(-source.task.reference.rows_per_shard // batch_size))
 
     def reads() -> Iterator[tuple[int, list[np.ndarray]]]:
         for s in range(0, source.n, rows_per_read):
             yield s, source.read(np.arange(s, min(s + rows_per_read, source.n)))
 
+    # one read queued, one being read, and the consumer's: the prefetcher's depth 1
     prefetch = Prefetcher(reads(), depth=1, name="combo-eval")
     try:
         for start, arrays in prefetch:
@@ -434,6 +461,7 @@ def eval_batches(source: SplitSource, *, batch_size: int) -> Iterator[Batch]:
                 take = [torch.from_numpy(np.ascontiguousarray(a[b : b + batch_size])) for a in arrays]
                 lo = start + b
                 yield take, torch.from_numpy(labels[lo : lo + take[0].shape[0]])
+            del arrays  # ours go before the next read is taken
     finally:
         prefetch.close()
 
@@ -448,11 +476,25 @@ class CachePlan:
     split_bytes: int
     budget_bytes: int | None = None
     note: str = ""  # why the plan differs from what was asked, if it does
+    cache_bytes: int | None = None  # RAM the training split takes at most (whole, or the stream's windows)
+    overhead_bytes: int | None = None  # RAM beyond that: batches, the adapter, torch (`memory_overhead`)
 
     def describe(self) -> str:
         window = "whole split" if self.window_rows is None else f"{self.window_rows} rows"
         text = f"cache {self.mode} ({self.split_bytes / 2**20:.1f} MiB, shuffle window {window})"
+        if self.cache_bytes is not None and self.overhead_bytes is not None:
+            text += (f"; holds at most {(self.cache_bytes + self.overhead_bytes) / 2**20:.0f} MiB of RAM after the "
+                     f"imports (training data {self.cache_bytes / 2**20:.0f} MiB, batches and adapter "
+                     f"{self.overhead_bytes / 2**20:.0f} MiB)")
         return f"{text}; {self.note}" if self.note else text
+
+
+def memory_overhead(source: SplitSource, *, batch_size: int, eval_batch_size: int = 256) -> int:
+    """Bytes a fit holds on top of its cache budget (and of the process after its imports), whatever the split's
+    size: a fixed part plus a fixed number of training and evaluation batches (see the constants above)."""
+    row = source.row_bytes()
+    return (FIXED_OVERHEAD_BYTES + TRAIN_BATCH_COPIES * batch_size * row
+            + EVAL_BATCH_COPIES * eval_batch_rows(source, eval_batch_size) * row)
 
 
 def _device_room(device: torch.device) -> int | None:
@@ -467,7 +509,7 @@ def _device_room(device: torch.device) -> int | None:
 
 
 def plan_cache(source: SplitSource, *, mode: str, budget_bytes: int, device: torch.device, batch_size: int,
-               shuffle_window: int | None = None) -> CachePlan:
+               shuffle_window: int | None = None, eval_batch_size: int = 256) -> CachePlan:
     """Pick where the training split lives.
 
     `auto`: on the GPU when there is one and the split fits both the budget and half the free GPU
@@ -521,7 +563,13 @@ def plan_cache(source: SplitSource, *, mode: str, budget_bytes: int, device: tor
                      f"windows are built from {pieces}-row pieces, more reads per window; "
                      "extract it again for whole-shard reads")
         note = f"{note}; {clustered}" if note else clustered
-    return CachePlan(mode=mode, window_rows=window, split_bytes=split_bytes, budget_bytes=budget_bytes, note=note)
+    if window is None:
+        cache_bytes = split_bytes  # read into RAM whole (and from there to the GPU in `device` mode)
+    else:
+        cache_bytes = min(split_bytes, (STREAM_WINDOWS_IN_RAM * window + STREAM_BATCHES_IN_RAM * batch_size) * row_bytes)
+    return CachePlan(mode=mode, window_rows=window, split_bytes=split_bytes, budget_bytes=budget_bytes, note=note,
+                     cache_bytes=int(cache_bytes),
+                     overhead_bytes=memory_overhead(source, batch_size=batch_size, eval_batch_size=eval_batch_size))
 
 
 def training_batches(source: SplitSource, plan: CachePlan, *, batch_size: int, seed: int, device: torch.device) -> Iterator[Batch]:
@@ -576,8 +624,10 @@ __all__ = [
     "default_budget",
     "epoch_order",
     "epoch_windows",
+    "eval_batch_rows",
     "eval_batches",
     "label_clustered",
+    "memory_overhead",
     "piece_rows",
     "plan_cache",
     "read_all",

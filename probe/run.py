@@ -283,7 +283,8 @@ def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, gr
     set_seed(cfg.seed)
     kind, model_config, model, prepare = model_and_prepare(aligned, train_source, cfg)
     plan: CachePlan = plan_cache(train_source, mode=cfg.cache, budget_bytes=cfg.cache_budget, device=device,
-                                 batch_size=cfg.batch_size, shuffle_window=cfg.shuffle_window)
+                                 batch_size=cfg.batch_size, shuffle_window=cfg.shuffle_window,
+                                 eval_batch_size=cfg.eval_batch_size)
     if log:
         shape = (f"grid {'x'.join(str(v) for v in model_config['grid'])}" if kind == "combo"
                  else f"{cfg.pool}-pooled last layer")
@@ -294,8 +295,11 @@ def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, gr
     if progress:
         progress.start(label, steps=cfg.total_steps)
     batches = training_batches(train_source, plan, batch_size=cfg.batch_size, seed=cfg.seed, device=device)
-    history = train_steps(model, batches, cfg.train_config(group_lambda=group_lambda), device=device, prepare=prepare,
-                          progress=progress)
+    try:
+        history = train_steps(model, batches, cfg.train_config(group_lambda=group_lambda), device=device, prepare=prepare,
+                              progress=progress)
+    finally:
+        batches.close()  # the cached split (or the stream's windows) goes before the evaluation split is read
     accuracy, n, preds = evaluate(model, eval_batches(eval_source, batch_size=cfg.eval_batch_size), device=device, prepare=prepare)
     if progress:
         progress.finish(label, summary=f"{100 * accuracy:.1f}% on {n} {eval_split}")
