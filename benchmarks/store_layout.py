@@ -18,7 +18,11 @@ the default without the checksum), one run prints side by side:
 * checksum cost: (read MB/s without checksum - with) / without, for both read patterns, by wall
   time and by CPU time of the process (all threads: less sensitive to other load); and
   the same in the codec alone (zstd-1 decode of one inner chunk with vs without its frame
-  checksum, and what a crc32c over the compressed chunk would cost instead).
+  checksum, and what a crc32c over the compressed chunk would cost instead);
+* threaded writes (store_schema/shardwrite.py, as `ShardWriter` writes): write MB/s of the default
+  layout through zarr (`array[s : s + rows] = ...`, then each shard fsynced as the writer does) and
+  through `write_shard` (temp file, fsync, rename) at 1, 2 and all cores' threads, the same data in
+  the same run, each with its ratio to 1 thread; every file's bytes are checked equal to zarr's.
 
 Reads are timed `--repeats` times, interleaved across layouts (order alternating each
 repeat), and the median is printed, because the machine is noisy. Files are read from the
@@ -29,12 +33,13 @@ Last, a computed table (no data) shows how big a shard gets under the old rule (
 rows) and under the byte targets, for a few ViTs (prefix token included): under format 2 the
 shard no longer grows with the model.
 
-    python benchmarks/store_layout.py [--images 64] [--model vit_small_patch16_224] [--repeats 5]
+    python benchmarks/store_layout.py [--images 64] [--model vit_small_patch16_224] [--repeats 5] [--no-write-threads]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -55,6 +60,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore, WrapperStore
 
 from store_schema import StoreLayout
+from store_schema.shardwrite import write_shard
 
 MiB = 2**20
 OLD = StoreLayout(rows_per_shard=32, rows_per_chunk=8, layers_per_chunk=1, codec="zstd", clevel=1, checksum=False, fill_nan=False)
@@ -139,6 +145,50 @@ def write(layout: StoreLayout, data: np.ndarray, path: Path) -> dict[str, Any]:
     return {"write_MBps": data.nbytes / seconds / 1e6, "bytes_per_image": size / data.shape[0], "ratio": size / data.nbytes}
 
 
+def shard_files(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted((path / "c").rglob("*")) if p.is_file()}
+
+
+def write_threaded(layout: StoreLayout, data: np.ndarray, path: Path, threads: int | None) -> float:
+    """Seconds to write every shard, durably: zarr's own write then an fsync (`threads` None), or `write_shard`."""
+    shutil.rmtree(path, ignore_errors=True)
+    array = zarr.create_array(LocalStore(path), **layout.array_kwargs(data.shape))
+    rows = layout.rows_per_shard
+    t = time.perf_counter()
+    for block, s in enumerate(range(0, data.shape[0], rows)):
+        shard = path / array.metadata.encode_chunk_key((block, 0, 0, 0))
+        if threads is None:
+            array[s : s + rows] = data[s : s + rows]
+            with open(shard, "rb") as handle:
+                os.fsync(handle.fileno())
+        else:
+            assert write_shard(array, data[s : s + rows], shard, threads=threads)
+    return time.perf_counter() - t
+
+
+def threaded_writes(layout: StoreLayout, data: np.ndarray, tmp: Path, repeats: int) -> None:
+    """Write MB/s through zarr and through shardwrite at 1, 2 and all threads; median of `repeats`, interleaved."""
+    cores = os.cpu_count() or 1
+    runs: dict[int | None, list[float]] = {None: [], **{n: [] for n in sorted({1, 2, cores})}}
+    order = list(runs)
+    for r in range(repeats):
+        for threads in order if r % 2 == 0 else order[::-1]:
+            runs[threads].append(write_threaded(layout, data, tmp / f"t{threads}.zarr", threads))
+    reference = shard_files(tmp / "tNone.zarr")
+    assert all(shard_files(tmp / f"t{n}.zarr") == reference for n in runs if n is not None), "bytes differ from zarr's"
+    one, one_best = statistics.median(runs[1]), min(runs[1])
+    print(f"\nThreaded shard writes, default layout ({layout.rows_per_shard} rows/shard, {len(reference)} shards, "
+          f"{data.nbytes / 1e6:.0f} MB), each shard fsynced; {repeats} runs interleaved; {cores} cores; "
+          "shard bytes identical to zarr's. MB/s: median (x 1 thread), best of the runs (x 1 thread's best)")
+    for threads, seconds in runs.items():
+        med, best = statistics.median(seconds), min(seconds)
+        label = "zarr (array[...] = ..., fsync)" if threads is None else \
+            f"shardwrite, {threads} thread{'s' if threads > 1 else ''}" + (" (all cores)" if threads == cores else "")
+        each = ", ".join(f"{data.nbytes / x / 1e6:.0f}" for x in seconds)
+        print(f"  {label:36s}: median {data.nbytes / med / 1e6:4.0f} ({one / med:.2f}x), "
+              f"best {data.nbytes / best / 1e6:4.0f} ({one_best / best:.2f}x)  runs: {each}")
+
+
 def read(layout: StoreLayout, data: np.ndarray, path: Path) -> dict[str, float]:
     store = CountingStore(LocalStore(path, read_only=True))
     array = zarr.open_array(store, mode="r")
@@ -214,6 +264,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--write-threads", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time threaded shard writes (store_schema/shardwrite.py)")
     args = parser.parse_args()
     start = time.perf_counter()
     data = features(args.images, args.model)
@@ -254,6 +306,9 @@ def main() -> None:
         print(f"  {label:17s}: {(b - a) / b * 100:+5.1f}%  (median {a:.0f} with vs {b:.0f} without; runs with/without: {runs})")
 
     codec_only(data, layouts[with_ck].rows_per_shard, args.repeats)
+    if args.write_threads:
+        with tempfile.TemporaryDirectory() as tmp:
+            threaded_writes(layouts[with_ck], data, Path(tmp), args.repeats)
     size_table()
     print(f"\n# took {time.perf_counter() - start:.0f} s")
 

@@ -12,6 +12,7 @@ import posixpath
 import re
 import tempfile
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,15 +150,17 @@ def nearest_existing(path: str | os.PathLike) -> Path:
     return path
 
 
-def write_file_atomic(target: str | os.PathLike, data: bytes) -> None:
+def write_file_atomic(target: str | os.PathLike, data: bytes | Iterable[bytes]) -> None:
     """Write a local file so readers see the old one or the new one, never half of it (a crash or a full disk
     mid-write leaves the old one): a temp file in the same folder (0666 less the umask), fsynced, renamed over
-    `target`, the folder fsynced."""
+    `target`, the folder fsynced. `data` may come in pieces (written as they come, e.g. while later ones are
+    still being encoded)."""
     target = Path(target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for piece in (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                handle.write(piece)
             handle.flush()
             os.fchmod(handle.fileno(), FILE_MODE)
             os.fsync(handle.fileno())

@@ -56,6 +56,7 @@ from .metadata import (
     identity_diff,
     utc_now,
 )
+from .shardwrite import write_shard, write_threads
 
 LOCK_NAME = ".combo-write.lock"
 JOURNAL_NAME = ".journal.jsonl"
@@ -602,11 +603,13 @@ class ShardWriter:
 
     The process holding the store's lock (`StoreWriter`) records each entry (`TaskWriter.record`), so a
     worker process of a distributed extraction (extract/cluster.py) writes shards into the store knowing
-    only its path, while one client owns the lock, the journal and `finalize`."""
+    only its path, while one client owns the lock, the journal and `finalize`. A shard's inner chunks are
+    encoded on `threads` threads (store_schema/shardwrite.py; default $COMBO_WRITE_THREADS, else every core)."""
 
     def __init__(self, path: str | os.PathLike, name: str, *, layout: StoreLayout, compact: CompactSpec | None,
-                 feature_dim: int, remote: Location | None = None):
+                 feature_dim: int, remote: Location | None = None, threads: int | None = None):
         self.path = Path(path)
+        self.threads = write_threads(threads)
         self.remote = remote  # a remote store: `path` is a staging folder, each shard is uploaded, then deleted here
         self.name = name
         self.layout = layout
@@ -706,8 +709,10 @@ class ShardWriter:
             parts.append((array_name, array, cast))
         for array_name, array, cast in parts:
             # a shard left by a killed attempt goes first: zarr would read (and trip over) its index
-            (self.path / self.key(array_name, array, block)).unlink(missing_ok=True)
-            array[rows.start : rows.stop] = cast
+            path = self.path / self.key(array_name, array, block)
+            path.unlink(missing_ok=True)
+            if not write_shard(array, cast, path, threads=self.threads):  # a layout shardwrite leaves to zarr
+                array[rows.start : rows.stop] = cast
         checksums, sizes = {}, {}
         for array_name, array in self.arrays():
             key = self.key(array_name, array, block)
