@@ -189,6 +189,62 @@ def threaded_writes(layout: StoreLayout, data: np.ndarray, tmp: Path, repeats: i
               f"best {data.nbytes / best / 1e6:4.0f} ({one_best / best:.2f}x)  runs: {each}")
 
 
+def store_write(data: np.ndarray, path: Path, threads: int | None) -> float:
+    """Seconds of a whole task written through `StoreWriter` / `TaskWriter.write_block` (NaN check, cast, shard
+    write, hash, journal fsync), as `combo extract` writes: zarr's shard write (`threads` None) or shardwrite's."""
+    import store_schema.writer as writer_module
+    from store_schema import BackboneInfo, FeatureInfo, Preprocessing, StoreInfo, StoreWriter, build_sample_table
+
+    shutil.rmtree(path, ignore_errors=True)
+    n, num_layers, num_tokens, dim = data.shape
+    grid = int(round(num_tokens ** 0.5))
+    info = StoreInfo(
+        backbone=BackboneInfo(alias="bench", timm_name="synthetic", pretrained_tag=None, weights_source="random-init",
+                              weights_sha256=None, seed=0),
+        preprocessing=Preprocessing(image_size=grid * 16, mean=(0.5,) * 3, std=(0.5,) * 3),
+        features=FeatureInfo(token_grid=(grid, num_tokens // grid), num_prefix_tokens=0, layers=tuple(range(num_layers)),
+                             feature_dim=dim),
+        dataset="bench",
+    )
+    table = build_sample_table(sample_ids=[f"b/{i}" for i in range(n)], labels=[0] * n, splits=[("test",)] * n,
+                               split_names=("test",))
+    real = writer_module.write_shard
+    if threads is None:
+        writer_module.write_shard = lambda *a, **k: None  # every shard through zarr
+    try:
+        with StoreWriter(path, info, StoreLayout()) as writer:
+            tw = writer.task("t", samples=table, num_layers=num_layers, num_tokens=num_tokens, feature_dim=dim,
+                             num_prefix_tokens=0, protocols={"final": ("test", "test")}, classes=["a"])
+            tw.shards.threads = threads or 1
+            started = time.perf_counter()
+            for b in tw.pending():
+                r = tw.blocks[b]
+                tw.write_block(b, data[r.start:r.stop])
+            seconds = time.perf_counter() - started
+            tw.finalize()
+    finally:
+        writer_module.write_shard = real
+    return seconds
+
+
+def store_writes(data: np.ndarray, tmp: Path, repeats: int) -> None:
+    """End-to-end write MB/s through the store writer: zarr's shard write against shardwrite at 1, 2, all threads."""
+    cores = os.cpu_count() or 1
+    runs: dict[int | None, list[float]] = {None: [], **{n: [] for n in sorted({1, 2, cores})}}
+    order = list(runs)
+    for r in range(repeats):
+        for threads in order if r % 2 == 0 else order[::-1]:
+            runs[threads].append(store_write(data, tmp / f"w{threads}.zarr", threads))
+    reference = shard_files(tmp / "wNone.zarr" / "t" / "tokens")
+    assert all(shard_files(tmp / f"w{n}.zarr" / "t" / "tokens") == reference for n in runs), "bytes differ from zarr's"
+    print(f"\nEnd to end, TaskWriter.write_block (as combo extract writes), {data.nbytes / 1e6:.0f} MB float16, "
+          f"{repeats} runs interleaved; shard bytes identical. MB/s: median (x zarr)")
+    base = statistics.median(runs[None])
+    for threads, seconds in runs.items():
+        label = "zarr's shard write" if threads is None else f"shardwrite, {threads} thread{'s' if threads > 1 else ''}"
+        print(f"  {label:24s}: {data.nbytes / statistics.median(seconds) / 1e6:4.0f} ({base / statistics.median(seconds):.2f}x)")
+
+
 def read(layout: StoreLayout, data: np.ndarray, path: Path) -> dict[str, float]:
     store = CountingStore(LocalStore(path, read_only=True))
     array = zarr.open_array(store, mode="r")
@@ -309,6 +365,7 @@ def main() -> None:
     if args.write_threads:
         with tempfile.TemporaryDirectory() as tmp:
             threaded_writes(layouts[with_ck], data, Path(tmp), args.repeats)
+            store_writes(data.astype(np.float16), Path(tmp), args.repeats)
     size_table()
     print(f"\n# took {time.perf_counter() - start:.0f} s")
 

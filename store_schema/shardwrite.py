@@ -26,6 +26,7 @@ times both.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import sys
@@ -187,22 +188,41 @@ def shard_plan(array: zarr.Array) -> ShardPlan | None:
     )
 
 
-def write_shard(array: zarr.Array, data: np.ndarray, path: str | os.PathLike, *, threads: int | None = None) -> bool:
-    """Write one shard of `array` (its rows `data`) to the file `path` (temp file, fsync, rename), its
-    inner chunks encoded on `threads` threads (`write_threads`). False, writing nothing, when the
+@dataclass(frozen=True)
+class Written:
+    """A shard `write_shard` wrote: the sha256 and size of its bytes, hashed as they went to the file (so the
+    writer need not read it back), or sha256 None when every chunk was the fill value and no file exists."""
+
+    sha256: str | None
+    size: int
+
+
+def write_shard(array: zarr.Array, data: np.ndarray, path: str | os.PathLike, *,
+                threads: int | None = None) -> Written | None:
+    """Write one shard of `array` (its rows `data`) to the file `path` (temp file, fsync, rename, folder
+    fsync), its inner chunks encoded on `threads` threads (`write_threads`). None, writing nothing, when the
     array's configuration is not one `shard_plan` takes: the caller then writes through zarr."""
     plan = shard_plan(array)
     if plan is None:
-        return False
+        return None
     pieces = plan.pieces(data, threads=write_threads(threads))
+    digest, size = hashlib.sha256(), 0
+
+    def hashed(first: bytes) -> Iterator[bytes]:
+        nonlocal size
+        for piece in itertools.chain((first,), pieces):
+            digest.update(piece)
+            size += len(piece)
+            yield piece
+
     try:
         first = next(pieces, None)  # checks the shape before anything is written
         path = Path(path)
         if first is None:  # every chunk is the fill value: zarr keeps no shard file
             path.unlink(missing_ok=True)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_file_atomic(path, itertools.chain((first,), pieces))
+            return Written(sha256=None, size=0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(path, hashed(first))
     finally:
         pieces.close()  # a failed write: the pool stops at once
-    return True
+    return Written(sha256=digest.hexdigest(), size=size)

@@ -56,7 +56,7 @@ from .metadata import (
     identity_diff,
     utc_now,
 )
-from .shardwrite import write_shard, write_threads
+from .shardwrite import Written, write_shard, write_threads
 
 LOCK_NAME = ".combo-write.lock"
 JOURNAL_NAME = ".journal.jsonl"
@@ -707,16 +707,24 @@ class ShardWriter:
             # NaN marks "never written", so a skipped image can't pass for data (format 1 wrote zeros)
             cast[unwritten] = np.nan if self.layout.fill_nan else 0
             parts.append((array_name, array, cast))
+        hashed: dict[str, Written] = {}  # shards written (fsynced, renamed) and hashed as they went to disk
         for array_name, array, cast in parts:
             # a shard left by a killed attempt goes first: zarr would read (and trip over) its index
-            path = self.path / self.key(array_name, array, block)
+            key = self.key(array_name, array, block)
+            path = self.path / key
             path.unlink(missing_ok=True)
-            if not write_shard(array, cast, path, threads=self.threads):  # a layout shardwrite leaves to zarr
+            written = write_shard(array, cast, path, threads=self.threads)
+            if not written:  # a layout shardwrite leaves to zarr
                 array[rows.start : rows.stop] = cast
+            elif written.sha256 is not None:
+                hashed[key] = written
         checksums, sizes = {}, {}
         for array_name, array in self.arrays():
             key = self.key(array_name, array, block)
             path = self.path / key
+            if self.remote is None and key in hashed:  # durable already; no need to read it back
+                checksums[key], sizes[key] = hashed[key].sha256, hashed[key].size
+                continue
             if self.remote is None:
                 _fsync_file(path)  # the data is durable before the journal says it is there
             data = path.read_bytes()

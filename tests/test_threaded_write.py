@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,13 @@ def write_all(array: zarr.Array, data: np.ndarray, path: Path, threads: int | No
                 array[start : start + rows] = data[start : start + rows]
         else:
             key = array.metadata.encode_chunk_key((block,) + (0,) * (data.ndim - 1))
-            assert write_shard(array, data[start : start + rows], path / key, threads=threads)
+            written = write_shard(array, data[start : start + rows], path / key, threads=threads)
+            assert written
+            if written.sha256 is None:  # every chunk the fill value: no file
+                assert not (path / key).exists()
+            else:  # hashed as written: what the journal records without reading the file back
+                on_disk = (path / key).read_bytes()
+                assert (written.sha256, written.size) == (hashlib.sha256(on_disk).hexdigest(), len(on_disk))
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -77,7 +84,7 @@ def test_all_fill_shard_has_no_file(tmp_path):
     shard = tmp_path / "a" / "c" / "0" / "0" / "0" / "0"
     shard.parent.mkdir(parents=True)
     shard.write_bytes(b"old")
-    assert write_shard(array, np.full((6, *SHAPE[1:]), np.nan, dtype=np.float16), shard, threads=2)
+    assert write_shard(array, np.full((6, *SHAPE[1:]), np.nan, dtype=np.float16), shard, threads=2).sha256 is None
     assert not shard.exists()
 
 
