@@ -23,6 +23,8 @@ Two measures of the cost, both ratios within one run:
 
 The floor printed below is crc32c's own speed over one inner chunk (the unit the decoder checks).
 
+Last, the threaded decode: wall-clock MB/s of `TaskStore.read` at 1, 2 and all decode threads, per store.
+
     python benchmarks/checksum_cost.py [--images 96] [--model vit_small_patch16_224] [--repeats 25]
 """
 
@@ -47,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from probe.align import normalise_maps  # noqa: E402
+from store_schema import shardread  # noqa: E402
 from store_layout import features  # noqa: E402
 from store_schema import (BackboneInfo, FeatureInfo, Preprocessing, StoreInfo, StoreLayout, StoreWriter,  # noqa: E402
                           build_sample_table, open_store)
@@ -126,11 +129,11 @@ def main() -> None:
                 seconds = {}
                 for k in order:
                     timer.seconds = 0.0
-                    crc_module.google_crc32c = timer if k == "crc32c" else google_crc32c
+                    crc_module.google_crc32c = shardread.google_crc32c = timer if k == "crc32c" else google_crc32c
                     try:
                         seconds[k] = read_all(stores[k], how)
                     finally:
-                        crc_module.google_crc32c = google_crc32c
+                        crc_module.google_crc32c = shardread.google_crc32c = google_crc32c
                     if k == "crc32c":
                         attributed[how].append(timer.seconds / seconds[k])
                 for k, v in seconds.items():
@@ -166,8 +169,33 @@ def main() -> None:
         print(f"\ncrc32c on this CPU: {crc_gbps:.1f} GB/s over {len(chunk) / 1e6:.1f} MB (one inner chunk); "
               f"floor of its cost on the zarr read (compressed/raw {sum(p.stat().st_size for p in (stores['crc32c'] / 'task' / 'tokens' / 'c').rglob('*') if p.is_file()) / raw:.2f}): "
               f"{100 * zarr_no * 0.92 / crc_gbps:.1f}%")
+        # threaded decode (store_schema/shardread.py): wall-clock MB/s of TaskStore.read at 1, 2 and all threads
+        print("\n| TaskStore.read, wall MB/s (best of 3) | " + " | ".join(f"{t} thread(s)" for t in thread_counts()) + " |")
+        print("|---|" + "---|" * len(thread_counts()))
+        for k in stores:
+            rates = []
+            for threads in thread_counts():
+                shardread.set_read_threads(threads)
+                rates.append(max(raw / wall_read(stores[k]) / 1e6 for _ in range(3)))
+            shardread.set_read_threads(None)
+            print(f"| {k} | " + " | ".join(f"{r:.0f} ({r / rates[0]:.2f}x)" for r in rates) + " |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def thread_counts() -> list[int]:
+    import os
+
+    return sorted({1, 2, os.cpu_count() or 1})
+
+
+def wall_read(path: Path) -> float:
+    task = open_store(path).task("task")
+    rows, n = task.rows_per_shard, task.num_samples
+    started = time.perf_counter()
+    for s in range(0, n, rows):
+        task.read(slice(s, min(s + rows, n)))
+    return time.perf_counter() - started
 
 
 if __name__ == "__main__":
