@@ -54,9 +54,10 @@ CACHE_MODES = ("auto", "device", "ram", "stream")
 # compressed bytes): measured with benchmarks/probe_stream.py, the data buffers peak near the budget
 STREAM_WINDOWS_IN_RAM = 6
 STREAM_BATCHES_IN_RAM = 2  # the batch being trained on + the one being assembled (batches are copies)
-# evaluation reads one batch at a time, whatever the split's size: the batch being evaluated, one queued and
-# one being read; a batch holds at most EVAL_BATCH_BYTES as stored (fewer rows than eval_batch_size if need be)
-EVAL_BATCHES_IN_RAM = 3
+# evaluation reads a few batches at a time, whatever the split's size: the one being evaluated, the previous
+# one while a consumer's loop variable still holds it, one queued and one being read; a batch holds at most
+# EVAL_BATCH_BYTES as stored (fewer rows than eval_batch_size if need be)
+EVAL_BATCHES_IN_RAM = 4
 EVAL_BATCH_BYTES = 16 * 2**20
 # What a run holds beyond its cache budget and what it held after its imports (peak RSS, measured with
 # benchmarks/large_store.py and tests/test_memory_budget.py): torch's kernels, thread pools and the adapter ...
@@ -453,7 +454,7 @@ def eval_batches(source: SplitSource, *, batch_size: int, max_batch_bytes: int |
         for s in range(0, source.n, rows_per_read):
             yield s, source.read(np.arange(s, min(s + rows_per_read, source.n)))
 
-    # one read queued, one being read, and the consumer's: the prefetcher's depth 1
+    # one read queued, one being read, the consumer's and (in its loop variable) the one before: EVAL_BATCHES_IN_RAM
     prefetch = Prefetcher(reads(), depth=1, name="combo-eval")
     try:
         for start, arrays in prefetch:
@@ -461,7 +462,7 @@ def eval_batches(source: SplitSource, *, batch_size: int, max_batch_bytes: int |
                 take = [torch.from_numpy(np.ascontiguousarray(a[b : b + batch_size])) for a in arrays]
                 lo = start + b
                 yield take, torch.from_numpy(labels[lo : lo + take[0].shape[0]])
-            del arrays  # ours go before the next read is taken
+            del arrays, take  # ours go before the next read is taken
     finally:
         prefetch.close()
 

@@ -29,6 +29,7 @@ import zarr
 from numcodecs import Zstd
 
 from .errors import StoreError
+from .threads import thread_count
 
 READ_THREADS_ENV = "COMBO_READ_THREADS"
 EMPTY = 2**64 - 1
@@ -106,23 +107,14 @@ _local = threading.local()
 
 def read_threads() -> int:
     """Threads that decode shards: $COMBO_READ_THREADS, else every core."""
-    raw = os.environ.get(READ_THREADS_ENV)
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise StoreError(f"{READ_THREADS_ENV}={raw!r}: expected a whole number of threads") from None
-        if value < 1:
-            raise StoreError(f"{READ_THREADS_ENV}={raw!r}: at least one thread is needed")
-        return value
-    return max(1, os.cpu_count() or 1)
+    return thread_count(READ_THREADS_ENV)
 
 
 def set_read_threads(threads: int | None) -> None:
     """Use `threads` decode threads from now on (None: `read_threads()`); the pool is rebuilt on next use."""
     global _pool, _pool_threads
-    if threads is not None and threads < 1:
-        raise ValueError(f"read threads must be >= 1, got {threads}")
+    if threads is not None:
+        thread_count(READ_THREADS_ENV, threads)  # refuses a count below 1
     with _pool_lock:
         if threads is not None:
             os.environ[READ_THREADS_ENV] = str(int(threads))

@@ -44,6 +44,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecInd
 from zarr.core.indexing import morton_order_iter
 
 from .location import write_file_atomic
+from .threads import thread_count
 
 THREADS_ENV = "COMBO_WRITE_THREADS"
 ABSENT = 2**64 - 1  # offset and length of a chunk the shard does not hold
@@ -52,18 +53,7 @@ INDEX_CODECS = ({"name": "bytes", "configuration": {"endian": "little"}}, {"name
 
 def write_threads(threads: int | None = None) -> int:
     """Threads that encode one shard: `threads`, else $COMBO_WRITE_THREADS, else every core."""
-    if threads is None:
-        value = os.environ.get(THREADS_ENV, "").strip()
-        if value:
-            try:
-                threads = int(value)
-            except ValueError:
-                raise ValueError(f"${THREADS_ENV} must be a whole number of threads, not {value!r}") from None
-        else:
-            threads = os.cpu_count() or 1
-    if threads < 1:
-        raise ValueError(f"shard write threads must be >= 1, not {threads}")
-    return threads
+    return thread_count(THREADS_ENV, threads)
 
 
 def _crc32c(data: bytes | np.ndarray) -> bytes:
