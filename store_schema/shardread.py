@@ -10,7 +10,7 @@ into the output: no allocation per chunk, one copy. zstd and crc32c release the 
 parallel while the caller trains.
 
 Only the layout combo writes is taken (`sharding_indexed`, index at the end with crc32c, inner codecs
-bytes [+ zstd] [+ crc32c]); any other array is read by zarr (`ShardSpec.of` returns None). The bytes
+bytes [+ zstd] [+ crc32c]; store_schema/shardlayout.py); any other array is read by zarr. The bytes
 decoded are the spec's: tests/test_shard_read.py checks them against zarr's on every layout it takes.
 """
 
@@ -29,72 +29,11 @@ import zarr
 from numcodecs import Zstd
 
 from .errors import StoreError
+from .shardlayout import ABSENT, ShardSpec
 from .threads import thread_count
 
 READ_THREADS_ENV = "COMBO_READ_THREADS"
-EMPTY = 2**64 - 1
-VALIDATE = "Run `combo store validate` on the store"  # an index entry of a chunk that was never written (the spec's marker)
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """What reading a shard needs to know about one array, taken from its zarr metadata."""
-
-    shape: tuple[int, ...]
-    shard_shape: tuple[int, ...]
-    chunk_shape: tuple[int, ...]
-    dtype: np.dtype
-    fill_value: Any
-    zstd: bool
-    checksum: bool
-
-    @property
-    def chunks_per_shard(self) -> tuple[int, ...]:
-        return tuple(s // c for s, c in zip(self.shard_shape, self.chunk_shape))
-
-    @property
-    def index_bytes(self) -> int:
-        return int(np.prod(self.chunks_per_shard)) * 16 + 4
-
-    @property
-    def chunk_nbytes(self) -> int:
-        return int(np.prod(self.chunk_shape)) * self.dtype.itemsize
-
-    @classmethod
-    def of(cls, array: zarr.Array) -> "ShardSpec | None":
-        """The spec of a combo-layout sharded array, or None when zarr must read it."""
-        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
-        from zarr.codecs.sharding import ShardingCodecIndexLocation
-
-        meta = array.metadata
-        if getattr(meta, "zarr_format", None) != 3 or len(meta.codecs) != 1 or not isinstance(meta.codecs[0], ShardingCodec):
-            return None
-        shard = meta.codecs[0]
-        index = list(shard.index_codecs)
-        if (shard.index_location != ShardingCodecIndexLocation.end or len(index) != 2
-                or not isinstance(index[0], BytesCodec) or not isinstance(index[1], Crc32cCodec)
-                or getattr(index[0].endian, "value", index[0].endian) not in ("little", None)):
-            return None
-        inner = list(shard.codecs)
-        if not inner or not isinstance(inner[0], BytesCodec):
-            return None
-        endian = getattr(inner[0].endian, "value", inner[0].endian)
-        dtype = np.dtype(array.dtype)
-        if dtype.itemsize > 1 and endian != "little" or dtype.kind not in "fiub":
-            return None
-        rest = inner[1:]
-        zstd = bool(rest) and isinstance(rest[0], ZstdCodec)
-        rest = rest[1:] if zstd else rest
-        checksum = bool(rest) and isinstance(rest[0], Crc32cCodec)
-        rest = rest[1:] if checksum else rest
-        if rest or np.little_endian is False:
-            return None
-        shard_shape = tuple(int(v) for v in meta.chunk_grid.chunk_shape)
-        chunk_shape = tuple(int(v) for v in shard.chunk_shape)
-        if any(s % c for s, c in zip(shard_shape, chunk_shape)):
-            return None
-        return cls(shape=tuple(int(v) for v in array.shape), shard_shape=shard_shape, chunk_shape=chunk_shape,
-                   dtype=dtype, fill_value=array.fill_value, zstd=zstd, checksum=checksum)
+VALIDATE = "Run `combo store validate` on the store"
 
 
 # ------------------------------------------------------------------------------------------------ the pool
@@ -198,7 +137,7 @@ class ShardFiles:
     def _check_size(self, shard: tuple[int, ...], size: int, nbytes: int, where: str) -> None:
         if size < nbytes:
             raise StoreError(f"{where}: shard {self.name(shard)} holds {size} bytes, too few for its index "
-                             f"({nbytes}): truncated. Run `combo store validate` on the store")
+                             f"({nbytes}): truncated. {VALIDATE}")
 
     def read_into(self, shard: tuple[int, ...], offset: int, out: np.ndarray, *, where: str) -> None:
         """Exactly out.size bytes at `offset` of the shard object into `out`."""
@@ -222,7 +161,7 @@ class ShardFiles:
             out[:done] = np.frombuffer(data, dtype=np.uint8)
         if done != out.size:
             raise StoreError(f"{where}: shard {self.name(shard)} ends before byte {offset + out.size} its index "
-                             "points to: truncated. Run `combo store validate` on the store")
+                             f"points to: truncated. {VALIDATE}")
 
 
 def files_for(location: Any, array: zarr.Array) -> ShardFiles | None:
@@ -251,7 +190,7 @@ def _decode_chunk(spec: ShardSpec, files: ShardFiles, shard: tuple[int, ...], of
     body = raw[:-4] if spec.checksum else raw
     if spec.checksum and google_crc32c.value(body) != int.from_bytes(raw[-4:].tobytes(), "little"):
         raise StoreError(f"{where} fails its crc32c check: damaged. {VALIDATE}")
-    if not spec.zstd:
+    if spec.zstd is None:
         if body.size != spec.chunk_nbytes:
             raise StoreError(f"{where} holds {body.size} bytes, not {spec.chunk_nbytes}: damaged. {VALIDATE}")
         return body.view(spec.dtype).reshape(spec.chunk_shape)
@@ -328,7 +267,7 @@ def read_into(spec: ShardSpec, files: ShardFiles, out: np.ndarray, sorted_rows: 
                 pick = (layers_here // cl) == cj
                 coords = (ci, cj, *tail)
                 entry = None if index is None else index[coords]
-                if entry is None or int(entry[0]) == EMPTY:
+                if entry is None or int(entry[0]) == ABSENT:
                     out[np.ix_(drows, slots_here[pick])] = fill
                     continue
                 jobs.append(_Job(key, coords, int(entry[0]), int(entry[1]), _as_slice(src_rows), _as_slice(drows),

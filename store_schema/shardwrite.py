@@ -17,9 +17,9 @@ the file has the layout zarr's sharding codec gives it:
 * the index at the end: uint64 (offset, length) per chunk in C order, 2**64 - 1 for an absent
   chunk, little endian, then its crc32c; no file at all when every chunk is absent.
 
-Only that configuration is taken (bytes serializer, zstd, optional crc32c; index bytes + crc32c
-at the end; one shard across every axis but the first; numeric dtypes; a little-endian host).
-For anything else `shard_plan` returns None and the caller writes through zarr.
+Only combo's layout with zstd and one shard across every axis but the first is taken
+(store_schema/shardlayout.py); for anything else `shard_plan` returns None and the caller writes
+through zarr.
 tests/test_threaded_write.py checks the bytes against zarr's own writes; benchmarks/store_layout.py
 times both.
 """
@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,15 +39,13 @@ import google_crc32c
 import numpy as np
 import zarr
 from numcodecs import Zstd
-from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation, ZstdCodec
 from zarr.core.indexing import morton_order_iter
 
 from .location import write_file_atomic
+from .shardlayout import ABSENT, ShardSpec
 from .threads import thread_count
 
 THREADS_ENV = "COMBO_WRITE_THREADS"
-ABSENT = 2**64 - 1  # offset and length of a chunk the shard does not hold
-INDEX_CODECS = ({"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"})
 
 
 def write_threads(threads: int | None = None) -> int:
@@ -147,34 +144,19 @@ class ShardPlan:
 
 
 def shard_plan(array: zarr.Array) -> ShardPlan | None:
-    """How this module encodes `array`'s shards, or None when it leaves them to zarr (another codec,
-    an unsharded array, several shards across a later axis, another index layout)."""
-    shards = array.shards
-    codecs = getattr(array.metadata, "codecs", ())
-    if shards is None or array.metadata.zarr_format != 3 or len(codecs) != 1 or sys.byteorder != "little":
-        return None
-    sharding = codecs[0]
-    if not isinstance(sharding, ShardingCodec) or sharding.index_location != ShardingCodecIndexLocation.end \
-            or tuple(c.to_dict() for c in sharding.index_codecs) != INDEX_CODECS:
-        return None
-    dtype = np.dtype(array.dtype)
-    inner = sharding.codecs
-    if dtype.kind not in "biuf" or not dtype.isnative or tuple(array.shape[1:]) != tuple(shards[1:]):
-        return None
-    if len(inner) not in (2, 3) or not isinstance(inner[0], BytesCodec) or not isinstance(inner[1], ZstdCodec):
-        return None
-    if len(inner) == 3 and not isinstance(inner[2], Crc32cCodec):
-        return None
-    if dtype.itemsize > 1 and inner[0].endian is not None and inner[0].endian.value != "little":
+    """How this module encodes `array`'s shards, or None when it leaves them to zarr (not combo's layout, no
+    zstd, several shards across a later axis)."""
+    spec = ShardSpec.of(array)
+    if spec is None or spec.zstd is None or not spec.dtype.isnative or spec.shape[1:] != spec.shard_shape[1:]:
         return None
     return ShardPlan(
-        shard_shape=tuple(shards),
-        chunk_shape=tuple(sharding.chunk_shape),
-        dtype=dtype,
-        fill_value=np.asarray(array.metadata.fill_value, dtype=dtype),
+        shard_shape=spec.shard_shape,
+        chunk_shape=spec.chunk_shape,
+        dtype=spec.dtype,
+        fill_value=np.asarray(array.metadata.fill_value, dtype=spec.dtype),
         write_empty_chunks=bool(array.config.write_empty_chunks),
-        zstd=Zstd(level=inner[1].level, checksum=inner[1].checksum),  # as zarr's ZstdCodec configures it
-        checksum=len(inner) == 3,
+        zstd=Zstd(level=spec.zstd.level, checksum=spec.zstd.checksum),  # as zarr's ZstdCodec configures it
+        checksum=spec.checksum,
     )
 
 
