@@ -37,7 +37,8 @@ LAYERS, GRID, DIM = 12, 14, 768
 def write_store(path: Path, *, train_rows: int, test_rows: int, classes: int = 10, layers: int = LAYERS,
                 grid: int = GRID, dim: int = DIM) -> Path:
     """The store, shard by shard (the writer's own layout: 32 MiB raw shards, zstd-1, crc32c)."""
-    from store_schema import BackboneInfo, FeatureInfo, Preprocessing, StoreInfo, StoreLayout, StoreWriter, build_sample_table
+    from store_schema import StoreLayout, StoreWriter, build_sample_table
+    from synthetic_store import synthetic_info
 
     rng = np.random.default_rng(0)
     total = train_rows + test_rows
@@ -45,13 +46,7 @@ def write_store(path: Path, *, train_rows: int, test_rows: int, classes: int = 1
     directions = rng.standard_normal((classes, dim)).astype(np.float16)
     splits = [("train800", "train800val200") if i < 0.8 * train_rows else ("val200", "train800val200")
               for i in range(train_rows)] + [("test",)] * test_rows
-    info = StoreInfo(
-        backbone=BackboneInfo(alias="big", timm_name="synthetic", pretrained_tag=None, weights_source="random-init",
-                              weights_sha256=None, seed=0),
-        preprocessing=Preprocessing(image_size=grid * 16, mean=(0.5,) * 3, std=(0.5,) * 3),
-        features=FeatureInfo(token_grid=(grid, grid), num_prefix_tokens=0, layers=tuple(range(layers)), feature_dim=dim),
-        dataset="big",
-    )
+    info = synthetic_info(alias="big", dataset="big", grid=(grid, grid), layers=layers, dim=dim)
     table = build_sample_table(sample_ids=[f"big/{i:07d}" for i in range(total)], labels=list(labels), splits=splits,
                                split_names=("train800", "val200", "train800val200", "test"))
     # one pool of noise, sliced at random offsets: generating fresh normals would take longer than compressing them

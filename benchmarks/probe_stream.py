@@ -39,7 +39,8 @@ import numpy as np
 
 def write_synthetic_store(path: Path, *, rows: int, layers: int, grid: int, dim: int, classes: int = 10) -> Path:
     """Token maps with a class signal, float16, the default layout (zstd, 32-row shards)."""
-    from store_schema import BackboneInfo, FeatureInfo, Preprocessing, StoreInfo, StoreLayout, StoreWriter, build_sample_table
+    from store_schema import StoreLayout, StoreWriter, build_sample_table
+    from synthetic_store import synthetic_info
 
     rng = np.random.default_rng(0)
     n_test = max(64, rows // 8)
@@ -49,13 +50,7 @@ def write_synthetic_store(path: Path, *, rows: int, layers: int, grid: int, dim:
     # the first 80% of the training rows are also "train800" (as in VTAB-1k): PCA compaction fits on them
     splits = [("train800", "train800val200") if i < 0.8 * rows else ("train800val200",) for i in range(rows)]
     splits += [("test",)] * n_test
-    info = StoreInfo(
-        backbone=BackboneInfo(alias="bench", timm_name="synthetic", pretrained_tag=None, weights_source="random-init",
-                              weights_sha256=None, seed=0),
-        preprocessing=Preprocessing(image_size=grid * 16, mean=(0.5,) * 3, std=(0.5,) * 3),
-        features=FeatureInfo(token_grid=(grid, grid), num_prefix_tokens=0, layers=tuple(range(layers)), feature_dim=dim),
-        dataset="bench",
-    )
+    info = synthetic_info(alias="bench", dataset="bench", grid=(grid, grid), layers=layers, dim=dim)
     table = build_sample_table(sample_ids=[f"bench/{i:06d}" for i in range(total)], labels=list(labels), splits=splits,
                                split_names=("train800", "train800val200", "test"))
     with StoreWriter(path, info, StoreLayout()) as writer:

@@ -30,20 +30,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe.run import ProbeConfig, run_probe  # noqa: E402
-from store_schema import (BackboneInfo, FeatureInfo, Preprocessing, StoreInfo, StoreLayout, StoreWriter,  # noqa: E402
-                          build_sample_table)
+from store_schema import StoreLayout, StoreWriter, build_sample_table  # noqa: E402
+from synthetic_store import synthetic_info  # noqa: E402
 
 TASKS = ("t0", "t1", "t2", "t3")
 
 
 def make_store(path: Path, *, rows: int, grid: int, layers: int, dim: int) -> None:
     tokens_per_map = grid * grid
-    info = StoreInfo(
-        backbone=BackboneInfo(alias="synthetic", timm_name="synthetic", pretrained_tag=None, weights_source="random-init",
-                              weights_sha256=None, seed=0),
-        preprocessing=Preprocessing(image_size=grid * 16, mean=(0.5,) * 3, std=(0.5,) * 3),
-        features=FeatureInfo(token_grid=(grid, grid), num_prefix_tokens=0, layers=tuple(range(layers)), feature_dim=dim),
-        dataset="synthetic")
+    info = synthetic_info(alias="synthetic", dataset="synthetic", grid=(grid, grid), layers=layers, dim=dim)
     n_test = rows // 4
     n_train = rows - n_test
     splits = [("train800", "train800val200")] * (n_train * 4 // 5) + [("val200", "train800val200")] * (n_train - n_train * 4 // 5) \

@@ -193,19 +193,13 @@ def store_write(data: np.ndarray, path: Path, threads: int | None) -> float:
     """Seconds of a whole task written through `StoreWriter` / `TaskWriter.write_block` (NaN check, cast, shard
     write, hash, journal fsync), as `combo extract` writes: zarr's shard write (`threads` None) or shardwrite's."""
     import store_schema.writer as writer_module
-    from store_schema import BackboneInfo, FeatureInfo, Preprocessing, StoreInfo, StoreWriter, build_sample_table
+    from store_schema import StoreWriter, build_sample_table
+    from synthetic_store import synthetic_info
 
     shutil.rmtree(path, ignore_errors=True)
     n, num_layers, num_tokens, dim = data.shape
     grid = int(round(num_tokens ** 0.5))
-    info = StoreInfo(
-        backbone=BackboneInfo(alias="bench", timm_name="synthetic", pretrained_tag=None, weights_source="random-init",
-                              weights_sha256=None, seed=0),
-        preprocessing=Preprocessing(image_size=grid * 16, mean=(0.5,) * 3, std=(0.5,) * 3),
-        features=FeatureInfo(token_grid=(grid, num_tokens // grid), num_prefix_tokens=0, layers=tuple(range(num_layers)),
-                             feature_dim=dim),
-        dataset="bench",
-    )
+    info = synthetic_info(alias="bench", dataset="bench", grid=(grid, num_tokens // grid), layers=num_layers, dim=dim)
     table = build_sample_table(sample_ids=[f"b/{i}" for i in range(n)], labels=[0] * n, splits=[("test",)] * n,
                                split_names=("test",))
     real = writer_module.write_shard

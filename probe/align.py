@@ -135,7 +135,7 @@ def _aligned_into(out: Tensor | None, x: Tensor, grid: tuple[int, int], target: 
     """`align_grid` (and `normalise_maps`, in place: the same arithmetic) written into `out` (None: a new tensor)."""
     if tuple(int(v) for v in grid) == tuple(int(v) for v in target):
         if out is None:
-            out = x.float().clone() if x.dtype == torch.float32 else x.float()  # never normalise the caller's tensor
+            out = x.to(torch.float32, copy=True)  # a copy even of float32: never normalise the caller's tensor
         else:
             out.copy_(x)
     else:

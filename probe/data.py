@@ -59,6 +59,7 @@ STREAM_BATCHES_IN_RAM = 2  # the batch being trained on + the one being assemble
 # EVAL_BATCH_BYTES as stored (fewer rows than eval_batch_size if need be)
 EVAL_BATCHES_IN_RAM = 4
 EVAL_BATCH_BYTES = 16 * 2**20
+EVAL_BATCH_SIZE = 256  # rows per evaluation batch asked for by default (`ProbeConfig.eval_batch_size`)
 # What a run holds beyond its cache budget and what it held after its imports (peak RSS, measured with
 # benchmarks/large_store.py and tests/test_memory_budget.py): torch's kernels, thread pools and the adapter ...
 FIXED_OVERHEAD_BYTES = 256 * 2**20
@@ -490,7 +491,7 @@ class CachePlan:
         return f"{text}; {self.note}" if self.note else text
 
 
-def memory_overhead(source: SplitSource, *, batch_size: int, eval_batch_size: int = 256) -> int:
+def memory_overhead(source: SplitSource, *, batch_size: int, eval_batch_size: int = EVAL_BATCH_SIZE) -> int:
     """Bytes a fit holds on top of its cache budget (and of the process after its imports), whatever the split's
     size: a fixed part plus a fixed number of training and evaluation batches (see the constants above)."""
     row = source.row_bytes()
@@ -510,7 +511,7 @@ def _device_room(device: torch.device) -> int | None:
 
 
 def plan_cache(source: SplitSource, *, mode: str, budget_bytes: int, device: torch.device, batch_size: int,
-               shuffle_window: int | None = None, eval_batch_size: int = 256) -> CachePlan:
+               shuffle_window: int | None = None, eval_batch_size: int = EVAL_BATCH_SIZE) -> CachePlan:
     """Pick where the training split lives.
 
     `auto`: on the GPU when there is one and the split fits both the budget and half the free GPU

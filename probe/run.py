@@ -21,7 +21,8 @@ from store_schema import FeatureStore, is_url
 
 from .adapter import INITS, ComboAdapter, ComboConfig
 from .align import default_grid, make_prepare, normalise_maps
-from .data import CACHE_MODES, CachePlan, SplitSource, default_budget, eval_batches, plan_cache, training_batches
+from .data import (CACHE_MODES, EVAL_BATCH_SIZE, CachePlan, SplitSource, default_budget, eval_batches, plan_cache,
+                   training_batches)
 from .linear import LinearProbe
 from .progress import RunProgress
 from .runstate import DONE, check_out_folder, finished_rows, new_state, open_resumed
@@ -56,7 +57,7 @@ class ProbeConfig:
     device: str | None = None
     out: str = "runs"
     group_lambda: float = 0.0
-    eval_batch_size: int = 256
+    eval_batch_size: int = EVAL_BATCH_SIZE
     storage_options: dict[str, Any] | None = None
     # adapter size (the paper's values; smaller ones only for tests and demos)
     width: int = 128

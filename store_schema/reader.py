@@ -204,7 +204,8 @@ def read_rows(array: zarr.Array, rows: Sequence[int] | np.ndarray, *, layers: Se
     """Rows (any order, repeats allowed) of a [N, L, ...] zarr array into one preallocated array.
 
     With ``files`` (where the array's shards are) and an array in combo's own layout, the inner chunks are
-    decoded on the read pool straight into the output (store_schema/shardread.py). Otherwise spans come from `read_spans` (capped at `SPAN_BYTES` per call, so zarr fetches and decodes
+    decoded on the read pool straight into the output (store_schema/shardread.py). Otherwise spans come
+    from `read_spans` (capped at `SPAN_BYTES` per call, so zarr fetches and decodes
     their chunks concurrently: one round trip per span on remote stores) and are scattered
     straight into the output: peak memory is the output plus one span. A layer selection is read
     with orthogonal indexing, so only those layers' inner chunks are decoded.
