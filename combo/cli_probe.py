@@ -188,10 +188,11 @@ def _probe_or_resume(cfg: Any, resume: Optional[Path], *, client: Any = None) ->
 
 @friendly_errors
 def predict_command(
-    probe: Path = typer.Option(..., "--probe", "-p", help="A run folder written by combo probe (or relevance / select)."),
+    probe: Path = typer.Option(..., "--probe", "-p", help="A run folder written by combo probe (or relevance / select / study; a study needs --head)."),
     images: Path = typer.Option(..., "--images", "-i", help="An image file, or a folder searched recursively."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV to write (path, task, prediction, class, confidence)."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Which task's model, when the run holds several."),
+    head: Optional[str] = typer.Option(None, "--head", help="A study run's head, as study.csv names it (e.g. 'combo[top-2]', 'linear[sam]')."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu ...; default: the best available."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     weights: Optional[list[str]] = typer.Option(None, "--weights", help="ALIAS=PATH: a local checkpoint for a backbone (repeatable); its sha256 must match the run's record."),
@@ -206,7 +207,7 @@ def predict_command(
     if out is not None:
         check_output_file(out)  # before any backbone is loaded
     result = predict_images(probe, images, task=task, device=device, batch_size=batch_size,
-                            weights=parse_weights(weights), skip_bad=skip_bad, log=log_line)
+                            weights=parse_weights(weights), skip_bad=skip_bad, log=log_line, head=head)
     if result.partial:
         say(("warning", "yellow"), f": {probe} is an unfinished run ({result.partial}); task {result.task} finished "
             "and is used", console_=err_console)

@@ -128,11 +128,34 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
         raise PredictError(f"{path} is not valid JSON: {err}") from None
 
 
-def load_trained(run_dir: str | os.PathLike, task: str | None = None) -> TrainedTask:
-    """Read a probe (or relevance / select) run folder and pick one task's model."""
+def study_head_folder(run_dir: Path, doc: dict[str, Any], head: str | None) -> Path:
+    """The folder of one head of a study run (heads/<head>/, itself a probe or select run folder); ``head`` is
+    its name as study.csv's column shows it (``combo[top-2]``, ``linear[sam]``) or its folder name."""
+    import csv
+
+    heads: dict[str, str] = {}
+    if (run_dir / "study.csv").is_file():
+        with open(run_dir / "study.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                heads.setdefault(row["column"], row["folder"])
+    listing = ", ".join(heads) or "none finished yet"
+    if head is None:
+        raise PredictError(f"{run_dir} is a study with several heads; choose one with --head ({listing})")
+    for column, folder in heads.items():
+        if head in (column, folder, Path(folder).name):
+            return run_dir / folder
+    raise PredictError(f"{run_dir}: no head {head!r} in this study; its heads: {listing}")
+
+
+def load_trained(run_dir: str | os.PathLike, task: str | None = None, *, head: str | None = None) -> TrainedTask:
+    """Read a probe (or relevance / select) run folder, or one head of a study, and pick one task's model."""
     run_dir = Path(run_dir)
     doc = _read_config(run_dir)
     kind = doc.get("kind", "probe")
+    if kind == "study":
+        return load_trained(study_head_folder(run_dir, doc, head), task)
+    if head is not None:
+        raise PredictError(f"--head {head!r}: {run_dir} is a {kind} run, not a study (--head picks a study's head)")
     if kind not in RUN_KINDS:
         raise PredictError(f"{run_dir} is a {kind!r} run; predict needs a probe, relevance or select run")
     tasks = doc.get("tasks") or {}
@@ -338,6 +361,7 @@ def predict_images(
     weights: dict[str, str] | None = None,
     skip_bad: bool = False,
     log: Callable[[str], None] | None = None,
+    head: str | None = None,
 ) -> PredictResult:
     """Predict a class for every image under `images` with the model a run folder recorded.
 
@@ -347,7 +371,7 @@ def predict_images(
     """
     if batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
-    trained = load_trained(run_dir, task)
+    trained = load_trained(run_dir, task, head=head)
     files = list_images(images)
     torch_device = pick_device(device)
     weights = dict(weights or {})

@@ -168,6 +168,23 @@ class SplitSource:
                 raise non_finite_error(part, stored, block, prefix=False, array=name)
         return blocks
 
+    def cache_view(self) -> list[tuple[Tensor, np.ndarray]] | None:
+        """Where the split already is in RAM (rows held by `probe.heldsplit`): per array of `read`, the held
+        tensor (a contiguous layer selection as a view, no copy) and the held row of each position; None when
+        any store does not hold them all, or a layer selection is not a range."""
+        views: list[tuple[Tensor, np.ndarray]] = []
+        for k, (part, row_map) in enumerate(zip(self.task.parts, self.task.row_maps)):
+            index = part.held_index(row_map[self.rows]) if hasattr(part, "held_index") and not self.prefix_of(k) else None
+            if index is None:
+                return None
+            layers = self.layers_of(k)
+            if layers is not None and layers != list(range(layers[0], layers[0] + len(layers))):
+                return None
+            for array in part.arrays if self.compact_of(k) else part.arrays[:1]:
+                tensor = torch.from_numpy(array)
+                views.append((tensor if layers is None else tensor[:, layers[0]:layers[0] + len(layers)], index))
+        return views
+
     @cached_property
     def decoder(self) -> BatchDecoder:
         """Regroups and decodes a batch of `read`'s arrays into one tensor per store (see probe/compact.py)."""
@@ -285,17 +302,25 @@ def read_all(source: SplitSource) -> list[np.ndarray]:
 
 def cached_batches(source: SplitSource, *, batch_size: int, seed: int, device: torch.device | None = None,
                    window_rows: int | None = None) -> Iterator[Batch]:
-    """Read the split once, keep it in RAM (or on `device`), then serve shuffled batches forever."""
-    data = [torch.from_numpy(a) for a in read_all(source)]
+    """Read the split once, keep it in RAM (or on `device`), then serve shuffled batches forever. A split
+    already held in RAM (`SplitSource.cache_view`) is served from there, not copied."""
+    view = source.cache_view()
+    if view is None:
+        data = [torch.from_numpy(a) for a in read_all(source)]
+        where: list[Tensor | None] = [None] * len(data)
+    else:
+        data = [d for d, _ in view]
+        where = [torch.from_numpy(w) for _, w in view]
     labels = torch.from_numpy(source.labels.astype(np.int64))
     if device is not None:
         data = [d.to(device) for d in data]
+        where = [None if w is None else w.to(device) for w in where]
         labels = labels.to(device)
     epoch = 0
     while True:
         for idx in _epoch_batches(epoch_order(source, epoch=epoch, seed=seed, window_rows=window_rows), batch_size):
             index = torch.from_numpy(idx).to(labels.device)
-            yield [d[index] for d in data], labels[index]
+            yield [d[index if w is None else w[index]] for d, w in zip(data, where)], labels[index]
         epoch += 1
 
 

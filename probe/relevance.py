@@ -259,11 +259,7 @@ def relevance_warnings(task: str, rows: Sequence[dict[str, Any]], *, top_k: int 
     k = min(top_k, len(rows))
     by_norm = {r["backbone"] for r in rows if r["rank"] <= k}
     by_heldout = {r["backbone"] for r in rows if r["heldout_rank"] <= k}
-    # worth a warning when s_k's top-k holds a backbone that does not clearly help on held-out data while one
-    # it leaves out clearly does (not when both measures shuffle backbones that are all within noise)
-    unhelpful_kept = any(r["heldout_low"] <= 0 for r in rows if r["backbone"] in by_norm)
-    helpful_left = any(r["heldout_low"] > 0 for r in rows if r["backbone"] not in by_norm)
-    if by_norm != by_heldout and unhelpful_kept and helpful_left:
+    if by_norm != by_heldout:  # always said: a user acting on either top-k must know the other differs
         def show(names: set[str]) -> str:
             return ", ".join(sorted(names))
 
@@ -272,10 +268,23 @@ def relevance_warnings(task: str, rows: Sequence[dict[str, Any]], *, top_k: int 
             f"[{100 * r['heldout_low']:+.1f}, {100 * r['heldout_high']:+.1f}] pts"
             for r in sorted(rows, key=lambda r: r["rank"])
         )
+        # the held-out difference is significant when what it adds clearly helps (interval above zero) and what
+        # s_k would keep instead does not; s_k is one number per backbone, without an interval to test
+        gained = [r for r in rows if r["backbone"] in by_heldout - by_norm]
+        dropped = [r for r in rows if r["backbone"] in by_norm - by_heldout]
+        significant = all(r["heldout_low"] > 0 for r in gained) and all(r["heldout_low"] <= 0 for r in dropped)
+        if significant:
+            verdict = (f"The held-out difference is significant ({show(by_heldout - by_norm)} clearly helps on held-out "
+                       f"data, {show(by_norm - by_heldout)} does not; s_k has no interval): select by held-out drop "
+                       "(--by heldout)")
+        else:
+            verdict = ("Neither difference is significant (s_k has no interval, and the held-out 95% intervals do not "
+                       "separate them): the ranking is within noise; train longer (--steps), try --init torch, or "
+                       "measure on more data before acting on either")
         out.append(
             f"task {task}: the paper's measure (s_k) and the held-out drop disagree on the top {k}: "
-            f"{show(by_norm)} by s_k, {show(by_heldout)} by held-out drop ({drops}). s_k measures how much the "
-            "penalised probe uses a backbone, the drop whether that use helps on data it never trained on"
+            f"{show(by_norm)} by s_k, {show(by_heldout)} by held-out drop ({drops}). {verdict}. s_k measures how much "
+            "the penalised probe uses a backbone, the drop whether that use helps on data it never trained on"
         )
     return out
 

@@ -273,14 +273,32 @@ def task_splits(aligned: AlignedTask, cfg: ProbeConfig) -> tuple[str, str, np.nd
     return train_split, eval_split, train_rows, eval_rows
 
 
-def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, group_lambda: float | None = None,
-             log: Callable[[str], None] | None = None, progress: RunProgress | None = None,
-             label: str | None = None) -> TaskFit:
-    """Train on the protocol's training split and evaluate the final weights on its evaluation split.
-    ``progress`` hears the fit start (as ``label``, default the task), its steps and its end."""
+@dataclass
+class TrainedModel:
+    """A model trained on one task's training split, before it is evaluated (`combo study` evaluates many
+    of them on one pass over the evaluation split)."""
+
+    task: str
+    kind: str
+    model: nn.Module
+    model_config: dict[str, Any]
+    prepare: Callable
+    history: dict[str, Any]
+    plan: CachePlan | None
+    train_split: str
+    eval_split: str
+    train_rows: np.ndarray
+    eval_rows: np.ndarray
+    started: float = 0.0  # time.perf_counter() when the fit began
+
+
+def train_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, group_lambda: float | None = None,
+               log: Callable[[str], None] | None = None, progress: RunProgress | None = None,
+               label: str | None = None) -> TrainedModel:
+    """Train on the protocol's training split (seeded, so the same call gives the same model anywhere).
+    ``progress`` hears the fit start (as ``label``, default the task) and its steps."""
     train_split, eval_split, train_rows, eval_rows = task_splits(aligned, cfg)
     train_source = sources_for(aligned, train_rows, cfg.method, pool=cfg.pool)
-    eval_source = sources_for(aligned, eval_rows, cfg.method, pool=cfg.pool)
     set_seed(cfg.seed)
     kind, model_config, model, prepare = model_and_prepare(aligned, train_source, cfg)
     plan: CachePlan = plan_cache(train_source, mode=cfg.cache, budget_bytes=cfg.cache_budget, device=device,
@@ -289,41 +307,59 @@ def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, gr
     if log:
         shape = (f"grid {'x'.join(str(v) for v in model_config['grid'])}" if kind == "combo"
                  else f"{cfg.pool}-pooled last layer")
-        log(f"{aligned.name}: {kind} on {train_rows.size} {train_split} -> {eval_rows.size} {eval_split}, "
+        log(f"{label or aligned.name}: {kind} on {train_rows.size} {train_split} -> {eval_rows.size} {eval_split}, "
             f"{cfg.total_steps} steps, {shape}; {plan.describe()}")
     started = time.perf_counter()
-    label = label or aligned.name
     if progress:
-        progress.start(label, steps=cfg.total_steps)
+        progress.start(label or aligned.name, steps=cfg.total_steps)
     batches = training_batches(train_source, plan, batch_size=cfg.batch_size, seed=cfg.seed, device=device)
     try:
         history = train_steps(model, batches, cfg.train_config(group_lambda=group_lambda), device=device, prepare=prepare,
                               progress=progress)
     finally:
         batches.close()  # the cached split (or the stream's windows) goes before the evaluation split is read
-    accuracy, n, preds = evaluate(model, eval_batches(eval_source, batch_size=cfg.eval_batch_size), device=device, prepare=prepare)
-    if progress:
-        progress.finish(label, summary=f"{100 * accuracy:.1f}% on {n} {eval_split}")
-    metrics = {
+    return TrainedModel(aligned.name, kind, model, {"kind": kind, **model_config}, prepare, history, plan, train_split,
+                        eval_split, train_rows, eval_rows, started=started)
+
+
+def fit_metrics(aligned: AlignedTask, cfg: ProbeConfig, trained: TrainedModel, *, accuracy: float, n: int) -> dict[str, Any]:
+    """The metrics row of one evaluated fit (metrics.csv)."""
+    plan = trained.plan
+    return {
         "task": aligned.name,
-        "split": eval_split,
+        "split": trained.eval_split,
         "accuracy": accuracy,
         "n": n,
         "group": aligned.reference.attrs.get("group") or VTAB_GROUPS.get(aligned.name),
-        "train_split": train_split,
-        "n_train": int(train_rows.size),
-        "method": kind,
+        "train_split": trained.train_split,
+        "n_train": int(trained.train_rows.size),
+        "method": trained.kind,
         "protocol": cfg.protocol,
         "steps": cfg.total_steps,
-        "final_loss": float(history["loss"][-1]),
-        "train_seconds": round(float(history["seconds"]), 3),
-        "cache": plan.mode,
-        "shuffle_window": plan.window_rows,
-        **({"grid": "x".join(str(v) for v in model_config["grid"])} if kind == "combo" else {"pool": cfg.pool}),
-        "seconds": round(time.perf_counter() - started, 3),
+        "final_loss": float(trained.history["loss"][-1]),
+        "train_seconds": round(float(trained.history["seconds"]), 3),
+        "cache": plan.mode if plan is not None else "",
+        "shuffle_window": plan.window_rows if plan is not None else None,
+        **({"grid": "x".join(str(v) for v in trained.model_config["grid"])} if trained.kind == "combo"
+           else {"pool": cfg.pool}),
+        "seconds": round(time.perf_counter() - trained.started, 3),
     }
-    return TaskFit(aligned.name, model, {"kind": kind, **model_config}, metrics, preds, eval_rows, history,
-                   source=eval_source, prepare=prepare)
+
+
+def fit_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.device, group_lambda: float | None = None,
+             log: Callable[[str], None] | None = None, progress: RunProgress | None = None,
+             label: str | None = None) -> TaskFit:
+    """Train on the protocol's training split and evaluate the final weights on its evaluation split.
+    ``progress`` hears the fit start (as ``label``, default the task), its steps and its end."""
+    trained = train_task(aligned, cfg, device=device, group_lambda=group_lambda, log=log, progress=progress, label=label)
+    eval_source = sources_for(aligned, trained.eval_rows, cfg.method, pool=cfg.pool)
+    accuracy, n, preds = evaluate(trained.model, eval_batches(eval_source, batch_size=cfg.eval_batch_size), device=device,
+                                  prepare=trained.prepare)
+    if progress:
+        progress.finish(label or aligned.name, summary=f"{100 * accuracy:.1f}% on {n} {trained.eval_split}")
+    metrics = fit_metrics(aligned, cfg, trained, accuracy=accuracy, n=n)
+    return TaskFit(aligned.name, trained.model, trained.model_config, metrics, preds, trained.eval_rows, trained.history,
+                   source=eval_source, prepare=trained.prepare)
 
 
 # ------------------------------------------------------------------------------------------ run folders
@@ -576,8 +612,10 @@ __all__ = [
     "ProbeRun",
     "RunInterrupted",
     "TaskFit",
+    "TrainedModel",
     "build_model",
     "decoding_prepare",
+    "fit_metrics",
     "fit_task",
     "linear_prepare",
     "model_and_prepare",
@@ -591,4 +629,5 @@ __all__ = [
     "sources_for",
     "store_provenance",
     "task_splits",
+    "train_task",
 ]

@@ -335,6 +335,36 @@ def _predict(
     return torch.cat(preds).numpy(), torch.cat(labels_all).numpy()
 
 
+@torch.no_grad()
+def predict_heads(
+    heads: Sequence[tuple[nn.Module, Prepare | None, Callable[[Features], Features]]],
+    batches: Iterable[tuple[Features, Tensor]],
+    *,
+    device: torch.device | str,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Predictions of several models on ONE pass over ``batches``: each head is ``(model, prepare, view)``, where
+    ``view`` takes its part of a batch (its stores, its layers) before ``prepare``; per head exactly what
+    `evaluate` computes on that part. Returns one prediction array per head, and the labels."""
+    device = torch.device(device)
+    for model, _, _ in heads:
+        model.to(device)
+        model.eval()
+    preds: list[list[Tensor]] = [[] for _ in heads]
+    labels_all = []
+    for features, labels in batches:
+        for h, (model, prepare, view) in enumerate(heads):
+            x = _to_device(view(features), device)
+            if prepare is not None:
+                x = prepare(x)
+            with _autocast(device):
+                logits = model(x)
+            preds[h].append(logits.float().argmax(dim=-1).cpu())
+        labels_all.append(torch.as_tensor(labels).long().cpu())
+    if not labels_all:
+        raise TrainingDataError("evaluation got no batches")
+    return [torch.cat(p).numpy() for p in preds], torch.cat(labels_all).numpy()
+
+
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[Features, Tensor]],

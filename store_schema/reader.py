@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import zipfile
 from collections.abc import Sequence
 from functools import cached_property
@@ -261,6 +262,10 @@ class TaskStore:
         # a compact task's main array is its codes ([N, L, T, C]); `read` decodes them
         self.tokens: zarr.Array = self._array(CODES if self.compact else TOKENS)
         self.prefix: zarr.Array | None = self._array(PREFIX) if store.num_prefix_tokens else None
+        # feature bytes returned by `read` / `read_encoded` (rows x layers x tokens x width x stored itemsize, every
+        # array of a compact encoding), so a caller can say how much of a split it read; prefetch threads add to it
+        self.bytes_read = 0
+        self._count_lock = threading.Lock()
 
     @cached_property
     def encoded(self) -> list[zarr.Array]:
@@ -397,7 +402,12 @@ class TaskStore:
         out = read_rows(array, rows, layers=layers, rows_per_shard=self.rows_per_shard,
                         where=f"task {self.name} of {self.store.url}", files=self.files(array))
         self._check_written(out, rows, array_name=PREFIX if prefix else TOKENS)
+        self._count(out.nbytes)
         return out
+
+    def _count(self, nbytes: int) -> None:
+        with self._count_lock:
+            self.bytes_read += int(nbytes)
 
     def files(self, array: zarr.Array) -> ShardFiles | None:
         """Where the shard reader fetches `array`'s shards (None: zarr reads them; $COMBO_SHARD_READER=zarr
@@ -421,6 +431,7 @@ class TaskStore:
         out = [read_rows(a, rows, layers=layers, rows_per_shard=self.rows_per_shard, where=where, files=self.files(a))
                for a in arrays]
         self._check_written(out[-1], rows, array_name=MAP_STATS)  # map_stats: NaN where never written
+        self._count(sum(a.nbytes for a in out))
         return out
 
     def _check_written(self, out: np.ndarray, rows: np.ndarray, *, array_name: str) -> None:

@@ -59,3 +59,36 @@ def write_store(
             tw.write_block(b, tokens[rows.start:rows.stop], None if prefix is None else prefix[rows.start:rows.stop])
         tw.finalize()
     return Path(path)
+
+
+MULTI_TASKS = ("cifar", "dtd", "eurosat")
+MULTI_N = (16, 8, 8)  # train800, val200, test rows
+
+
+def write_multi_store(path: Path, tasks=MULTI_TASKS, *, alias: str = "tinyvit", dataset: str = "synthetic",
+                      labels: dict[str, np.ndarray] | None = None) -> Path:
+    """One store holding several tasks (2x2 grid, 2 layers, width 8); labels cycle over 3 classes."""
+    grid, layers, dim, total = (2, 2), 2, 8, sum(MULTI_N)
+    info = StoreInfo(
+        backbone=BackboneInfo(alias=alias, timm_name="synthetic", pretrained_tag=None, weights_source="random-init",
+                              weights_sha256=None, seed=0),
+        preprocessing=Preprocessing(image_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        features=FeatureInfo(token_grid=grid, num_prefix_tokens=0, layers=tuple(range(layers)), feature_dim=dim),
+        dataset=dataset,
+    )
+    with StoreWriter(path, info, StoreLayout(rows_per_shard=8, rows_per_chunk=4, dtype="float32")) as writer:
+        for k, task in enumerate(tasks):
+            y = (labels or {}).get(task, np.arange(total) % 3)
+            tokens = np.random.default_rng(k).standard_normal((total, layers, 4, dim)).astype(np.float32)
+            tokens[:, :, 0, :] += 2.0 * np.asarray(y, dtype=np.float32)[:, None, None]  # learnable
+            table = build_sample_table(sample_ids=[f"{task}/{i:03d}.png" for i in range(total)], labels=list(y),
+                                       splits=vtab_like_splits(*MULTI_N),
+                                       split_names=("train800", "val200", "train800val200", "test"))
+            tw = writer.task(task, samples=table, num_layers=layers, num_tokens=4, feature_dim=dim, num_prefix_tokens=0,
+                             protocols={"dev": ("train800", "val200"), "final": ("train800val200", "test")},
+                             classes=["a", "b", "c", "d"])
+            for b in tw.pending():
+                rows = tw.blocks[b]
+                tw.write_block(b, tokens[rows.start:rows.stop], None)
+            tw.finalize()
+    return path

@@ -150,3 +150,21 @@ def test_probe_replace_keeps_config_picklable(store, tmp_path):
 
     cfg = replace(config(store, tmp_path), tasks=("alpha",))
     assert cloudpickle.loads(cloudpickle.dumps(cfg)) == cfg
+
+
+def test_study_on_the_cluster_equals_the_sequential_run(store, weak, client, tmp_path):
+    """One dask task per task: its fits stay together on one worker (they share its held rows)."""
+    from probe.study import StudyConfig, run_study
+
+    cfg = replace(config(store, tmp_path / "seq"), stores=(str(store), str(weak)))
+    sequential = run_study(StudyConfig(probe=cfg, select="top-1"))
+    clustered = run_study(StudyConfig(probe=replace(cfg, out=str(tmp_path / "dask")), select="top-1"), client=client)
+    assert clustered.selection == sequential.selection
+    drop = ("seconds", "train_seconds")
+    for name in ("study.csv", "relevance.csv", "selection.csv", "penalised_metrics.csv", "io.csv"):
+        assert _table(clustered.run_dir / name, drop) == _table(sequential.run_dir / name, drop), name
+    for row in _table(sequential.run_dir / "study.csv", drop):
+        for task in TASKS:
+            a = pq.read_table(sequential.run_dir / row["folder"] / f"predictions-{task}.parquet")
+            assert a.equals(pq.read_table(clustered.run_dir / row["folder"] / f"predictions-{task}.parquet"))
+    assert json.loads((clustered.run_dir / "state.json").read_text())["complete"]

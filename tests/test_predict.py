@@ -25,6 +25,7 @@ from countdata import count_tree
 from extract.pipeline import ExtractConfig, extract
 from fakedata import write_corrupt
 from probe.relevance import run_select
+from probe.report import read_csv
 from probe.run import ProbeConfig, run_probe
 
 
@@ -85,6 +86,27 @@ def test_predict_on_a_selected_subset_of_backbones(data, tmp_path):
     result = predict_images(selected.run_dir, data["test_images"], device="cpu")
     assert result.backbones == kept
     assert by_sample_id(result, data["vtab"]) == stored_predictions(selected.run_dir)
+
+
+def test_predict_on_every_head_of_a_study(data, tmp_path):
+    from probe.study import StudyConfig, run_study
+
+    study = run_study(StudyConfig(probe=probe_config(data["stores"], tmp_path, steps=40), select="top-1"))
+    heads = {r["column"]: r for r in read_csv(study.run_dir / "study.csv")}
+    assert len(heads) == 6  # combo on both, the top-1, each alone, linear on each
+    for column, row in heads.items():
+        result = predict_images(study.run_dir, data["test_images"], device="cpu", head=column)
+        assert by_sample_id(result, data["vtab"]) == stored_predictions(study.run_dir / row["folder"]), column
+        assert result.backbones == row["stores"].split("+"), column
+    alone = predict_images(study.run_dir / heads["linear[deit_tiny_patch16_224]"]["folder"], data["test_images"],
+                           device="cpu")  # a head's folder is a run folder of its own
+    assert alone.backbones == ["deit_tiny_patch16_224"]
+    with pytest.raises(PredictError, match=r"choose one with --head .*combo\[top-1\]"):
+        load_trained(study.run_dir)
+    with pytest.raises(PredictError, match="no head 'combo\\[nope\\]'"):
+        load_trained(study.run_dir, head="combo[nope]")
+    with pytest.raises(PredictError, match="not a study"):
+        load_trained(data["combo"].run_dir, head="combo[top-1]")
 
 
 def test_predict_from_a_weights_file_checks_its_hash(tmp_path):
