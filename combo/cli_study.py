@@ -216,30 +216,53 @@ def _relative(path: Any, folder: Any) -> str:
 
 @friendly_errors
 def report_command(
-    run: Path = typer.Argument(..., help="A run folder written by combo probe, relevance or atlas."),
+    run: Path = typer.Argument(..., help="A run folder written by combo probe, relevance, atlas or study."),
     json_output: bool = typer.Option(False, "--json", help="Print the files written and the summary as one JSON "
                                      "document (for scripts) instead of tables."),
 ) -> None:
-    """Render a run folder as report.md plus PNG figures (VTAB table, relevance bars, layer heat map, atlas curves)."""
+    """Render a run folder (probe, relevance, select, atlas or study) as report.md plus PNG figures (VTAB table,
+    relevance bars, layer heat map, atlas curves; for a study the heads side by side and their paired comparisons)."""
     from probe.report import read_csv, render_report, run_kind
     from probe.runstate import partial_note
 
     if not run.exists():
         raise FileNotFoundError(f"no run folder at {run}")
-    written = render_report(run)
+    study = run.is_dir() and run_kind(run) == "study"
+    if study:  # heads as columns, paired comparisons, bytes read: probe.studyreport
+        from probe.studyreport import render_study_report, study_summary, study_tables
+
+        written = render_study_report(run)
+    else:
+        written = render_report(run)
     partial = partial_note(run)  # an interrupted run: its table has no means, and the user must hear it
     kind = run_kind(run)
     metrics_file = {"atlas": "atlas_best.csv"}.get(kind, "metrics.csv")
-    rows = read_csv(run / metrics_file) if (run / metrics_file).exists() else []
+    rows = read_csv(run / metrics_file) if (run / metrics_file).exists() and not study else []
     cols = ["task", "backbone", "layer", "pooling", "accuracy"] if kind == "atlas" else ["task", "group", "split", "n", "accuracy"]
     files = [{"path": _relative(path, run), "bytes": path.stat().st_size} for path in written]
+    summary = study_summary(run) if study else None
     if json_output:
         import json
 
         doc = {"run_folder": str(run), "kind": kind, "complete": partial is None, "state": partial or "complete",
                "files": files, "summary": [{c: r.get(c) for c in cols} for r in rows]}
+        if summary is not None:
+            doc.update(summary=summary["heads"], comparisons=summary["comparisons"], io=summary["io"])
         typer.echo(json.dumps(doc, indent=2, default=str))
         return
+    if summary is not None:
+        for title, header, body, left in study_tables(run, summary):
+            table = Table(title=plain(title))
+            widest = [max(len(c[i]) for c in [header, *body]) for i in range(len(header))]
+            cells_only = [max([len(c[i]) for c in body] + [1]) for i in range(len(header))]
+            spare = console.width - 3 * len(header) - 1 - sum(widest[:left])  # for the number columns
+            share = max(1, spare // max(1, len(header) - left))
+            for i, col in enumerate(header):  # a narrow console: a long head name folds, its numbers stay whole
+                cap = None if i < left or sum(widest[left:]) <= spare else max(cells_only[i], share)
+                table.add_column(plain(col), justify="left" if i < left else "right", overflow="fold", max_width=cap)
+            for cells in body:
+                table.add_row(*[plain(c) for c in cells])
+            console.print(table)
     if rows:
         table = Table(title=plain(f"{kind} run: {run.name}"))
         for col in cols:

@@ -1,4 +1,4 @@
-"""Render a run folder (probe, relevance, select, atlas) as report.md plus PNG figures.
+"""Render a run folder (probe, relevance, select, atlas) as report.md plus PNG figures (a study folder: probe.studyreport).
 
 Headless by construction: figures are ``matplotlib.figure.Figure`` objects saved through the Agg canvas,
 never pyplot, so nothing needs a display and the caller's matplotlib backend is left alone.
@@ -35,7 +35,7 @@ __all__ = [
     "run_kind",
 ]
 
-KINDS = ("probe", "relevance", "select", "atlas")
+KINDS = ("probe", "relevance", "select", "atlas", "study")
 DPI = 110
 POOLING_STYLES = {"cls": "-", "mean": "--"}
 
@@ -89,10 +89,10 @@ def run_kind(run_dir: Path, config: Mapping[str, Any] | None = None) -> str:
         if kind not in KINDS:
             raise ReportError(f"{run_dir}: run kind {kind!r} is not one of {', '.join(KINDS)}")
         return str(kind)
-    for kind, marker in (("atlas", "atlas.csv"), ("select", "selection.csv"), ("relevance", "relevance.csv"), ("probe", "metrics.csv")):
+    for kind, marker in (("study", "study.csv"), ("atlas", "atlas.csv"), ("select", "selection.csv"), ("relevance", "relevance.csv"), ("probe", "metrics.csv")):
         if (run_dir / marker).exists():
             return kind
-    raise ReportError(f"{run_dir} is not a run folder (no config.json, metrics.csv, relevance.csv or atlas.csv)")
+    raise ReportError(f"{run_dir} is not a run folder (no config.json, metrics.csv, relevance.csv, atlas.csv or study.csv)")
 
 
 def _group(row: Mapping[str, Any]) -> str:
@@ -519,6 +519,8 @@ def render_report(run_dir: str | Path) -> list[Path]:
         raise ReportError(f"{run_dir} is not a folder")
     config = _config(run_dir)
     kind = run_kind(run_dir, config)
+    if kind == "study":  # its own module (which imports this one): heads as columns, paired comparisons
+        raise ReportError(f"{run_dir} is a study run folder: render it with probe.studyreport.render_study_report")
     names = _names(config)
     figures: list[Path] = []
     md: list[str] = []

@@ -260,3 +260,26 @@ def test_cli_study_prints_the_heads_and_the_bytes_read(trio, tmp_path):
         "combo[a+b+c]", "combo[top-2]", "linear[a]", "linear[b]", "linear[c]"]
     bad = runner.invoke(app, args[:-1] + ["combo,lasso"])
     assert bad.exit_code == 2 and "--heads" in bad.output
+
+
+def test_report_of_a_study_run(study):
+    """`combo report RUN`: console tables, report.md with the heads side by side and the paired comparisons
+    (top-k vs all, all vs the best single store, ComBo vs linear on each store), and --json for scripts."""
+    import json as json_lib
+
+    result = runner.invoke(app, ["report", str(study.run_dir)])
+    assert result.exit_code == 0, result.output
+    report = (study.run_dir / "report.md").read_text()
+    rows = {r["column"]: r for r in read_csv(study.run_dir / "study.csv")}
+    header = "| task | group | split | n | " + " | ".join(rows) + " |"
+    assert header in report
+    assert "| shapes |  | test | 48 | " + " | ".join(f"{100 * r['accuracy']:.1f}" for r in rows.values()) + " |" in report
+    for text in ("top-2 vs all", "all vs best single", "combo vs linear on a", "combo vs linear on c", "## Bytes read"):
+        assert text in report, text
+    doc = json_lib.loads(runner.invoke(app, ["report", str(study.run_dir), "--json"]).output)
+    assert doc["kind"] == "study" and doc["complete"] and len(doc["summary"]) == 8
+    assert {c["comparison"] for c in doc["comparisons"]} >= {"top-2 vs all", "all vs best single"}
+    assert doc["io"]["test"]["bytes_read"] == doc["io"]["test"]["bytes_stored"] > 0
+    versus = next(c for c in doc["comparisons"] if c["comparison"] == "combo vs linear on a")
+    assert versus["diff"] == pytest.approx(rows["combo[a]"]["accuracy"] - rows["linear[a]"]["accuracy"])
+    assert versus["low"] <= versus["diff"] <= versus["high"]
