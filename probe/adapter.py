@@ -165,6 +165,15 @@ def _init_vit_linear(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def _contract_layers(x: Tensor, weight: Tensor) -> Tensor:
+    """out[b, t, c] = sum over (l, d) of x[b, l, t, d] * weight[c, l, d], as one [B*T, L*D] x [L*D, C] product.
+    Maps laid out token-major in memory (`probe.align` writes them so) are read in place; any other layout is
+    copied once into that order, as an einsum would."""
+    b, layers, tokens, width = x.shape
+    rows = x.permute(0, 2, 1, 3).reshape(b * tokens, layers * width)
+    return (rows @ weight.reshape(weight.shape[0], layers * width).t()).view(b, tokens, -1)
+
+
 class ComboAdapter(nn.Module):
     """Normalised layer maps -> logits [B, C].
 
@@ -277,10 +286,10 @@ class ComboAdapter(nn.Module):
         """Lambda: layer maps -> [B, T, width], one affine map shared by every token."""
         parts = self._split_input(x)
         if self.cfg.mixed_widths:
-            out = sum(torch.einsum("bltd,cld->btc", p, w) for p, w in zip(parts, self.lambda_slices()))
+            out = sum(_contract_layers(p, w) for p, w in zip(parts, self.lambda_slices()))
         else:  # the paper's Lambda over the stacked layers
             stacked = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-            out = torch.einsum("bltd,cld->btc", stacked, self.lambda_map)
+            out = _contract_layers(stacked, self.lambda_map)
         return out + self.lambda_bias
 
     def forward_features(self, x: Tensor | Sequence[Tensor]) -> Tensor:

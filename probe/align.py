@@ -11,6 +11,7 @@ precision lose too much.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -88,6 +89,7 @@ def prepare_features(
     target: tuple[int, int] = (14, 14),
     eps: float = 1e-5,
     prenormalised: Sequence[bool] | None = None,
+    reuse: bool = False,
 ) -> Tensor | list[Tensor]:
     """Align and normalise several backbones' maps -> float32 on the common grid.
 
@@ -99,6 +101,10 @@ def prepare_features(
     ``prenormalised`` (one flag per backbone): maps that are already normalised per (image, layer), e.g. a
     compact store decoded with its stored statistics (probe/compact.py); they must be on ``target`` and are
     passed through as float32.
+
+    ``reuse`` (CPU only): write into this thread's output buffers of the previous call when the shapes agree,
+    so a training loop does not get fresh pages (zeroed by the kernel) for every batch; the previous call's
+    result is overwritten, so only for loops that are done with each batch before preparing the next.
     """
     if len(parts) == 0:
         raise FeatureShapeError("prepare_features needs at least one backbone's features")
@@ -115,19 +121,45 @@ def prepare_features(
         if flag and tuple(int(v) for v in grid) != tuple(int(v) for v in target):
             raise FeatureShapeError(f"backbone {k}: normalised maps on grid {tuple(grid)} cannot be resized to {tuple(target)}; "
                                     "decode them in original units")
+    th, tw = (int(v) for v in target)
     if len(set(widths)) > 1:
-        return [_aligned_into(None, x, grid, target, normalise=not flag, eps=eps) for (x, grid), flag in zip(parts, flags)]
+        return [_aligned_into(_token_major(int(x.shape[0]), int(x.shape[1]), th * tw, int(x.shape[-1]), x.device,
+                                           slot=k if reuse else None),
+                              x, grid, target, normalise=not flag, eps=eps)
+                for k, ((x, grid), flag) in enumerate(zip(parts, flags))]
     # equal widths: every backbone is written (and normalised in place) into its slice of one float32 tensor,
     # so a batch costs one float32 copy of itself, not three (cast, centred, scaled) plus a concatenation
-    th, tw = (int(v) for v in target)
     first = parts[0][0]
-    out = torch.empty((batches[0], sum(int(x.shape[1]) for x, _ in parts), th * tw, widths[0]), dtype=torch.float32,
-                      device=first.device)
+    out = _token_major(batches[0], sum(int(x.shape[1]) for x, _ in parts), th * tw, widths[0], first.device,
+                       slot=0 if reuse else None)
     start = 0
     for (x, grid), flag in zip(parts, flags):
         _aligned_into(out[:, start : start + int(x.shape[1])], x, grid, target, normalise=not flag, eps=eps)
         start += int(x.shape[1])
     return out
+
+
+_BUFFERS = threading.local()  # this thread's reusable output buffers: slot -> tensor
+
+
+def _token_major(batch: int, layers: int, tokens: int, width: int, device: torch.device, *,
+                 slot: int | None = None) -> Tensor:
+    """A [B, L, T, D] float32 tensor laid out [B, T, L, D] in memory: what Lambda contracts over (l, d) for each
+    token, so ComBo's projection reads it as a [B * T, L * D] matrix without a permuted copy of the batch (at
+    ViT-B geometry and batch 64 that copy is 462 MiB of fresh pages, zeroed by the kernel, every step).
+    ``slot``: reuse this thread's buffer of that slot when its shape agrees (CPU; CUDA's allocator caches)."""
+    shape = (batch, tokens, layers, width)
+    device = torch.device(device)
+    if slot is None or device.type != "cpu":
+        return torch.empty(shape, dtype=torch.float32, device=device).permute(0, 2, 1, 3)
+    buffers = getattr(_BUFFERS, "slots", None)
+    if buffers is None:
+        buffers = _BUFFERS.slots = {}
+    held = buffers.get(slot)
+    if held is None or tuple(held.shape) != shape:
+        buffers[slot] = held = None  # the old buffer goes before the new one is allocated
+        buffers[slot] = held = torch.empty(shape, dtype=torch.float32, device=device)
+    return held.permute(0, 2, 1, 3)
 
 
 def _aligned_into(out: Tensor | None, x: Tensor, grid: tuple[int, int], target: tuple[int, int], *, normalise: bool,
@@ -152,11 +184,12 @@ def make_prepare(
     target: tuple[int, int] = (14, 14),
     eps: float = 1e-5,
     prenormalised: Sequence[bool] | None = None,
+    reuse: bool = False,
 ) -> Callable[[Tensor | Sequence[Tensor]], Tensor | list[Tensor]]:
     """Build the ``prepare`` callable for ``train_steps``/``evaluate`` from the backbones' grids.
 
     The callable takes one tensor (one backbone) or a sequence of tensors in the same order as ``grids``.
-    ``prenormalised``: see `prepare_features`.
+    ``prenormalised``, ``reuse``: see `prepare_features` (``reuse``: each call overwrites the last one's result).
     """
     grids = [tuple(int(v) for v in g) for g in grids]
     if len(grids) == 0:
@@ -166,6 +199,7 @@ def make_prepare(
         tensors = [features] if isinstance(features, Tensor) else list(features)
         if len(tensors) != len(grids):
             raise FeatureShapeError(f"got {len(tensors)} feature tensors for {len(grids)} backbone grids")
-        return prepare_features(list(zip(tensors, grids)), target=target, eps=eps, prenormalised=prenormalised)
+        return prepare_features(list(zip(tensors, grids)), target=target, eps=eps, prenormalised=prenormalised,
+                                reuse=reuse)
 
     return prepare

@@ -247,7 +247,8 @@ def combo_prepare(aligned: AlignedTask, source: SplitSource, grid: tuple[int, in
     normalised with its maps' exact stored statistics; one that must be resized is decoded in original units,
     then resized and normalised like a full-size one."""
     normalised = [source.compact_of(k) and tuple(g) == tuple(grid) for k, g in enumerate(aligned.grids)]
-    return decoding_prepare(source, make_prepare(aligned.grids, target=grid, prenormalised=normalised),
+    # reuse: the training and evaluation loops are done with each batch before they prepare the next
+    return decoding_prepare(source, make_prepare(aligned.grids, target=grid, prenormalised=normalised, reuse=True),
                             normalised=normalised)
 
 

@@ -371,3 +371,39 @@ def test_init_options():
     torch.testing.assert_close(timm_init.lambda_weight, torch_init.lambda_weight)
     with pytest.raises(AdapterConfigError, match="init"):
         _tiny(init="xavier")
+
+
+# ----------------------------------------------------------------- no fresh batch-sized pages per step (issue 24)
+
+
+def test_lambda_reads_token_major_maps_in_place_and_equals_the_einsum():
+    from probe.adapter import _contract_layers
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6)
+    w = torch.randn(7, 4, 6)
+    expected = torch.einsum("bltd,cld->btc", x, w)
+    token_major = x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)  # the layout probe.align writes
+    assert token_major.stride() != x.stride() and torch.equal(token_major, x)
+    for layout in (x, token_major):
+        torch.testing.assert_close(_contract_layers(layout, w), expected, rtol=1e-5, atol=1e-5)
+    rows = token_major.permute(0, 2, 1, 3).reshape(3 * 5, 4 * 6)
+    assert rows.data_ptr() == token_major.data_ptr()  # a view: no permuted copy of the batch
+
+
+def test_prepare_reuses_its_output_buffer_on_the_cpu():
+    from probe.align import make_prepare, normalise_maps
+
+    fresh = make_prepare([(2, 2), (2, 2)], target=(2, 2))
+    reused = make_prepare([(2, 2), (2, 2)], target=(2, 2), reuse=True)
+    a, b = torch.randn(4, 3, 4, 8), torch.randn(4, 2, 4, 8)
+    first = reused([a, b])
+    torch.testing.assert_close(first, fresh([a, b]), rtol=0, atol=0)
+    torch.testing.assert_close(first, torch.cat([normalise_maps(a), normalise_maps(b)], dim=1))
+    pointer = first.data_ptr()
+    second = reused([b[:, :1].repeat(1, 3, 1, 1), a[:, :2]])
+    assert second.data_ptr() == pointer  # the same pages, overwritten
+    torch.testing.assert_close(second, fresh([b[:, :1].repeat(1, 3, 1, 1), a[:, :2]]), rtol=0, atol=0)
+    smaller = reused([a[:2], b[:2]])  # another batch size: a buffer of its own
+    assert smaller.shape == (2, 5, 4, 8)
+    torch.testing.assert_close(smaller, fresh([a[:2], b[:2]]), rtol=0, atol=0)
