@@ -718,6 +718,10 @@ class ShardWriter:
                 array[rows.start : rows.stop] = cast
             elif written.sha256 is not None:
                 hashed[key] = written
+            if not path.exists():  # every chunk the fill value (every row skipped): neither writer keeps a file,
+                # yet every shard is in the manifest, so the block's NaN chunks are written out explicitly
+                with zarr.config.set({"array.write_empty_chunks": True}):
+                    zarr.open_array(array.store, path=array.path, mode="r+")[rows.start : rows.stop] = cast
         checksums, sizes = {}, {}
         for array_name, array in self.arrays():
             key = self.key(array_name, array, block)

@@ -107,6 +107,38 @@ def test_skipped_rows_read_as_nan_and_are_invalid(tmp_path):
     assert validate_store(path).ok
 
 
+@pytest.mark.parametrize("writer", ["threaded", "zarr"])
+def test_a_block_whose_rows_are_all_skipped_is_written_and_valid(tmp_path, monkeypatch, writer):
+    """Every row of a shard skipped (--skip-bad): all its chunks are the fill value, which neither zarr nor the
+    threaded writer keeps as a file; the shard is written anyway, so the manifest lists every shard."""
+    from store_schema import Skipped, build_sample_table
+
+    if writer == "zarr":
+        monkeypatch.setattr("store_schema.writer.write_shard", lambda *a, **k: None)  # the zarr path
+    path = tmp_path / "s.zarr"
+    make(path)
+    from test_store_sharing import open_info
+
+    table = build_sample_table(sample_ids=[f"x{i}" for i in range(16)], labels=[0] * 16, splits=[("train",)] * 16,
+                               split_names=["train"])
+    data = np.ones((16, L, 4, D), np.float32)
+    with StoreWriter(path, open_info(path), LAYOUT) as writer_:
+        tw = writer_.task("other", samples=table, num_layers=L, num_tokens=4, feature_dim=D, num_prefix_tokens=0,
+                          protocols={"final": ("train", "train")}, classes=["a"])
+        rows = tw.blocks[1]
+        tw.write_block(0, data[: tw.blocks[0].stop])
+        tw.write_block(1, data[rows.start:rows.stop],
+                       skipped=[Skipped(row=r, sample_id=f"x{r}", error="cannot decode") for r in rows])
+        for b in tw.pending():
+            tw.write_block(b, data[tw.blocks[b].start:tw.blocks[b].stop])
+        tw.finalize()
+    task = open_store(path).task("other")
+    assert np.isnan(task.read(list(rows))).all() and not any(task.samples.column("valid").to_pylist()[rows.start:rows.stop])
+    assert np.isfinite(task.read([0, rows.start - 1])).all()
+    report = validate_store(path)
+    assert report.ok, report.problems
+
+
 # -- 2. damaged data never reads as data ------------------------------------------------------------------
 
 
