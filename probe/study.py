@@ -128,8 +128,11 @@ def _rule(selection: Selection) -> str:
 
 
 def plan_heads(names: Sequence[str], families: Sequence[str], selection: Selection, kept: Sequence[int]) -> list[Head]:
-    """The task's heads in the order study.csv lists them."""
+    """The task's heads in the order study.csv lists them. With one store there is nothing to select, and the
+    store alone is ComBo on all stores: those heads are left out."""
     every = tuple(range(len(names)))
+    if len(names) == 1:
+        families = [f for f in families if f not in ("select", "single")] or ["combo"]
     heads: list[Head] = []
     if "combo" in families:
         label = f"combo[{'+'.join(names)}]"

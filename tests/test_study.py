@@ -283,3 +283,10 @@ def test_report_of_a_study_run(study):
     versus = next(c for c in doc["comparisons"] if c["comparison"] == "combo vs linear on a")
     assert versus["diff"] == pytest.approx(rows["combo[a]"]["accuracy"] - rows["linear[a]"]["accuracy"])
     assert versus["low"] <= versus["diff"] <= versus["high"]
+
+
+def test_a_one_store_study_has_no_selection_and_no_duplicate_heads(trio, tmp_path):
+    run = run_study(StudyConfig(probe=probe_config(trio[:1], tmp_path)))
+    assert [r["head"] for r in run.rows] == ["combo[a]", "linear[a]"]
+    assert not (run.run_dir / "relevance.csv").exists() or not read_csv(run.run_dir / "relevance.csv")
+    assert all(r["bytes_read"] == r["bytes_stored"] for r in run.io)
