@@ -308,8 +308,8 @@ def render_study_report(run_dir: str | Path) -> list[Path]:
         figures.append(plot_accuracy(series, run_dir / "accuracy.png", title=title, means=not partial))
         md += _image(figures[-1], "accuracy per task and head")
     selected = _selected(run_dir, config)
-    if (run_dir / "relevance.csv").exists():
-        importances = read_csv(run_dir / "relevance.csv")
+    importances = read_csv(run_dir / "relevance.csv") if (run_dir / "relevance.csv").exists() else []
+    if importances:  # none in a one-store study: nothing to rank
         lam = config.get("group_lambda")
         md += ["## Backbone relevance", "",
                f"Measured by the penalised ComBo (lambda = {lam}) on {config.get('relevance_protocol', 'dev')} data: "
@@ -321,7 +321,7 @@ def render_study_report(run_dir: str | Path) -> list[Path]:
         if importances and importances[0].get("heldout_drop") is not None:
             figures.append(plot_heldout(importances, run_dir / "heldout.png"))
             md += _image(figures[-1], "held-out drop")
-    if selected:
+    if selected and len(names) > 1:
         md += ["## Selection per task", "", f"Rule {select.get('text', '?')}, ranked by {by}.", "",
                "| task | kept backbones | by |", "|---|---|---|"]
         for task in sorted(selected, key=lambda t: _ordered_tasks(rows).index(t) if t in _ordered_tasks(rows) else 1e9):

@@ -290,3 +290,7 @@ def test_a_one_store_study_has_no_selection_and_no_duplicate_heads(trio, tmp_pat
     assert [r["head"] for r in run.rows] == ["combo[a]", "linear[a]"]
     assert not (run.run_dir / "relevance.csv").exists() or not read_csv(run.run_dir / "relevance.csv")
     assert all(r["bytes_read"] == r["bytes_stored"] for r in run.io)
+    result = runner.invoke(app, ["report", str(run.run_dir)])
+    assert result.exit_code == 0, result.output
+    report = (run.run_dir / "report.md").read_text()
+    assert "| combo[a] | linear[a] |" in report and "Backbone relevance" not in report and "combo vs linear on a" in report
