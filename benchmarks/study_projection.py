@@ -6,6 +6,16 @@ Times come from per-image and per-step costs: measured here on the CPU (random-i
 repo's own ComBo adapter through `probe.train.train_steps`), and for the GPU from ``--gpu-images-per-s`` /
 ``--gpu-steps-per-s`` when measured (benchmarks/gpu_check.py), else from labelled FLOP-based ESTIMATES.
 
+Two ways to run the study's fits (the same fits, the same compute; they differ in what they read):
+- separate commands (`combo probe`, `combo relevance`, `combo probe --select`, `--method linear`): one job per
+  (task, fit); every job reads its stores' training split once and its evaluation split once, so a backbone's
+  test split is read once per fit that uses it (4 backbones: combo on all 4, top-2, 4 alone = 10 full-store
+  test reads per task, 2.5 per backbone, plus the linear probes' last layer); `combo relevance` streams
+  val200 from the store once per held-out pass (1 + backbones x repeats);
+- `combo study`: one job per task (probe/study.py); each split of each store is read once per task: the
+  training rows (train800val200, which holds train800 and val200) once into RAM for every fit, the test
+  split once for every head.
+
     python benchmarks/study_projection.py                      # ~35 s on 2 idle CPU cores (measures CPU costs)
     python benchmarks/study_projection.py --no-measure         # arithmetic only
     python benchmarks/study_projection.py --gpu-images-per-s 2500 --gpu-steps-per-s 60   # measured GPU figures
@@ -31,6 +41,9 @@ TEST_IMAGES = {
     "diabetic_retinopathy": 42670, "clevr_count": 15000, "clevr_dist": 15000, "dmlab": 22735, "kitti": 711,
     "dsprites_loc": 73728, "dsprites_ori": 73728, "smallnorb_azi": 12150, "smallnorb_ele": 12150}
 TRAINVAL = 1000  # train800 + val200; train800val200 is the same images, deduplicated by the store (VTAB.md)
+TRAIN, VAL = 800, 200  # the relevance pass: PAPER.md's dev protocol (train800 -> val200)
+RELEVANCE_STEPS = 1300  # PAPER.md: dev protocol steps (probe.run.PROTOCOL_STEPS["dev"])
+HELDOUT_REPEATS = 5  # probe.heldout.HELDOUT_REPEATS: held-out passes per backbone of the relevance pass
 ZSTD_RATIO = 0.920  # disk/raw of a float16 store, zstd-1 (RESULTS.md, store_layout / compact_cost)
 FORMATS = {"fp16": ZSTD_RATIO, "int8": 0.497, "pca:256+int8": 0.175}  # RESULTS.md compact_cost, ViT-B geometry
 VITB16_TIMM_GFLOPS = 17.6  # timm's published figure for vit_base_patch16_224 (multiply-accumulates)
@@ -55,6 +68,11 @@ class Geo:
         """float16 bytes per image: layers x (patch + prefix tokens) x channels x 2."""
         return self.layers * self.tokens * self.dim * 2
 
+    def read_bytes(self, method: str = "combo") -> int:
+        """float16 bytes a fit reads per image (probe.run.sources_for): ComBo every layer's patch tokens, the
+        linear probe (pool mean, the authors') the last layer's patch tokens."""
+        return (1 if method == "linear" else self.layers) * self.grid * self.grid * self.dim * 2
+
     def macs(self) -> float:
         """Forward multiply-accumulates per image: patch embed + blocks (qkv, proj, MLP x4, attention)."""
         n, d = self.tokens, self.dim
@@ -77,6 +95,13 @@ def trainings(k: int) -> list[tuple[str, tuple[str, ...]]]:
     base = [("combo-4", four), ("relevance-4", four), ("top-2", ("dinov2", "siglip"))]
     base += [(f"{a} alone", (a,)) for a in four]
     return (base + [(f"combo-4 #{i}", four) for i in range(2, k - 5)])[:k]
+
+
+def task_fits(k: int, linear: int) -> list[tuple[str, tuple[str, ...], str]]:
+    """One task's fits as (name, backbones, kind): `trainings(k)` (kind "relevance" for the penalised pass, else
+    "combo"), then the linear probe on each of the first ``linear`` backbones (kind "linear")."""
+    fits = [(n, a, "relevance" if n.startswith("relevance") else "combo") for n, a in trainings(k)]
+    return fits + [(f"linear {g.alias}", (g.alias,), "linear") for g in BACKBONES[:linear]]
 
 
 def adapter_fwd_macs(geos: list[Geo], batch: int, width: int = 128, depth: int = 6) -> tuple[float, float]:
@@ -156,7 +181,7 @@ def project(args: argparse.Namespace, gpus: list[int]) -> dict:
         else:
             per_img[g.alias] = max(2 * g.macs() / peak, disk / write_bps)
     extract_s = sum(per_img.values()) * n_images
-    # training: one job per (task, training); train split read once, test split streamed once
+    # training: the same fits (and compute) both ways; what is read differs
     by_alias = {g.alias: g for g in BACKBONES}
     ref_flops = step_flops([REFERENCE], args.batch_size)
 
@@ -164,22 +189,64 @@ def project(args: argparse.Namespace, gpus: list[int]) -> dict:
         if args.gpu_steps_per_s:
             return step_flops(geos, args.batch_size) / ref_flops / args.gpu_steps_per_s
         return args.step_overhead_ms / 1e3 + step_flops(geos, args.batch_size) / peak
-    jobs, compute_s, read_s = [], 0.0, 0.0
+
+    def linear_step_s(geos: list[Geo]) -> float:  # Linear(D -> C): no FLOPs to speak of; the fixed overhead
+        return args.step_overhead_ms / 1e3 + 2 * 3 * args.batch_size * sum(g.dim for g in geos) * 1000 / peak
+
+    batches = lambda n: math.ceil(n / args.batch_size)  # noqa: E731
+    fits = task_fits(args.trainings_per_task, args.linear_per_task)
+    jobs, study_jobs, compute_s, read_s, study_read_s = [], [], 0.0, 0.0, 0.0
+    reads = {"separate": {"train": 0.0, "val": 0.0, "test": 0.0}, "study": {"train": 0.0, "test": 0.0}}
+    test_reads = {"full": 0, "last_layer": 0}  # per task, separate commands: full-store and last-layer test reads
     for task, n_test in TEST_IMAGES.items():
-        for _, names in trainings(args.trainings_per_task):
+        task_compute, used = 0.0, set()
+        for _, names, kind in fits:
             geos = [by_alias[a] for a in names]
-            step = step_s(geos)
-            comp = args.steps * step + math.ceil(n_test / args.batch_size) * step / 3  # eval: forward ~ 1/3 step
-            read = (TRAINVAL + n_test) * sum(g.raw_bytes() for g in geos) * ZSTD_RATIO / read_bps
+            used.update(names)
+            method = "linear" if kind == "linear" else "combo"
+            img_bytes = sum(g.read_bytes(method) for g in geos)
+            if kind == "relevance":  # dev protocol; every held-out pass streams val200 again
+                step = step_s(geos)
+                passes = 1 + len(geos) * args.heldout_repeats
+                comp = args.relevance_steps * step + passes * batches(VAL) * step / 3
+                got = {"train": TRAIN * img_bytes, "val": passes * VAL * img_bytes, "test": 0.0}
+            else:
+                step = linear_step_s(geos) if kind == "linear" else step_s(geos)
+                comp = args.steps * step + batches(n_test) * step / 3  # eval: forward ~ 1/3 step
+                got = {"train": TRAINVAL * img_bytes, "val": 0.0, "test": n_test * img_bytes}
+                if task == next(iter(TEST_IMAGES)):
+                    test_reads["last_layer" if kind == "linear" else "full"] += len(geos)
+            read = sum(got.values()) * ZSTD_RATIO / read_bps
             jobs.append(comp + read)
             compute_s += comp
             read_s += read
+            task_compute += comp
+            for split, v in got.items():
+                reads["separate"][split] += v
+        # combo study: each used store's train800val200 rows once (all layers, into RAM), its test split once
+        full = sum(by_alias[a].read_bytes() for a in used)
+        got = {"train": TRAINVAL * full, "test": n_test * full}
+        read = sum(got.values()) * ZSTD_RATIO / read_bps
+        study_jobs.append(task_compute + read)
+        study_read_s += read
+        for split, v in got.items():
+            reads["study"][split] += v
     raw_total = n_images * sum(g.raw_bytes() for g in BACKBONES)
     rows = [{"gpus": n, "extract_h": extract_s / n / 3600, "waves": math.ceil(len(jobs) / n),
              "train_h": makespan(jobs, n) / 3600, "total_h": (extract_s / n + makespan(jobs, n)) / 3600} for n in gpus]
+    study_rows = [{"gpus": n, "extract_h": extract_s / n / 3600, "waves": math.ceil(len(study_jobs) / n),
+                   "train_h": makespan(study_jobs, n) / 3600,
+                   "total_h": (extract_s / n + makespan(study_jobs, n)) / 3600} for n in gpus]
+    n_back = len(BACKBONES)
+    study = {"jobs": study_jobs, "rows": study_rows, "compute_s": compute_s, "read_s": study_read_s,
+             "reads": reads["study"], "gpu_h": (extract_s + sum(study_jobs)) / 3600,
+             "train_gpu_h": sum(study_jobs) / 3600}
     return {"n_images": n_images, "per_img_s": per_img, "extract_s": extract_s, "jobs": jobs, "rows": rows,
             "raw_bytes": raw_total, "tb": {f: raw_total * q / 1e12 for f, q in FORMATS.items()},
-            "compute_s": compute_s, "read_s": read_s, "ref_step_s": step_s([REFERENCE])}
+            "compute_s": compute_s, "read_s": read_s, "ref_step_s": step_s([REFERENCE]),
+            "reads": reads["separate"], "gpu_h": (extract_s + sum(jobs)) / 3600, "train_gpu_h": sum(jobs) / 3600,
+            "study": study, "test_reads": test_reads,
+            "test_reads_per_backbone": (test_reads["full"] + test_reads["last_layer"] / REFERENCE.layers) / n_back}
 
 
 def report(args: argparse.Namespace, gpus: list[int], cpu: dict[str, float] | None) -> str:
@@ -203,7 +270,38 @@ def report(args: argparse.Namespace, gpus: list[int], cpu: dict[str, float] | No
     for r in p["rows"]:
         out.append(f"| {r['gpus']} | {r['extract_h']:.2f} | {len(p['jobs'])} | {r['waves']} | {r['train_h']:.2f} "
                    f"| {r['total_h']:.2f} |")
-    names = ", ".join(n for n, _ in trainings(args.trainings_per_task))
+    st = p["study"]
+    out += ["", f"Separate commands (one job per task and fit, {len(p['jobs'])} jobs) against `combo study` (one job per "
+            f"task, {len(st['jobs'])} jobs: each split of each store read once per task); the same fits and compute:", "",
+            "| GPUs | separate: training h | separate: total h | study: training h | study: total h | study waves |",
+            "|---|---|---|---|---|---|"]
+    for r, q in zip(p["rows"], st["rows"]):
+        out.append(f"| {r['gpus']} | {r['train_h']:.2f} | {r['total_h']:.2f} | {q['train_h']:.2f} | {q['total_h']:.2f} "
+                   f"| {q['waves']} |")
+    tr, sr = p["reads"], st["reads"]
+    tb = lambda v: v * ZSTD_RATIO / 1e12  # noqa: E731
+    out += ["", f"The paper's {len(BACKBONES)}-backbone study in GPU-hours (extraction + every training job, any N): "
+            f"separate commands **{p['gpu_h']:.2f}** (extraction {p['extract_s'] / 3600:.2f} + training "
+            f"{p['train_gpu_h']:.2f}), `combo study` **{st['gpu_h']:.2f}** (training {st['train_gpu_h']:.2f}); "
+            f"{p['gpu_h'] / st['gpu_h']:.2f}x fewer GPU-hours, training alone {p['train_gpu_h'] / st['train_gpu_h']:.2f}x.",
+            f"- Store reads (disk TB): separate commands {tb(sum(tr.values())):.2f} = test {tb(tr['test']):.2f} + "
+            f"train {tb(tr['train']):.2f} + relevance's val200 passes {tb(tr['val']):.2f}; study "
+            f"{tb(sum(sr.values())):.2f} = test {tb(sr['test']):.2f} + train800val200 {tb(sr['train']):.2f} "
+            f"({sum(tr.values()) / sum(sr.values()):.2f}x less). Reading is {p['read_s'] / 3600:.2f} of the "
+            f"separate commands' {p['train_gpu_h']:.2f} training GPU-h and {st['read_s'] / 3600:.2f} of the study's.",
+            f"- Per task, the separate commands read each backbone's test split {p['test_reads_per_backbone']:.2f} times "
+            f"on average ({p['test_reads']['full']} full-store test reads for {len(BACKBONES)} backbones: ComBo on all, "
+            f"top-2, each alone; plus {p['test_reads']['last_layer']} linear probes reading the last layer, "
+            f"1/{REFERENCE.layers} of a store each); `combo study` reads it once (every head evaluated on each batch).",
+            f"- With more GPUs than tasks ({len(TEST_IMAGES)}) a study job (all of a task's fits, one after another) "
+            "is the unit of scheduling, so its largest task bounds the study's wall time: "
+            + ", ".join(f"{r['gpus']} GPUs {r['train_h']:.2f} h (separate) vs {q['train_h']:.2f} h (study)"
+                        for r, q in zip(p["rows"], st["rows"])) + ".",
+            f"- The study holds a task's train800val200 rows of all {len(BACKBONES)} stores in RAM "
+            f"({TRAINVAL * sum(g.read_bytes() for g in BACKBONES) / 2**30:.1f} GiB as float16; --cache-budget "
+            "defaults to half the machine's RAM); below that each fit streams them and the train reads are "
+            "the separate commands' again (the test split is still read once)."]
+    names = ", ".join(n for n, _, _ in task_fits(args.trainings_per_task, args.linear_per_task))
     out += ["", "Assumptions:",
             f"- Store: every block's output, patch + prefix tokens, float16; TB = 1e12 B = images x bytes/image x "
             f"disk/raw ({', '.join(f'{f} {q}' for f, q in FORMATS.items())}: measured here at ViT-B/16 geometry, "
@@ -215,16 +313,19 @@ def report(args: argparse.Namespace, gpus: list[int], cpu: dict[str, float] | No
              f"- GPU extraction ESTIMATE: min({args.gpu_util:.0%} of {args.gpu_tflops:g} TFLOPS dense bf16 (H200) / FLOPs, "
              f"--write-gb-per-s {args.write_gb_per_s:g} GB/s of compressed store per GPU / disk bytes); "
              f"{'every backbone is' if all_write else 'not every backbone is'} write-bound here (compute alone: {peak / (2 * REFERENCE.macs()):,.0f} img/s for ViT-B/16)."),
-            f"- Trainings per task ({args.trainings_per_task}): {names}; {args.steps} steps, batch {args.batch_size} "
-            "(PAPER.md final protocol: train800val200); then the test split is evaluated.",
+            f"- Fits per task ({args.trainings_per_task} ComBo + {args.linear_per_task} linear): {names}; {args.steps} "
+            f"steps, batch {args.batch_size} (PAPER.md final protocol: train800val200 -> test), the relevance pass "
+            f"{args.relevance_steps} steps on train800, measured on val200 {1 + len(BACKBONES) * args.heldout_repeats} "
+            f"times (once, then each backbone shuffled x {args.heldout_repeats}); a linear step costs the fixed "
+            "overhead.",
             (f"- GPU training: {args.gpu_steps_per_s:g} steps/s measured at one ViT-B/16 (L=12, T=196), scaled by step "
              "FLOPs." if args.gpu_steps_per_s else
              f"- GPU training ESTIMATE: step = {args.step_overhead_ms:g} ms (kernel launches, AdamW) + step FLOPs at "
              f"the same {args.gpu_util:.0%} of peak; {1 / p['ref_step_s']:.0f} steps/s at one ViT-B/16."),
-            f"- Each job reads its backbones' train split once and test split once at --read-gb-per-s "
+            f"- A job reads (patch tokens; ComBo every layer, linear the last) at --read-gb-per-s "
             f"{args.read_gb_per_s:g} GB/s per GPU (ASSUMPTION; zstd decode + crc32c ran at 0.376 GB/s on this "
             "2-core CPU, RESULTS.md checksum_cost); evaluation forward = 1/3 of a step per batch.",
-            f"- Training total {(p['compute_s'] + p['read_s']) / 3600:.2f} GPU-h, of which store reads "
+            f"- Training total (separate commands) {(p['compute_s'] + p['read_s']) / 3600:.2f} GPU-h, of which store reads "
             f"{p['read_s'] / 3600:.2f} h ({p['read_s'] / (p['compute_s'] + p['read_s']):.0%}); reading compact stores "
             "instead (same compute): " + ", ".join(f"{f} {(p['compute_s'] + p['read_s'] * q / ZSTD_RATIO) / 3600:.2f} GPU-h"
                                                    for f, q in list(FORMATS.items())[1:]) + ". Jobs are independent (one per dask task) and placed longest first; "
@@ -251,7 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", default="1,4,8,32", help="comma list of GPU counts")
     parser.add_argument("--trainings-per-task", type=int, default=7, help="PAPER.md: 4 alone + 4 + relevance + top-2")
-    parser.add_argument("--steps", type=int, default=1600, help="steps per training (PAPER.md: 1,600)")
+    parser.add_argument("--linear-per-task", type=int, default=4, help="linear probes per task (one per backbone)")
+    parser.add_argument("--steps", type=int, default=1600, help="steps per final fit (PAPER.md: 1,600)")
+    parser.add_argument("--relevance-steps", type=int, default=RELEVANCE_STEPS, help="relevance pass (PAPER.md dev: 1,300)")
+    parser.add_argument("--heldout-repeats", type=int, default=HELDOUT_REPEATS, help="held-out passes per backbone")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--gpu-images-per-s", type=float, default=None,
                         help="measured ViT-B/16 extraction img/s with store writes (gpu_check.py); default: ESTIMATE")
