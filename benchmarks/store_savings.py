@@ -13,7 +13,7 @@
     and its training time is extrapolated linearly to --steps (its measured seconds per step); every
     evaluation is run in full.
 (b) this project: `extract` runs each backbone once over every image into a store, then
-    `probe.study.run_study` (top-k by held-out drop; heads combo, select, single, linear).
+    `probe.studyrun.run_study` (top-k by held-out drop; heads combo, select, single, linear).
 Ideal store path: one extraction at pure backbone cost (the forward on in-memory images at batch 64, plus
 (a)'s decode cost per image; nothing written) plus the adapter's own compute for every fit and evaluation of
 the study, timed on in-memory float16 tensors of the same shapes (zero reading cost); each in-memory cost is
@@ -357,7 +357,8 @@ def store_study(args: argparse.Namespace, data_root: Path, out: Path, device: to
     """(b): extract each backbone once (its own store), then run_study."""
     from extract.pipeline import ExtractConfig, extract
     from probe.run import ProbeConfig
-    from probe.study import StudyConfig, run_study
+    from probe.study import StudyConfig
+    from probe.studyrun import run_study
 
     started = time.perf_counter()
     stores, images = [], 0

@@ -140,7 +140,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from probe.run import ProbeConfig
-    from probe.study import StudyConfig, run_study
+    from probe.study import StudyConfig
+    from probe.studyrun import run_study
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)

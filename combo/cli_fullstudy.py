@@ -110,7 +110,8 @@ def study_command(
     from probe.data import budget_from_text
     from probe.run import ProbeConfig, RunInterrupted
     from probe.runstate import check_out_folder, find_unfinished, read_state
-    from probe.study import StudyConfig, run_study
+    from probe.study import StudyConfig
+    from probe.studyrun import run_study
 
     from .cli_store import storage_options
     from .cli_study import print_warnings

@@ -154,7 +154,8 @@ def test_probe_replace_keeps_config_picklable(store, tmp_path):
 
 def test_study_on_the_cluster_equals_the_sequential_run(store, weak, client, tmp_path):
     """One dask task per task: its fits stay together on one worker (they share its held rows)."""
-    from probe.study import StudyConfig, run_study
+    from probe.study import StudyConfig
+    from probe.studyrun import run_study
 
     cfg = replace(config(store, tmp_path / "seq"), stores=(str(store), str(weak)))
     sequential = run_study(StudyConfig(probe=cfg, select="top-1"))

@@ -89,7 +89,8 @@ def test_predict_on_a_selected_subset_of_backbones(data, tmp_path):
 
 
 def test_predict_on_every_head_of_a_study(data, tmp_path):
-    from probe.study import StudyConfig, run_study
+    from probe.study import StudyConfig
+    from probe.studyrun import run_study
 
     study = run_study(StudyConfig(probe=probe_config(data["stores"], tmp_path, steps=40), select="top-1"))
     heads = {r["column"]: r for r in read_csv(study.run_dir / "study.csv")}

@@ -1,4 +1,4 @@
-"""`combo study` (probe/study.py): the paper's per-task study in one call, each split of each store read once,
+"""`combo study` (probe/study.py, probe/studyrun.py): the paper's per-task study in one call, each split of each store read once,
 with the same answers as the separate commands."""
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import pytest
 from typer.testing import CliRunner
 
 import probe.study
+import probe.studyrun
 from combo.cli import app
 from probe.relevance import relevance_warnings
 from probe.report import read_csv
 from probe.run import ProbeConfig, RunInterrupted, run_probe
 from probe.runstate import read_state
-from probe.study import StudyConfig, run_study
+from probe.study import StudyConfig
+from probe.studyrun import run_study
 from store_schema import StoreLayout
 from storefactory import vtab_like_splits, write_store
 
@@ -207,17 +209,17 @@ def test_a_resumed_study_does_not_read_a_finished_task_again(tmp_path, monkeypat
     stores = [make_store(tmp_path, name, layers=2, signal=[0], dim=8, seed=k, tasks=("first", "second"))
               for k, name in enumerate(("x", "y"))]
     cfg = StudyConfig(probe=probe_config(stores, tmp_path / "runs", steps=10), heads=("combo", "linear"))
-    real = probe.study.study_task
+    real = probe.studyrun.study_task
 
     def interrupted(aligned, *args, **kwargs):
         if aligned.name == "second":
             raise KeyboardInterrupt
         return real(aligned, *args, **kwargs)
 
-    monkeypatch.setattr(probe.study, "study_task", interrupted)
+    monkeypatch.setattr(probe.studyrun, "study_task", interrupted)
     with pytest.raises(RunInterrupted) as stop:
         run_study(cfg)
-    monkeypatch.setattr(probe.study, "study_task", real)
+    monkeypatch.setattr(probe.studyrun, "study_task", real)
     damaged = 0
     for path in stores:  # the finished task's features are damaged (sizes kept): a resume that read them would fail
         for shard in (Path(path) / "first" / "tokens" / "c").rglob("*"):
