@@ -143,26 +143,28 @@ class SplitSource:
                 total += num_layers * int(np.prod(array.shape[2:])) * array.dtype.itemsize
         return total
 
-    def read(self, positions: np.ndarray) -> list[np.ndarray]:
+    def read(self, positions: np.ndarray, *, direct: bool = False) -> list[np.ndarray]:
         """Features of the given positions (any order), rows in `positions` order: one array per store, or, for a
-        compact store, its encoded arrays (`arrays_of`; every one rows first), which `decode` turns into one."""
+        compact store, its encoded arrays (`arrays_of`; every one rows first), which `decode` turns into one.
+        ``direct``: local shards are read past the page cache (`TaskStore.read`)."""
         positions = np.asarray(positions, dtype=np.int64)
         out = []
         for k, row_map in enumerate(self.task.row_maps):
-            out += self.read_part(k, row_map[self.rows[positions]])
+            out += self.read_part(k, row_map[self.rows[positions]], direct=direct)
         return out
 
-    def read_part(self, k: int, stored: np.ndarray, *, layers: Sequence[int] | None = None) -> list[np.ndarray]:
+    def read_part(self, k: int, stored: np.ndarray, *, layers: Sequence[int] | None = None,
+                  direct: bool = False) -> list[np.ndarray]:
         """Store k's arrays for its rows `stored` (`layers`: these stored layers instead of the selection)."""
         part = self.task.parts[k]
         layers = self.layers_of(k) if layers is None else [int(v) for v in layers]
         if not self.compact_of(k):
-            block = part.read(stored, layers=layers, prefix=self.prefix_of(k))
+            block = part.read(stored, layers=layers, prefix=self.prefix_of(k), direct=direct)
             if block.dtype.kind == "f" and not _all_finite(block):  # one pass per block read
                 raise non_finite_error(part, stored, block, prefix=self.prefix_of(k))
             return [block]
         # undecoded: map_stats NaN (never written) is refused by read_encoded; integer codes cannot be non-finite
-        blocks = part.read_encoded(stored, layers=layers)
+        blocks = part.read_encoded(stored, layers=layers, direct=direct)
         for name, block in zip(part.compact.arrays(), blocks):
             if block.dtype.kind == "f" and not _all_finite(block):
                 raise non_finite_error(part, stored, block, prefix=False, array=name)
@@ -467,10 +469,26 @@ def eval_batch_rows(source: SplitSource, batch_size: int, *, max_batch_bytes: in
     return rows if rows >= batch_size or rows < shard else rows // shard * shard  # capped: whole shards per batch
 
 
+def direct_reads(split_bytes: int) -> bool:
+    """Whether one pass over `split_bytes` should skip the page cache: when it is more than half the RAM, the
+    pages could not stay cached anyway, and filling, copying and reclaiming them cost 1.0-1.5 s of kernel time
+    per GB (O_DIRECT: 0.44; benchmarks/RESULTS.md, issue 24). $COMBO_DIRECT_READS=1 / 0 forces it on / off."""
+    forced = os.environ.get("COMBO_DIRECT_READS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return split_bytes > ram // 2
+
+
 def eval_batches(source: SplitSource, *, batch_size: int, max_batch_bytes: int | None = EVAL_BATCH_BYTES) -> Iterator[Batch]:
     """The split in stored order, read ahead in a background thread: at most `EVAL_BATCHES_IN_RAM` reads
-    (of whole batches of `eval_batch_rows` rows, at least a shard) exist at once, whatever the split's size."""
+    (of whole batches of `eval_batch_rows` rows, at least a shard) exist at once, whatever the split's size. A
+    split larger than half the RAM is read past the page cache (`direct_reads`)."""
     labels = source.labels.astype(np.int64)
+    direct = direct_reads(source.n * source.row_bytes())
     batch_size = eval_batch_rows(source, batch_size, max_batch_bytes=max_batch_bytes)
     # whole batches per read, at least a shard's worth (an inner chunk holds all its shard's rows, so a read
     # of part of a shard decodes all of it); only the split's last batch is smaller
@@ -478,7 +496,7 @@ def eval_batches(source: SplitSource, *, batch_size: int, max_batch_bytes: int |
 
     def reads() -> Iterator[tuple[int, list[np.ndarray]]]:
         for s in range(0, source.n, rows_per_read):
-            yield s, source.read(np.arange(s, min(s + rows_per_read, source.n)))
+            yield s, source.read(np.arange(s, min(s + rows_per_read, source.n)), direct=direct)
 
     # one read queued, one being read, the consumer's and (in its loop variable) the one before: EVAL_BATCHES_IN_RAM
     prefetch = Prefetcher(reads(), depth=1, name="combo-eval")
@@ -649,6 +667,7 @@ __all__ = [
     "budget_from_text",
     "cached_batches",
     "default_budget",
+    "direct_reads",
     "epoch_order",
     "epoch_windows",
     "eval_batch_rows",

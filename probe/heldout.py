@@ -38,20 +38,20 @@ class ShuffledSource(SplitSource):
     permutation: np.ndarray | None = None
     layer: int | None = None  # shuffle only this layer (a position in what store `shuffled` reads)
 
-    def read(self, positions: np.ndarray) -> list[np.ndarray]:
+    def read(self, positions: np.ndarray, *, direct: bool = False) -> list[np.ndarray]:
         """As `SplitSource.read`; store `shuffled` moved. A compact store moves every one of its encoded arrays
         (all hold rows on axis 0 and layers on axis 1), so its decoded maps move exactly as full-size ones do."""
         positions = np.asarray(positions, dtype=np.int64)
         arrays: list[np.ndarray] = []
         for k, row_map in enumerate(self.task.row_maps):
             if k != self.shuffled or self.permutation is None:
-                arrays += self.read_part(k, row_map[self.rows[positions]])
+                arrays += self.read_part(k, row_map[self.rows[positions]], direct=direct)
                 continue
             moved = row_map[self.rows[self.permutation[positions]]]
             if self.layer is None:
-                arrays += self.read_part(k, moved)
+                arrays += self.read_part(k, moved, direct=direct)
                 continue
-            data = self.read_part(k, row_map[self.rows[positions]])
+            data = self.read_part(k, row_map[self.rows[positions]], direct=direct)
             layers = self.layers_of(k)
             stored_layer = self.layer if layers is None else layers[self.layer]
             for block, other in zip(data, self.read_part(k, moved, layers=[stored_layer])):

@@ -56,16 +56,16 @@ class HeldPart:
         return block if layers is None else np.ascontiguousarray(block[:, [int(v) for v in layers]])
 
     def read(self, rows: Any, *, layers: Sequence[int] | None = None, prefix: bool = False,
-             normalised: bool = False) -> np.ndarray:
+             normalised: bool = False, direct: bool = False) -> np.ndarray:
         index = None if prefix or self._part.compact is not None else self.held_index(self._part._rows(rows))
         if index is None:
-            return self._part.read(rows, layers=layers, prefix=prefix, normalised=normalised)
+            return self._part.read(rows, layers=layers, prefix=prefix, normalised=normalised, direct=direct)
         return self._take(self.arrays[0], index, layers)
 
-    def read_encoded(self, rows: Any, *, layers: Sequence[int] | None = None) -> list[np.ndarray]:
+    def read_encoded(self, rows: Any, *, layers: Sequence[int] | None = None, direct: bool = False) -> list[np.ndarray]:
         index = self.held_index(self._part._rows(rows))
         if index is None:
-            return self._part.read_encoded(rows, layers=layers)
+            return self._part.read_encoded(rows, layers=layers, direct=direct)
         return [self._take(a, index, layers) for a in self.arrays]
 
     @property

@@ -387,12 +387,13 @@ class TaskStore:
 
     # -- data ---------------------------------------------------------------------------------
     def read(self, rows: Sequence[int] | np.ndarray | slice, *, layers: Sequence[int] | None = None, prefix: bool = False,
-             normalised: bool = False) -> np.ndarray:
+             normalised: bool = False, direct: bool = False) -> np.ndarray:
         """Rows (any order) of the token (or prefix) array as numpy; see `read_rows`. A compact task's
         tokens come back decoded, float32 in original units (``normalised``: ComBo's per-map
-        normalisation, with the stored statistics)."""
+        normalisation, with the stored statistics). ``direct``: local shard files are read with O_DIRECT, past
+        the page cache (for one pass over more than RAM holds)."""
         if self.compact is not None and not prefix:
-            encoded = self.read_encoded(rows, layers=layers)
+            encoded = self.read_encoded(rows, layers=layers, direct=direct)
             return decode(encoded, self.compact, self.pca, layers=layers, normalised=normalised)
         array = self.prefix if prefix else self.tokens
         if array is None:
@@ -400,7 +401,7 @@ class TaskStore:
         self.require_complete()
         rows = self._rows(rows)
         out = read_rows(array, rows, layers=layers, rows_per_shard=self.rows_per_shard,
-                        where=f"task {self.name} of {self.store.url}", files=self.files(array))
+                        where=f"task {self.name} of {self.store.url}", files=self.files(array, direct=direct))
         self._check_written(out, rows, array_name=PREFIX if prefix else TOKENS)
         self._count(out.nbytes)
         return out
@@ -409,27 +410,28 @@ class TaskStore:
         with self._count_lock:
             self.bytes_read += int(nbytes)
 
-    def files(self, array: zarr.Array) -> ShardFiles | None:
+    def files(self, array: zarr.Array, *, direct: bool = False) -> ShardFiles | None:
         """Where the shard reader fetches `array`'s shards (None: zarr reads them; $COMBO_SHARD_READER=zarr
         forces that, for comparison)."""
         if os.environ.get("COMBO_SHARD_READER") == "zarr":
             return None
-        return shardread.files_for(self.store.location, array)
+        return shardread.files_for(self.store.location, array, direct=direct)
 
     def _rows(self, rows: Sequence[int] | np.ndarray | slice) -> np.ndarray:
         if isinstance(rows, slice):
             rows = np.arange(self.num_samples)[rows]
         return np.asarray(rows, dtype=np.int64)
 
-    def read_encoded(self, rows: Sequence[int] | np.ndarray | slice, *, layers: Sequence[int] | None = None) -> list[np.ndarray]:
+    def read_encoded(self, rows: Sequence[int] | np.ndarray | slice, *, layers: Sequence[int] | None = None,
+                     direct: bool = False) -> list[np.ndarray]:
         """A compact task's arrays for these rows (and layers), in `CompactSpec.arrays()` order, undecoded:
         what a reader that decodes elsewhere (on a GPU, in the batch) needs."""
         arrays = self.encoded
         self.require_complete()
         rows = self._rows(rows)
         where = f"task {self.name} of {self.store.url}"
-        out = [read_rows(a, rows, layers=layers, rows_per_shard=self.rows_per_shard, where=where, files=self.files(a))
-               for a in arrays]
+        out = [read_rows(a, rows, layers=layers, rows_per_shard=self.rows_per_shard, where=where,
+                         files=self.files(a, direct=direct)) for a in arrays]
         self._check_written(out[-1], rows, array_name=MAP_STATS)  # map_stats: NaN where never written
         self._count(sum(a.nbytes for a in out))
         return out

@@ -110,10 +110,10 @@ def _count_reads(monkeypatch):
     calls = []
     original = SplitSource.read
 
-    def counting(self, positions):
+    def counting(self, positions, **kwargs):
         calls.append({"store": self.task.reference.store.backbone["alias"], "rows": self.rows[np.asarray(positions)].tolist(),
                       "layers": self.layers, "prefix": self.prefix})
-        return original(self, positions)
+        return original(self, positions, **kwargs)
 
     monkeypatch.setattr(SplitSource, "read", counting)
     return calls

@@ -504,9 +504,9 @@ def test_stream_mode_trains_exactly_like_cached_mode_with_the_same_window(store_
     reads: list[tuple[str, int]] = []
     original = SplitSource.read
 
-    def spy(self, positions):
+    def spy(self, positions, **kwargs):
         reads.append((threading.current_thread().name, len(positions)))
-        return original(self, positions)
+        return original(self, positions, **kwargs)
 
     monkeypatch.setattr(SplitSource, "read", spy)
     streamed = run_probe(config([path], tmp_path / "stream", cache="auto", cache_budget=budget, batch_size=16))

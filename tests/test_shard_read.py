@@ -76,6 +76,70 @@ def test_shard_reader_returns_zarrs_bytes_at_every_thread_count(tmp_path, monkey
         shardread.set_read_threads(None)
 
 
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_direct_reads_return_the_same_bytes(tmp_path, monkeypatch, name):
+    """O_DIRECT (past the page cache, for one pass over more than RAM) reads what the buffered path reads; a file
+    system that refuses O_DIRECT (tmpfs) is read through the page cache instead."""
+    store = make(tmp_path / "s.zarr", LAYOUTS[name])
+    task = open_store(store).task("task")
+    files = task.files(task.tokens, direct=True)
+    assert files is not None and files.direct
+    real_open, opened = shardread.os.open, []
+
+    def watch(path, flags, *args):
+        opened.append(bool(flags & shardread.os.O_DIRECT))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(shardread.os, "open", watch)
+    task.read([0], direct=True)
+    monkeypatch.setattr(shardread.os, "open", real_open)
+    try:  # where this file system takes O_DIRECT (ext4, xfs: not tmpfs), the direct reads used it
+        shardread.os.close(real_open(str(store / "task" / "zarr.json"), shardread.os.O_RDONLY | shardread.os.O_DIRECT))
+        assert any(opened), opened
+    except OSError:
+        pass
+    for rows, layers in SELECTIONS:
+        buffered = task.read(rows, layers=layers)
+        assert task.read(rows, layers=layers, direct=True).tobytes() == buffered.tobytes(), (name, rows, layers)
+        assert task.read(rows, layers=layers, prefix=True, direct=True).tobytes() == \
+            task.read(rows, layers=layers, prefix=True).tobytes()
+    real_open = shardread.os.open
+
+    def refuse(path, flags, *args):
+        if flags & shardread.os.O_DIRECT:
+            raise OSError(22, "Invalid argument")  # what tmpfs answers
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(shardread.os, "open", refuse)
+    rows, layers = SELECTIONS[1]
+    assert task.read(rows, layers=layers, direct=True).tobytes() == task.read(rows, layers=layers).tobytes()
+
+
+def test_the_eval_stream_reads_past_the_page_cache_only_when_the_split_outgrows_ram(tmp_path, monkeypatch):
+    from probe import data
+
+    store = make(tmp_path / "s.zarr", StoreLayout(rows_per_shard=4, rows_per_chunk=4))
+    aligned = align_tasks(open_stores([str(store)]), "task")
+    seen = []
+    real = SplitSource.read
+
+    def spy(self, positions, *, direct=False):
+        seen.append(direct)
+        return real(self, positions, direct=direct)
+
+    monkeypatch.setattr(SplitSource, "read", spy)
+    source = SplitSource(aligned, np.arange(N))
+    buffered = [f[0].numpy().tobytes() for f, _ in eval_batches(source, batch_size=4)]
+    assert seen and not any(seen)  # a small split: the page cache
+    assert data.direct_reads(2**60) and not data.direct_reads(2**20)
+    seen.clear()
+    monkeypatch.setenv("COMBO_DIRECT_READS", "1")
+    assert [f[0].numpy().tobytes() for f, _ in eval_batches(source, batch_size=4)] == buffered
+    assert seen and all(seen)
+    monkeypatch.setenv("COMBO_DIRECT_READS", "0")
+    assert not data.direct_reads(2**60)
+
+
 def test_a_layout_the_reader_does_not_take_is_read_by_zarr(tmp_path):
     store = make(tmp_path / "s.zarr", StoreLayout(rows_per_shard=8, codec="blosc-zstd"))
     task = open_store(store).task("task")
@@ -163,8 +227,8 @@ class CountingSource(SplitSource):
         self.reads = 0
         self.lock = threading.Lock()
 
-    def read(self, positions):
-        arrays = super().read(positions)
+    def read(self, positions, *, direct=False):
+        arrays = super().read(positions, direct=direct)
         with self.lock:
             self.reads += 1
             self.alive += 1
