@@ -23,54 +23,13 @@ BY_HELP = ("What the selection ranks by: heldout (default: the drop in held-out 
            "are shuffled) or norm (the paper's s_k; reproduces the paper). The other is shown beside it.")
 
 
-def _pct(value: Any) -> str:
-    return "-" if value is None or value == "" else f"{100 * float(value):.1f}"
+def io_lines(run_dir: Any) -> list[str]:
+    """Bytes read per split against the split's stored bytes, summed over tasks and stores (io.csv)."""
+    from probe.studyreport import io_totals
 
-
-def heads_table(rows: list[dict[str, Any]], *, title: str, partial: str | None = None) -> Table:
-    """Accuracy per task with the heads as columns; group means and the overall score for VTAB (none for a
-    partial study)."""
-    from probe.results import GROUP_ORDER, GROUP_TITLES, PARTIAL_MEANS, group_means
-
-    columns = list(dict.fromkeys(str(r["column"]) for r in rows))
-    table = Table(title=plain(title), caption=plain(f"{partial}; {PARTIAL_MEANS}", "yellow") if partial else None)
-    table.add_column("task")
-    table.add_column("group")
-    for c in columns:
-        table.add_column(plain(c), justify="right", overflow="fold")  # a head's name is never cut
-    cells = {(r["task"], r["column"]): r for r in rows}
-    tasks = list(dict.fromkeys(str(r["task"]) for r in rows))
-    groups = {str(r["task"]): str(r.get("group") or "") for r in rows}
-    tasks.sort(key=lambda t: GROUP_ORDER.index(groups[t]) if groups[t] in GROUP_ORDER else len(GROUP_ORDER))
-    for task in tasks:
-        table.add_row(plain(task), plain(groups[task]), *[_pct(cells[(task, c)]["accuracy"]) if (task, c) in cells else "-"
-                                                          for c in columns])
-    if rows and not partial:
-        vtab = any(g in GROUP_ORDER for g in groups.values())
-        table.add_section()
-        per_column = {c: [r for r in rows if r["column"] == c] for c in columns}
-        if vtab:
-            for g in GROUP_ORDER:
-                table.add_row(plain(f"{GROUP_TITLES[g]} (mean)"), plain(g),
-                              *[_pct(group_means(per_column[c])[0].get(g)) for c in columns])
-            table.add_row(plain("Overall (mean of group means)", "bold"), "",
-                          *[plain(_pct(group_means(per_column[c])[1]), "bold") for c in columns])
-        else:
-            table.add_row(plain("mean over tasks", "bold"), "",
-                          *[plain(_pct(sum(float(r["accuracy"]) for r in per_column[c]) / len(per_column[c])), "bold")
-                            for c in columns])
-    return table
-
-
-def io_lines(io: list[dict[str, Any]]) -> list[str]:
-    """Bytes read per split against the split's stored bytes, summed over tasks and stores."""
-    totals: dict[str, list[int]] = {}
-    for r in io:
-        t = totals.setdefault(str(r["split"]), [0, 0])
-        t[0] += int(r["bytes_read"])
-        t[1] += int(r["bytes_stored"])
-    return [f"{split}: read {read / 2**20:,.1f} MiB of {stored / 2**20:,.1f} MiB stored "
-            f"({read / stored if stored else 0:.2f}x)" for split, (read, stored) in totals.items()]
+    return [f"{split}: read {t['bytes_read'] / 2**20:,.1f} MiB of {t['bytes_stored'] / 2**20:,.1f} MiB stored "
+            f"({t['bytes_read'] / t['bytes_stored'] if t['bytes_stored'] else 0:.2f}x)"
+            for split, t in io_totals(run_dir).items()]
 
 
 @friendly_errors
@@ -114,7 +73,9 @@ def study_command(
     from probe.studyrun import run_study
 
     from .cli_store import storage_options
-    from .cli_study import print_warnings
+    from probe.studyreport import study_tables
+
+    from .cli_study import print_grid, print_warnings
 
     refs = split_list(stores)
     if not refs:
@@ -145,7 +106,8 @@ def study_command(
         say(("interrupted", "yellow"), f": {stop.done} of {stop.planned} tasks finished in {stop.run_dir}; rerun the same "
             f"command (or add --resume {stop.run_dir}) to finish the rest; trained fits are kept", console_=err_console)
         raise typer.Exit(130) from None
-    console.print(heads_table(run.rows, title=f"Study of {' + '.join(run.backbones)}: accuracy (%) per head"))
+    title, header, body, left = study_tables(run.run_dir)[0]  # the accuracy table `combo report` shows
+    print_grid(title, header, body, left)
     chosen = Table(title=plain(f"selected backbones ({select} by {'held-out drop' if by == 'heldout' else 's_k'})"))
     chosen.add_column("task")
     chosen.add_column("kept")
@@ -153,7 +115,7 @@ def study_command(
         chosen.add_row(plain(name), plain(", ".join(kept)))
     if len(run.backbones) > 1:
         console.print(chosen)
-    for line in io_lines(run.io):
+    for line in io_lines(run.run_dir):
         say("bytes ", line)
     print_warnings(run.warnings)
     say("run folder: ", (str(run.run_dir), "bold"))

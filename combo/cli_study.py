@@ -125,6 +125,22 @@ def relevance_command(
     _run_folder(run_dir)
 
 
+def print_grid(title: str, header: list[str], body: list[list[str]], left: int) -> None:
+    """A table of text cells, its first `left` columns text, the rest numbers: on a narrow console a long head
+    name folds, its numbers stay whole."""
+    table = Table(title=plain(title))
+    widest = [max(len(c[i]) for c in [header, *body]) for i in range(len(header))]
+    cells_only = [max([len(c[i]) for c in body] + [1]) for i in range(len(header))]
+    spare = console.width - 3 * len(header) - 1 - sum(widest[:left])  # for the number columns
+    share = max(1, spare // max(1, len(header) - left))
+    for i, col in enumerate(header):
+        cap = None if i < left or sum(widest[left:]) <= spare else max(cells_only[i], share)
+        table.add_column(plain(col), justify="left" if i < left else "right", overflow="fold", max_width=cap)
+    for cells in body:
+        table.add_row(*[plain(c) for c in cells])
+    console.print(table)
+
+
 def print_warnings(warnings: list[str]) -> None:
     """Each warning of a relevance run as its own paragraph, on stderr (user text escaped)."""
     for text in warnings:
@@ -252,17 +268,7 @@ def report_command(
         return
     if summary is not None:
         for title, header, body, left in study_tables(run, summary):
-            table = Table(title=plain(title))
-            widest = [max(len(c[i]) for c in [header, *body]) for i in range(len(header))]
-            cells_only = [max([len(c[i]) for c in body] + [1]) for i in range(len(header))]
-            spare = console.width - 3 * len(header) - 1 - sum(widest[:left])  # for the number columns
-            share = max(1, spare // max(1, len(header) - left))
-            for i, col in enumerate(header):  # a narrow console: a long head name folds, its numbers stay whole
-                cap = None if i < left or sum(widest[left:]) <= spare else max(cells_only[i], share)
-                table.add_column(plain(col), justify="left" if i < left else "right", overflow="fold", max_width=cap)
-            for cells in body:
-                table.add_row(*[plain(c) for c in cells])
-            console.print(table)
+            print_grid(title, header, body, left)
     if rows:
         table = Table(title=plain(f"{kind} run: {run.name}"))
         for col in cols:

@@ -157,7 +157,8 @@ def _token_major(batch: int, layers: int, tokens: int, width: int, device: torch
         buffers = _BUFFERS.slots = {}
     held = buffers.get(slot)
     if held is None or tuple(held.shape) != shape:
-        buffers[slot] = held = None  # the old buffer goes before the new one is allocated
+        del held
+        buffers.pop(slot, None)  # the old buffer goes before the new one is allocated
         buffers[slot] = held = torch.empty(shape, dtype=torch.float32, device=device)
     return held.permute(0, 2, 1, 3)
 

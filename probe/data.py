@@ -64,7 +64,8 @@ EVAL_BATCH_SIZE = 256  # rows per evaluation batch asked for by default (`ProbeC
 # benchmarks/large_store.py and tests/test_memory_budget.py): torch's kernels, thread pools and the adapter ...
 FIXED_OVERHEAD_BYTES = 256 * 2**20
 # ... and copies of one training batch's stored bytes: the batch itself and the one being assembled, its float32
-# copy (2x for float16), the adapter's contiguous copy of that for Lambda (2x), gradients and activations
+# copy (2x for float16), gradients and activations; the bound was measured when the adapter also made a contiguous
+# copy of the float32 batch for Lambda (2x), which prepare's token-major layout no longer needs: kept, as a margin
 TRAIN_BATCH_COPIES = 10
 # ... and of one evaluation batch's: the reads in flight (EVAL_BATCHES_IN_RAM), its float32 copies, and freed blocks glibc keeps
 EVAL_BATCH_COPIES = 10
@@ -135,12 +136,15 @@ class SplitSource:
 
     def row_bytes(self) -> int:
         """Bytes of one sample as read (all stores, selected layers, stored dtype; every array of a compact encoding)."""
+        return sum(self.store_row_bytes(k) for k in range(len(self.task.parts)))
+
+    def store_row_bytes(self, k: int) -> int:
+        """`row_bytes` of store k alone."""
+        layers = self.layers_of(k)
         total = 0
-        for k in range(len(self.task.parts)):
-            layers = self.layers_of(k)
-            for array in self._arrays(k):
-                num_layers = array.shape[1] if layers is None else len(layers)
-                total += num_layers * int(np.prod(array.shape[2:])) * array.dtype.itemsize
+        for array in self._arrays(k):
+            num_layers = array.shape[1] if layers is None else len(layers)
+            total += num_layers * int(np.prod(array.shape[2:])) * array.dtype.itemsize
         return total
 
     def read(self, positions: np.ndarray, *, direct: bool = False) -> list[np.ndarray]:

@@ -63,6 +63,7 @@ __all__ = [
     "layer_importance_rows",
     "parse_select",
     "relevance_penalty",
+    "selection_table",
     "run_relevance",
     "run_select",
 ]
@@ -211,6 +212,13 @@ def choose_backbones(rows: Sequence[dict[str, Any]], selection: Selection) -> li
         if not kept:
             kept = [min(rows, key=lambda r: r[rank_key])["store_index"]]
     return sorted(int(k) for k in kept)
+
+
+def selection_table(task: str, rows: Sequence[dict[str, Any]], keep: Sequence[int], *, by: str) -> list[dict[str, Any]]:
+    """selection.csv's rows of one task: each backbone's two measures and whether it was kept."""
+    return [{"task": task, "backbone": r["backbone"], "store_index": r["store_index"],
+             "importance_normalised": r["importance_normalised"], "rank": r["rank"], "heldout_drop": r["heldout_drop"],
+             "heldout_rank": r["heldout_rank"], "by": by, "selected": r["store_index"] in keep} for r in rows]
 
 
 def add_heldout(rows: list[dict[str, Any]], fit: TaskFit, *, device: torch.device, batch_size: int,
@@ -557,11 +565,7 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
         rows = [r for r in relevance.importances if r["task"] == aligned.name]
         keep = choose_backbones(rows, selection)
         chosen[aligned.name] = [names[k] for k in keep]
-        for r in rows:
-            selection_rows.append({"task": aligned.name, "backbone": r["backbone"], "store_index": r["store_index"],
-                                   "importance_normalised": r["importance_normalised"], "rank": r["rank"],
-                                   "heldout_drop": r["heldout_drop"], "heldout_rank": r["heldout_rank"],
-                                   "by": selection.by, "selected": r["store_index"] in keep})
+        selection_rows += selection_table(aligned.name, rows, keep, by=selection.by)
         subsets[aligned.name] = (keep, replace(cfg, stores=tuple(cfg.stores[k] for k in keep), group_lambda=0.0),
                                  align_tasks([stores[k] for k in keep], aligned.name))
 

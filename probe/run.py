@@ -371,10 +371,14 @@ def store_provenance(store: FeatureStore) -> dict[str, Any]:
     return {"url": sanitise_url(store.url), **{k: store.attrs.get(k) for k in keep}}
 
 
+def weights_of(model: nn.Module) -> dict[str, Tensor]:
+    """A model's state as safetensors writes it: detached, on the CPU, contiguous."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def save_fit(run_dir: Path, fit: TaskFit, aligned: AlignedTask, *, prefix: str = "") -> None:
     """Weights (safetensors), predictions (Parquet) of one task."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in fit.model.state_dict().items()}
-    save_file(tensors, str(run_dir / f"{prefix}adapter-{fit.task}.safetensors"),
+    save_file(weights_of(fit.model), str(run_dir / f"{prefix}adapter-{fit.task}.safetensors"),
               metadata={"task": fit.task, "config": json.dumps(fit.model_config)})
     ids = aligned.reference.sample_ids
     table = pa.table({
@@ -631,4 +635,5 @@ __all__ = [
     "store_provenance",
     "task_splits",
     "train_task",
+    "weights_of",
 ]

@@ -153,12 +153,6 @@ class TaskStudy:
     held: str = ""  # how the training rows were read (for the log and config.json)
 
 
-def _row_bytes(part: Any) -> int:
-    """Bytes of one stored sample of a task (every layer; every array of a compact encoding)."""
-    arrays = part.encoded if part.compact is not None else [part.tokens]
-    return int(sum(np.prod(a.shape[1:]) * a.dtype.itemsize for a in arrays))
-
-
 def _head_config(cfg: StudyConfig, head: Head) -> ProbeConfig:
     return replace(cfg.probe, method=head.method, stores=tuple(cfg.probe.stores[k] for k in head.keep),
                    group_lambda=0.0, pool="mean")
@@ -193,29 +187,29 @@ def study_task(aligned: AlignedTask, cfg: StudyConfig, *, names: Sequence[str], 
     selection = cfg.selection
     with_relevance = len(aligned.parts) > 1
     rel_cfg = relevance_config(probe)
-    need = [train_rows]
-    label = train_split
-    if with_relevance and RELEVANCE not in finished:
-        _, dev_eval, dev_train_rows, dev_eval_rows = task_splits(aligned, rel_cfg)
-        extra = np.setdiff1d(np.union1d(dev_train_rows, dev_eval_rows), train_rows)
-        if extra.size:
-            need.append(extra)
+    rel_saved = finished.get(RELEVANCE)
+    rows, label = train_rows, train_split
+    if with_relevance and rel_saved is None:  # the relevance pass trains and is measured on dev rows too
+        _, _, dev_train_rows, dev_eval_rows = task_splits(aligned, rel_cfg)
+        rows = np.union1d(train_rows, np.union1d(dev_train_rows, dev_eval_rows))
+        if rows.size > train_rows.size:
             label = f"{train_split}+{rel_cfg.protocol}"
 
     # the heads follow from the selection, which follows from relevance
     def heads_for(kept: Sequence[int]) -> list[Head]:
         return plan_heads(names, cfg.heads, selection, kept)
 
-    rel_saved = finished.get(RELEVANCE)
-    kept0 = rel_saved["kept"] if rel_saved else list(range(len(aligned.parts)))
-    todo_known = not with_relevance or rel_saved is not None
-    pending = [h for h in heads_for(kept0) if h.fit_id not in finished] if todo_known else ["relevance"]
+    if with_relevance and rel_saved is None:
+        to_train = True
+    else:
+        kept = rel_saved["kept"] if rel_saved else list(range(len(aligned.parts)))
+        to_train = any(h.fit_id not in finished for h in heads_for(kept))
+    full = SplitSource(aligned, rows)  # every store, every layer: what holding the rows reads
+    per_row = [full.store_row_bytes(k) for k in range(len(aligned.parts))]
     io: list[dict[str, Any]] = []
     held_task, held_note = aligned, "nothing left to train"
     before = _counts(aligned)
-    if pending:
-        rows = np.unique(np.concatenate(need))
-        per_row = [_row_bytes(p) for p in aligned.parts]
+    if to_train:
         total = rows.size * sum(per_row)
         if total <= probe.cache_budget:
             held_task = hold_rows(aligned, rows)
@@ -257,11 +251,10 @@ def study_task(aligned: AlignedTask, cfg: StudyConfig, *, names: Sequence[str], 
         trained[head.fit_id] = model
         if on_trained:
             on_trained(head.fit_id, model)
-    if pending:
+    if to_train:
         after = _counts(aligned)
         io += [{"task": aligned.name, "store": names[k], "split": label, "bytes_read": after[k] - before[k],
-                "bytes_stored": int(np.unique(np.concatenate(need)).size * _row_bytes(p))}
-               for k, p in enumerate(aligned.parts)]
+                "bytes_stored": int(rows.size * per_row[k])} for k in range(len(aligned.parts))]
     del held_task  # the held rows are not needed to evaluate
     # the evaluation split, streamed once for every head
     source = SplitSource(aligned, eval_rows)
@@ -288,7 +281,7 @@ def study_task(aligned: AlignedTask, cfg: StudyConfig, *, names: Sequence[str], 
                                   eval_batches(source, batch_size=probe.eval_batch_size), device=device)
     after = _counts(aligned)
     io += [{"task": aligned.name, "store": names[k], "split": eval_split, "bytes_read": after[k] - before[k],
-            "bytes_stored": int(eval_rows.size * _row_bytes(p))} for k, p in enumerate(aligned.parts)]
+            "bytes_stored": int(eval_rows.size * source.store_row_bytes(k))} for k in range(len(aligned.parts))]
     predictions: dict[str, np.ndarray] = {}
     metrics: dict[str, dict[str, Any]] = {}
     for (fid, head), p in zip(fits, preds):

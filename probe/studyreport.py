@@ -21,7 +21,8 @@ from .report import (ReportError, _config, _group, _image, _importance_table, _i
 from .results import GROUP_ORDER, GROUP_TITLES, PARTIAL_MEANS, group_means
 from .runstate import read_state
 
-__all__ = ["COMPARISON_HEADER", "comparison_cells", "comparisons", "heads_grid", "io_grid", "io_totals", "paired_bootstrap",
+__all__ = ["COMPARISON_HEADER", "comparison_cells", "comparisons", "heads_grid", "io_grid", "io_totals", "markdown_grid",
+           "paired_bootstrap",
            "paired_bootstrap_tasks", "render_study_report", "study_rows", "study_summary", "study_tables"]
 
 FAMILY_ORDER = ("combo", "select", "single", "linear")
@@ -234,7 +235,8 @@ def heads_grid(rows: Sequence[Mapping[str, Any]], *, vtab: bool, partial: bool) 
     return header, body
 
 
-def _markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+def markdown_grid(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    """A header and rows (cells as text) as the lines of a Markdown table."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
 
 
@@ -300,7 +302,7 @@ def render_study_report(run_dir: str | Path) -> list[Path]:
     md += ["## Accuracy per head (%)", "", "One column per head: " + "; ".join(legend) + "."
            + ("" if partial else (" Overall = mean of the group means (as in the paper)." if vtab else "")
               + " A head's mean is given only where it has every task it averages."), ""]
-    md += _markdown(*heads_grid(rows, vtab=vtab, partial=bool(partial))) + [""]
+    md += markdown_grid(*heads_grid(rows, vtab=vtab, partial=bool(partial))) + [""]
     figures = []
     if rows:
         series = {c: [r for r in rows if r["column"] == c] for c in _columns(rows)}
@@ -333,14 +335,14 @@ def render_study_report(run_dir: str | Path) -> list[Path]:
            "interval from a per-sample paired bootstrap (2000 resamples)"
            + ("" if partial else "; the mean over tasks resamples each task on its own")
            + ". The best single backbone is picked per task on the test split it is scored on, which favours it.", ""]
-    md += (_markdown(COMPARISON_HEADER, [comparison_cells(r) for r in compared]) if compared
+    md += (markdown_grid(COMPARISON_HEADER, [comparison_cells(r) for r in compared]) if compared
            else ["No comparison: the study lacks the heads to pair."]) + [""]
     if config.get("warnings"):
         md += ["**Warnings**", ""] + [f"- {w}" for w in config["warnings"]] + [""]
     totals = io_totals(run_dir)
     if totals:
         md += ["## Bytes read", "", "Bytes read from the stores per split (all tasks and stores), against the "
-               "bytes the stores hold for what was read.", ""] + _markdown(*io_grid(totals)) + [""]
+               "bytes the stores hold for what was read.", ""] + markdown_grid(*io_grid(totals)) + [""]
     report = run_dir / "report.md"
     report.write_text("\n".join(md).rstrip() + "\n")
     return [report, *figures]

@@ -24,12 +24,14 @@ from safetensors.torch import load_file, save_file
 from store_schema import FeatureStore
 
 from .progress import RunProgress
-from .relevance import SelectionError, TaskRelevance, _layer_ids, backbone_names, in_order, relevance_config
-from .results import GROUP_ORDER, VTAB_GROUPS, group_means, new_run_dir, write_json, write_table
+from .relevance import (SelectionError, TaskRelevance, _layer_ids, backbone_names, in_order, relevance_config,
+                        selection_table)
+from .results import GROUP_ORDER, VTAB_GROUPS, new_run_dir, write_json, write_table
 from .run import (ProbeConfig, RunInterrupted, TaskFit, TasksFailed, build_model, failed_message, located_config,
-                  run_config, save_fit, stores_dataset, task_splits)
+                  run_config, save_fit, stores_dataset, task_splits, weights_of)
 from .runstate import DONE, check_out_folder, new_state, open_resumed
 from .stores import AlignedTask, align_tasks, common_tasks, open_stores
+from .studyreport import heads_grid, markdown_grid
 from .study import RELEVANCE, Head, Log, StudyConfig, TaskStudy, _head_config, plan_heads, study_job, study_task
 from .heldsplit import subset_task
 from .train import pick_device
@@ -60,7 +62,8 @@ def _read_table(run_dir: Path, stem: str, done: Sequence[str]) -> list[dict[str,
     path = run_dir / f"{stem}.parquet"
     if not path.is_file():
         return []
-    return [r for r in pq.read_table(path).to_pylist() if r.get("task") in set(done)]
+    done = set(done)
+    return [r for r in pq.read_table(path).to_pylist() if r.get("task") in done]
 
 
 class _Checkpoint:
@@ -106,7 +109,7 @@ class _Checkpoint:
                         "train": {"final_loss": float(fit.history["loss"][-1]),
                                   "train_seconds": round(float(fit.history["seconds"]), 3),
                                   "cache": plan.mode if plan else "", "shuffle_window": plan.window_rows if plan else None}}
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(self.folder / weights))
+        save_file(weights_of(model), str(self.folder / weights))
         write_json(self.index, doc)
 
     def remove(self) -> None:
@@ -116,11 +119,9 @@ class _Checkpoint:
 
 
 def _head_folder_config(cfg: StudyConfig, head: Head, stores: Sequence[FeatureStore], names: Sequence[str],
-                        device: torch.device, previous: dict[str, Any] | None) -> dict[str, Any]:
+                        device: torch.device) -> dict[str, Any]:
     """config.json of heads/<head>/: a probe run folder (a select one for the selection, whose stores vary
     by task), so `combo predict` and `combo report` read it as they read those."""
-    if previous is not None:
-        return previous
     if head.family == "select":
         doc = run_config(replace(cfg.probe, group_lambda=0.0), stores, device=device)
         doc.update(kind="select", backbones=list(names), selection={}, group_lambda=cfg.group_lambda,
@@ -189,8 +190,8 @@ def run_study(cfg: StudyConfig, *, log: Log = None, run_dir: Path | None = None,
                           model.history)
             save_fit(folder, fit, aligned)
             path = folder / "config.json"
-            hdoc = head_docs.get(head.column) or _head_folder_config(
-                cfg, head, stores, names, device, json.loads(path.read_text()) if path.is_file() else None)
+            hdoc = head_docs.get(head.column) or (json.loads(path.read_text()) if path.is_file()  # a resumed study's
+                                                  else _head_folder_config(cfg, head, stores, names, device))
             entry = {"model": model.model_config, "classes": aligned.classes,
                      "grids": [list(g) for g in subset_task(aligned, head.keep).grids]}
             if head.family == "select":
@@ -213,14 +214,10 @@ def run_study(cfg: StudyConfig, *, log: Log = None, run_dir: Path | None = None,
             tables["relevance"] += rel.rows
             tables["layer_relevance"] += rel.layer_rows
             tables["penalised_metrics"].append(rel.metrics)
-            save_file({k: v.detach().cpu().contiguous() for k, v in rel.fit.model.state_dict().items()},
+            save_file(weights_of(rel.fit.model),
                       str(run_dir / f"penalised-adapter-{task}.safetensors"),
                       metadata={"task": task, "config": json.dumps(rel.fit.model_config)})
-            for r in rel.rows:
-                tables["selection"].append({"task": task, "backbone": r["backbone"], "store_index": r["store_index"],
-                                            "importance_normalised": r["importance_normalised"], "rank": r["rank"],
-                                            "heldout_drop": r.get("heldout_drop"), "heldout_rank": r.get("heldout_rank"),
-                                            "by": cfg.by, "selected": r["store_index"] in result.kept})
+            tables["selection"] += selection_table(task, rel.rows, result.kept, by=cfg.by)
             doc["warnings"] = list(dict.fromkeys([*doc.get("warnings", []), *rel.warnings]))
         tables["io"] += result.io
         for stem in TABLES:
@@ -303,26 +300,10 @@ def study_title(names: Sequence[str], stores: Sequence[FeatureStore], probe: Pro
 
 
 def results_markdown(rows: Sequence[dict[str, Any]], *, title: str, warnings: Sequence[str] = ()) -> str:
-    """Accuracy per task with the heads as columns, then the group means and the overall score for VTAB."""
-    columns = list(dict.fromkeys(r["column"] for r in rows))
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    cell = {(r["task"], r["column"]): r for r in rows}
-    lines = [f"# {title}", "", "| task | group | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for task in tasks:
-        group = next((r.get("group") or "" for r in rows if r["task"] == task), "")
-        cells = [f"{100 * float(cell[(task, c)]['accuracy']):.1f}" if (task, c) in cell else "-" for c in columns]
-        lines.append(f"| {task} | {group} | " + " | ".join(cells) + " |")
+    """Accuracy per task with the heads as columns, then the group means and the overall score for VTAB (the
+    table `combo report` puts in report.md)."""
     vtab = any((r.get("group") or "") in GROUP_ORDER for r in rows)
-    if rows:
-        means = []
-        for c in columns:
-            chosen = [r for r in rows if r["column"] == c]
-            if vtab:
-                means.append(group_means(chosen)[1])
-            else:
-                means.append(float(np.mean([float(r["accuracy"]) for r in chosen])))
-        label = "Overall (mean of group means)" if vtab else "mean over tasks"
-        lines.append(f"| **{label}** | | " + " | ".join("-" if m is None else f"{100 * m:.1f}" for m in means) + " |")
+    lines = [f"# {title}", "", *markdown_grid(*heads_grid(rows, vtab=vtab, partial=False))]
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
     return "\n".join(lines) + "\n"

@@ -96,7 +96,7 @@ def test_the_study_folder_holds_every_head_side_by_side(study):
     assert doc["kind"] == "study" and doc["select"]["by"] == "heldout" and doc["backbones"] == ["a", "b", "c"]
     assert read_state(study.run_dir).complete and not (study.run_dir / "fits" / "shapes").exists()
     results = (study.run_dir / "results.md").read_text()
-    assert "| task | group | combo[a+b+c] | combo[top-2] | combo[a] |" in results and "mean over tasks" in results
+    assert "| task | group | split | n | combo[a+b+c] | combo[top-2] | combo[a] |" in results and "mean over tasks" in results
 
 
 def test_each_split_of_each_store_is_read_once(study):
