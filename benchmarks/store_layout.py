@@ -192,7 +192,7 @@ def threaded_writes(layout: StoreLayout, data: np.ndarray, tmp: Path, repeats: i
 def store_write(data: np.ndarray, path: Path, threads: int | None) -> float:
     """Seconds of a whole task written through `StoreWriter` / `TaskWriter.write_block` (NaN check, cast, shard
     write, hash, journal fsync), as `combo extract` writes: zarr's shard write (`threads` None) or shardwrite's."""
-    import store_schema.writer as writer_module
+    import store_schema.writer.shard as writer_module
     from store_schema import StoreWriter, build_sample_table
     from synthetic_store import synthetic_info
 

@@ -114,7 +114,7 @@ def test_a_block_whose_rows_are_all_skipped_is_written_and_valid(tmp_path, monke
     from store_schema import Skipped, build_sample_table
 
     if writer == "zarr":
-        monkeypatch.setattr("store_schema.writer.write_shard", lambda *a, **k: None)  # the zarr path
+        monkeypatch.setattr("store_schema.writer.shard.write_shard", lambda *a, **k: None)  # the zarr path
     path = tmp_path / "s.zarr"
     make(path)
     from test_store_sharing import open_info

@@ -104,7 +104,7 @@ def store_tokens(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def test_store_written_on_threads_reads_back_and_validates(tmp_path, monkeypatch):
     feats, prefix = store_tokens()
     layout = StoreLayout(rows_per_shard=6)
-    monkeypatch.setattr("store_schema.writer.write_shard", lambda *a, **k: False)  # zarr writes every shard
+    monkeypatch.setattr("store_schema.writer.shard.write_shard", lambda *a, **k: False)  # zarr writes every shard
     reference = write_store(tmp_path / "zarr.zarr", tokens=feats, prefix=prefix, labels=np.arange(20) % 2,
                             splits=vtab_like_splits(8, 4, 8), grid=(2, 2), layout=layout)
     monkeypatch.undo()

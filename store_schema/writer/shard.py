@@ -1,0 +1,171 @@
+"""`ShardWriter`: writes whole shards of one task, with no lock and no journal of its own.
+
+Separate from `TaskWriter` so that a worker process of a distributed extraction can write shards into
+a store knowing only its path, while the one process holding the lock journals them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .. import staging as stage
+from ..compact import CODES, PCA_COMPONENTS, PCA_MEAN, CompactSpec, PcaBasis, encode
+from ..errors import StoreError
+from ..layout import StoreLayout
+from ..location import Location, fsync_dir, is_url, resolve, write_file_atomic
+from ..manifest import sha256_bytes
+from ..metadata import ROOT_ATTR
+from ..shardwrite import Written, write_shard, write_threads
+from .disk import _fsync_file, _read_doc
+from .keys import PREFIX, TOKENS, is_row_shard, shard_key
+from .skipped import Skipped
+
+
+class ShardWriter:
+    """Writes whole shards of one task and returns their journal entry; it takes no lock and keeps no journal.
+
+    The process holding the store's lock (`StoreWriter`) records each entry (`TaskWriter.record`), so a
+    worker process of a distributed extraction (extract/cluster.py) writes shards into the store knowing
+    only its path, while one client owns the lock, the journal and `finalize`. A shard's inner chunks are
+    encoded on `threads` threads (store_schema/shardwrite.py; default $COMBO_WRITE_THREADS, else every core)."""
+
+    def __init__(self, path: str | os.PathLike, name: str, *, layout: StoreLayout, compact: CompactSpec | None,
+                 feature_dim: int, remote: Location | None = None, threads: int | None = None):
+        self.path = Path(path)
+        self.threads = write_threads(threads)
+        self.remote = remote  # a remote store: `path` is a staging folder, each shard is uploaded, then deleted here
+        self.name = name
+        self.layout = layout
+        self.compact = compact
+        self.feature_dim = feature_dim
+        self.group = zarr.open_group(zarr.storage.LocalStore(self.path), path=name, mode="r+", zarr_format=3,
+                                     use_consolidated=False)
+        self.tokens = self.group[CODES if compact else TOKENS]
+        self.prefix = self.group[PREFIX] if (self.path / name / PREFIX / "zarr.json").exists() else None
+        self.pca = (PcaBasis(self.group[PCA_COMPONENTS][...], self.group[PCA_MEAN][...])
+                    if compact is not None and compact.pca is not None else None)
+        self.num_rows = int(self.tokens.shape[0])
+        step = layout.rows_per_shard
+        self.blocks: list[range] = [range(s, min(s + step, self.num_rows)) for s in range(0, self.num_rows, step)]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, name: str, *, storage_options: dict[str, Any] | None = None) -> "ShardWriter":
+        """The shard writer of task `name` of the store at `path` (a folder or a URL), configured from the
+        store's own metadata. For a URL the task's metadata is fetched into a temporary folder of this process."""
+        remote, scratch = None, None
+        if is_url(path):
+            remote = resolve(path, storage_options=storage_options)
+            scratch = tempfile.TemporaryDirectory(prefix="combo-shards-")
+            path = scratch.name
+            write_file_atomic(Path(path) / "zarr.json", remote.read_bytes("zarr.json"))
+            stage.pull(remote, Path(path), skip=is_row_shard, prefix=f"{name}/")
+        doc = _read_doc(Path(path) / "zarr.json")
+        attrs = ((doc or {}).get("attributes") or {}).get(ROOT_ATTR)
+        if not isinstance(attrs, dict):
+            raise StoreError(f"{path}: no combo store here (no readable zarr.json with {ROOT_ATTR!r})")
+        storage = attrs.get("storage") or {}
+        writer = cls(path, name, layout=StoreLayout.from_attrs(storage), compact=CompactSpec.from_attrs(storage.get("compact")),
+                     feature_dim=int(attrs["features"]["feature_dim"]), remote=remote)
+        writer._scratch = scratch  # removed with the writer
+        return writer
+
+    def arrays(self) -> list[tuple[str, zarr.Array]]:
+        """Every row array, a shard of each per block (tokens, or a compact task's arrays; prefix)."""
+        main = [(n, self.group[n]) for n in self.compact.arrays()] if self.compact else [(TOKENS, self.tokens)]
+        return main + ([(PREFIX, self.prefix)] if self.prefix is not None else [])
+
+    def store_dim(self, array_name: str) -> int:
+        """Channels of the values `write` takes for an array (a compact task takes full-size tokens)."""
+        if array_name == PREFIX and self.prefix is not None:
+            return int(self.prefix.shape[3])
+        return self.feature_dim if self.compact else int(self.tokens.shape[3])
+
+    def key(self, array_name: str, array: zarr.Array, block: int) -> str:
+        return shard_key(self.name, array_name, block, array.ndim)
+
+    def write(
+        self,
+        block: int,
+        tokens: np.ndarray,
+        prefix: np.ndarray | None = None,
+        *,
+        skipped: Iterable[Skipped] = (),
+    ) -> dict[str, Any]:
+        """Write block `block`'s shards (each fsynced) and return the journal entry naming them with their sha256."""
+        rows = self.blocks[block]
+        skipped = list(skipped)
+        unwritten = np.zeros(len(rows), dtype=bool)
+        for s in skipped:
+            if s.row not in rows:
+                raise StoreError(f"task {self.name}: skipped row {s.row} is not in block {block} (rows {rows.start}..{rows.stop - 1})")
+            unwritten[s.row - rows.start] = True
+        dtype = np.dtype(self.layout.dtype)
+        inputs = [(TOKENS, self.tokens if self.compact is None else None, tokens)]
+        if self.prefix is not None:
+            if prefix is None:
+                raise StoreError(f"task {self.name}: block {block} needs prefix tokens")
+            inputs.append((PREFIX, self.prefix, prefix))
+        parts: list[tuple[str, zarr.Array, np.ndarray]] = []
+        for array_name, array, data in inputs:
+            shape = self.tokens.shape if array is None else array.shape
+            expected = (len(rows), *shape[1:3], self.store_dim(array_name))
+            if tuple(data.shape) != expected:
+                raise StoreError(f"task {self.name}: block {block} of {array_name} has shape {data.shape}, expected {expected}")
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = np.array(data, dtype=dtype, order="C", copy=True)
+            finite = np.isfinite(cast).reshape(len(rows), -1).all(axis=1)
+            bad = sorted(int(rows[i]) for i in np.nonzero(~finite & ~unwritten)[0])
+            if bad:
+                raise StoreError(
+                    f"task {self.name}: rows {bad[:5]} of {array_name} are not finite in {dtype} "
+                    "(values overflow float16? re-run with --dtype float32)"
+                )
+            if array is None:  # a compact task: the tokens become its arrays, from the values as stored at full size
+                cast[unwritten] = 0
+                for (name, target), encoded in zip(self.arrays(), encode(cast, self.compact, self.pca)):
+                    if encoded.dtype.kind == "f":
+                        encoded[unwritten] = np.nan  # NaN marks "never written", as in full-size tokens
+                    parts.append((name, target, encoded))
+                continue
+            # NaN marks "never written", so a skipped image can't pass for data (format 1 wrote zeros)
+            cast[unwritten] = np.nan if self.layout.fill_nan else 0
+            parts.append((array_name, array, cast))
+        hashed: dict[str, Written] = {}  # shards written (fsynced, renamed) and hashed as they went to disk
+        for array_name, array, cast in parts:
+            # a shard left by a killed attempt goes first: zarr would read (and trip over) its index
+            key = self.key(array_name, array, block)
+            path = self.path / key
+            path.unlink(missing_ok=True)
+            written = write_shard(array, cast, path, threads=self.threads)
+            if not written:  # a layout shardwrite leaves to zarr
+                array[rows.start : rows.stop] = cast
+            elif written.sha256 is not None:
+                hashed[key] = written
+            if not path.exists():  # every chunk the fill value (every row skipped): neither writer keeps a file,
+                # yet every shard is in the manifest, so the block's NaN chunks are written out explicitly
+                with zarr.config.set({"array.write_empty_chunks": True}):
+                    zarr.open_array(array.store, path=array.path, mode="r+")[rows.start : rows.stop] = cast
+        checksums, sizes = {}, {}
+        for array_name, array in self.arrays():
+            key = self.key(array_name, array, block)
+            path = self.path / key
+            if self.remote is None and key in hashed:  # durable already; no need to read it back
+                checksums[key], sizes[key] = hashed[key].sha256, hashed[key].size
+                continue
+            if self.remote is None:
+                _fsync_file(path)  # the data is durable before the journal says it is there
+            data = path.read_bytes()
+            checksums[key], sizes[key] = sha256_bytes(data), len(data)
+            if self.remote is not None:  # one put (atomic), its sha256 kept with it; the local copy goes
+                self.remote.write_bytes(key, data, sha256=checksums[key])
+                path.unlink()
+            else:
+                fsync_dir(path.parent)
+        return {"block": block, "checksums": checksums, "sizes": sizes, "skipped": [s.__dict__ for s in skipped]}

@@ -1,0 +1,478 @@
+"""`StoreWriter`: opens (or creates) a store for writing, holds its lock, creates tasks, publishes the manifest.
+
+The one process that owns a store while it is written: it checks an existing store matches this
+run, repairs what a killed writer left, and writes the consolidated metadata and manifest.json last.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import zarr
+
+from .. import samples as sample_table
+from .. import staging as stage
+from ..compact import CODES, PCA_COMPONENTS, PCA_MEAN, CompactSpec, PcaBasis
+from ..errors import SchemaVersionError, StoreError, StoreLockedError, StoreMismatchError
+from ..layout import StoreLayout
+from ..location import Location, is_url, list_sizes, resolve
+from ..manifest import MANIFEST_NAME, Entry, Manifest, absent_or_resized
+from ..metadata import (
+    FORMAT_MAJOR,
+    FORMAT_MINOR,
+    FORMAT_VERSION,
+    ROOT_ATTR,
+    TASK_ATTR,
+    StoreInfo,
+    format_version,
+    identity_diff,
+)
+from .disk import _read_doc
+from .journal import _entry, _journal_entries, task_entries
+from .keys import (
+    ARRAY_DESCRIPTIONS,
+    COMPACT_ROW_ARRAYS,
+    COORDINATES,
+    JOURNAL_NAME,
+    LOCK_NAME,
+    PREFIX,
+    PREFIX_DIMS,
+    RESERVED_NAMES,
+    SAMPLES_NAME,
+    TOKEN_DIMS,
+    TOKENS,
+    is_row_shard,
+)
+from .task import TaskWriter
+
+
+def _json_normal(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def _checkpoint(backbone: Any) -> str | None:
+    """timm's "arch.tag" name of a recorded backbone section (None when it records none)."""
+    name = backbone.get("timm_name") if isinstance(backbone, dict) else None
+    if not name:
+        return None
+    tag = backbone.get("pretrained_tag")
+    return f"{name}.{tag}" if tag else f"{name} (timm's default tag)"
+
+
+def _mismatch_message(path: Path, old: dict[str, Any], new: dict[str, Any], diff: list[str]) -> str:
+    """Why an existing store cannot be resumed or extended: a sentence first, then every differing field."""
+    fix = "Use --overwrite to replace it, or --out for another store root"
+    was, now = _checkpoint(old.get("backbone")), _checkpoint(new.get("backbone"))
+    if was and now and was != now:
+        # other weights: tokens from both could never be read as one backbone's
+        head = (f"store {path} was made with checkpoint {was}, while this run uses {now}, so it cannot be "
+                f"resumed or extended with this run's features. {fix}")
+    else:
+        head = f"store {path} was made with other settings than this run's. {fix}"
+    return head + ".\nDiffering settings:\n  " + "\n  ".join(diff)
+
+
+def _staging_private(key: str) -> bool:
+    """What a staging folder keeps when it is refreshed from its remote store: the lock and the journals."""
+    return key == LOCK_NAME or key.endswith("/" + JOURNAL_NAME)
+
+
+class StoreWriter:
+    """Opens (creating if needed) a store for writing and holds its lock until closed.
+
+    A remote store (s3://, any writable fsspec URL) is written through a staging folder on this machine
+    (store_schema/staging.py): `path` / `location` are then the staging folder and `remote` the store."""
+
+    def __init__(self, path: str | os.PathLike, info: StoreInfo, layout: StoreLayout, *, overwrite: bool = False,
+                 compact: CompactSpec | None = None, storage_options: dict[str, Any] | None = None):
+        self.location: Location = resolve(path, storage_options=storage_options if is_url(path) else None)
+        self.remote: Location | None = None
+        if self.location.kind == "zip":
+            raise StoreError(f"{path}: zip stores are read-only; write a folder, then `combo store pack` it")
+        if self.location.kind == "remote":
+            self.remote = self.location
+            self.location = resolve(stage.staging_dir(self.remote))
+        self.path = Path(self.location.root)
+        feats = info.features
+        if compact is not None:
+            compact.check_dim(feats.feature_dim)
+            row_bytes = compact.row_bytes(len(feats.layers), feats.num_tokens, feats.feature_dim) \
+                + len(feats.layers) * feats.num_prefix_tokens * feats.feature_dim * layout.itemsize
+        else:
+            row_bytes = len(feats.layers) * (feats.num_tokens + feats.num_prefix_tokens) * feats.feature_dim * layout.itemsize
+        self.compact = compact
+        self.layout = layout.for_rows(row_bytes)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_handle = self._acquire_lock()
+        try:
+            storage = self.layout.to_attrs()
+            if compact is not None:
+                storage["compact"] = compact.to_attrs()
+            attrs = _json_normal(info.to_attrs(storage=storage, tasks=[]))
+            if self.remote is not None:
+                self._refresh_staging()
+            self.group = self._open_or_create(attrs, info, overwrite=overwrite)
+            self._repair()
+            self.sync()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def _refresh_staging(self) -> None:
+        """Make the staging folder hold the remote store's metadata (the remote is the truth): emptied when
+        the remote has no store, refreshed (journals kept) when its root zarr.json is not the one last mirrored."""
+        assert self.remote is not None
+        remote_root = stage.remote_root_digest(self.remote)
+        if remote_root is None:
+            stage.reset(self.path, keep=lambda key: key == LOCK_NAME)
+        elif remote_root != stage.recorded_root_digest(self.path):
+            stage.reset(self.path, keep=_staging_private)
+            stage.pull(self.remote, self.path, skip=is_row_shard)
+
+    def sync(self) -> None:
+        """A remote store: upload what changed in the staging folder, manifest last (local store: nothing)."""
+        if self.remote is not None:
+            stage.mirror(self.path, self.remote, skip=is_row_shard)
+
+    def _remove_remote(self, prefix: str = "") -> None:
+        """A remote store: delete a task folder ("task/") or, with no prefix, the whole store there."""
+        if self.remote is not None:
+            stage.delete_remote(self.remote, prefix)
+            stage.forget(self.path, prefix)
+
+    def _acquire_lock(self):
+        lock_path = self.path / LOCK_NAME
+        while True:
+            handle = open(lock_path, "a+")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise StoreLockedError(
+                    f"store {self.path} is being written by {holder}; wait for it to finish "
+                    "(two extractions into one store would corrupt it)"
+                ) from None
+            # The lock file is removed on close: if a finishing writer removed it after we opened it,
+            # we locked a file nobody else can see, so take the one now on disk instead.
+            try:
+                same = os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        handle.flush()
+        return handle
+
+    def close(self) -> None:
+        handle, self._lock_handle = getattr(self, "_lock_handle", None), None
+        if handle is not None:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)  # no lock file left behind
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _zarr_store(self) -> zarr.storage.LocalStore:
+        return zarr.storage.LocalStore(self.path)
+
+    def _open_or_create(self, attrs: dict[str, Any], info: StoreInfo, *, overwrite: bool) -> zarr.Group:
+        store = self._zarr_store()
+        if (self.path / "zarr.json").exists():
+            doc = _read_doc(self.path / "zarr.json")
+            old = ((doc or {}).get("attributes") or {}).get(ROOT_ATTR)
+            if doc is None and not overwrite:
+                raise StoreError(f"{self.path}/zarr.json is unreadable; use --overwrite to start again")
+            version = format_version(old) if isinstance(old, dict) else None
+            same_major = version is not None and version[0] == FORMAT_MAJOR and version[1] <= FORMAT_MINOR
+            if not overwrite and not same_major and isinstance(old, dict):
+                shown = f"{version[0]}.{version[1]}" if version else repr(old.get("format_version") or old.get("schema_version"))
+                raise SchemaVersionError(
+                    f"store {self.path} is in store format {shown}; this combo writes format {FORMAT_VERSION} "
+                    "and does not mix the two in one store (it still reads it). Use --overwrite to rebuild it, "
+                    "or --out to write the new format elsewhere"
+                )
+            diff = identity_diff(old, attrs) if isinstance(old, dict) else ["no combo metadata"]
+            if diff and not overwrite:
+                raise StoreMismatchError(_mismatch_message(self.path, old, attrs, diff))
+            if not diff and same_major:  # a 2.0 store resumed or extended stays as it is: 2.1 only adds
+                return zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
+            self._wipe()  # overwrite with other settings or another format: the whole store goes
+        attrs["created"] = info.created
+        # create_group keeps the lock file (open_group(mode="w") would delete it)
+        group = zarr.create_group(store=store, zarr_format=3, attributes={ROOT_ATTR: attrs}, overwrite=False)
+        self.consolidate()
+        return group
+
+    def _wipe(self) -> None:
+        self._remove_remote()
+        for child in self.path.iterdir():
+            if child.name == LOCK_NAME:
+                continue
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    # -- metadata: consolidated + manifest ----------------------------------------------------
+    def consolidate(self) -> None:
+        """Rewrite the consolidated metadata in the root zarr.json, so a reader that cannot list
+        (a plain web server) sees the whole tree in one request."""
+        with warnings.catch_warnings():
+            # zarr notes that consolidated metadata is not in the v3 spec yet, and that our
+            # samples.parquet / manifest.json are not zarr nodes: both expected, neither news
+            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")
+            zarr.consolidate_metadata(self._zarr_store())
+
+    def manifest(self) -> Manifest:
+        data = (self.path / MANIFEST_NAME).read_bytes() if (self.path / MANIFEST_NAME).exists() else None
+        if data is None:
+            return Manifest()
+        try:
+            return Manifest.from_bytes(data, where=str(self.path / MANIFEST_NAME))
+        except StoreError:
+            return Manifest()  # rebuilt from the tasks' journals (or their files) by _repair
+
+    def publish(self, fresh: dict[str, dict[str, Entry]] | None = None) -> None:
+        """Consolidate, then write manifest.json: the old entries of tasks still complete, `fresh`
+        entries for newly completed ones, and the root zarr.json just written. Last thing written."""
+        self.consolidate()
+        old = self.manifest()
+        complete = {t for t in self.attrs["tasks"] if _task_complete(self.path / t)}
+        objects: dict[str, Entry] = {}
+        for task in sorted(complete):
+            entries = (fresh or {}).get(task)
+            if entries is None:
+                entries = {k: e for k, e in old.for_task(task).items() if k != f"{task}/zarr.json"}
+            objects.update(entries)
+            objects[f"{task}/zarr.json"] = _entry(self.path / task / "zarr.json")
+        objects["zarr.json"] = _entry(self.path / "zarr.json")
+        self.location.write_bytes(MANIFEST_NAME, Manifest(objects).to_bytes())
+        self.sync()
+
+    def _repair(self) -> None:
+        """Complete what a killed writer left: complete tasks missing from the manifest get their
+        entries (shards from the journal's recorded sha256), stale journals of finished tasks go."""
+        have = self.manifest().tasks()  # none when manifest.json is missing or unreadable
+        complete = [t for t in self.attrs["tasks"] if _task_complete(self.path / t)]
+        fresh = {t: task_entries(self.path, t, _journal_entries(self.path / t / JOURNAL_NAME), staged=self.remote is not None)
+                 for t in complete if t not in have}
+        if fresh or not (self.path / MANIFEST_NAME).exists():
+            self.publish(fresh)
+        for task in complete:
+            (self.path / task / JOURNAL_NAME).unlink(missing_ok=True)
+
+    def damaged(self, task: str) -> list[str]:
+        """Objects of a complete task that the manifest records but the disk lacks or holds at another
+        size (a deleted or truncated shard): one listing of the task's folder, nothing read. Empty when
+        the task is intact, incomplete or not in the manifest (then the journal, not the manifest, rules)."""
+        if not _task_complete(self.path / task):
+            return []
+        entries = self.manifest().for_task(task)
+        if not entries:
+            return []
+        listed = list_sizes(self.remote or self.location, prefix=f"{task}/") or {}
+        missing, resized = absent_or_resized(entries, listed)
+        return sorted({*missing, *resized})
+
+    def drop_task(self, name: str) -> None:
+        """Remove a task this writer created and wrote no shard of (a run that failed before its first
+        shard leaves nothing half-made behind); the manifest is rewritten for the root zarr.json."""
+        task_dir = self.path / name
+        if _task_complete(task_dir) or (task_dir / JOURNAL_NAME).exists():
+            raise StoreError(f"task {name!r} in {self.path} has written shards; not removing it")
+        if task_dir.exists():
+            shutil.rmtree(task_dir)
+        self._remove_remote(f"{name}/")
+        root_attrs = self.attrs
+        if name in root_attrs["tasks"]:
+            root_attrs["tasks"] = [t for t in root_attrs["tasks"] if t != name]
+            self.group.attrs[ROOT_ATTR] = root_attrs
+        if (self.path / MANIFEST_NAME).exists():
+            self.publish()
+        else:
+            self.consolidate()
+            self.sync()
+
+    # -- tasks ----------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs[ROOT_ATTR])
+
+    def has_task(self, name: str) -> bool:
+        """Whether the task was created (its attribute written), finished or not."""
+        return TASK_ATTR in ((_read_doc(self.path / name / "zarr.json") or {}).get("attributes") or {})
+
+    def task(
+        self,
+        name: str,
+        *,
+        samples: pa.Table,
+        num_layers: int,
+        num_tokens: int,
+        feature_dim: int,
+        num_prefix_tokens: int,
+        protocols: dict[str, Sequence[str]],
+        classes: Sequence[str],
+        group: str | None = None,
+        overwrite: bool = False,
+        row_order: dict[str, Any] | None = None,
+        pca: PcaBasis | None = None,
+        compact_fit: dict[str, Any] | None = None,
+    ) -> "TaskWriter":
+        """Create the task group, or reopen it to resume; refuses a different sample plan.
+
+        ``row_order`` (how rows were permuted from the dataset's natural order, see README "Row order") is
+        recorded in the task document; a resumed task missing it (killed right after creation) gets it.
+        A compact store's task takes its PCA basis (``pca``, when the encoding has PCA), stored with the
+        task, and ``compact_fit`` (which split it was fitted on, how many rows): a resumed task keeps
+        the basis it was created with.
+        """
+        if self.compact is not None and self.compact.pca is not None and pca is None \
+                and not (self.path / name / PCA_COMPONENTS / "zarr.json").exists():
+            raise StoreError(f"task {name!r}: a {self.compact.name} store needs the task's fitted PCA basis")
+        if "/" in name or name.startswith("."):
+            raise StoreError(f"task name {name!r} must be a plain folder name")
+        task_dir = self.path / name
+        if task_dir.exists() and overwrite:
+            shutil.rmtree(task_dir)
+            self._remove_remote(f"{name}/")
+        if task_dir.exists() and TASK_ATTR not in ((_read_doc(task_dir / "zarr.json") or {}).get("attributes") or {}):
+            shards = task_dir / (CODES if self.compact else TOKENS) / "c"
+            if (task_dir / JOURNAL_NAME).exists() or (shards.exists() and any(shards.iterdir())):
+                raise StoreError(
+                    f"task {name!r} in {self.path} has written shards but its zarr.json is unreadable; "
+                    "nothing was deleted. Use --overwrite to extract the task again"
+                )
+            shutil.rmtree(task_dir)  # creation was interrupted before any shard: start the task afresh
+            self._remove_remote(f"{name}/")
+        if (task_dir / "zarr.json").exists():
+            existing = self.location.read_bytes(f"{name}/{SAMPLES_NAME}") if (task_dir / SAMPLES_NAME).exists() else None
+            if existing is None or not sample_table.same_samples(sample_table.from_bytes(existing), samples):
+                raise StoreMismatchError(
+                    f"task {name!r} in {self.path} holds other samples than the dataset now lists "
+                    "(files added, removed or relabelled?); use --overwrite to extract it again"
+                )
+            writer = TaskWriter(self, name)
+            if row_order is not None and "row_order" not in writer.attrs:
+                writer.group.attrs[TASK_ATTR] = {**writer.attrs, "row_order": _json_normal(row_order)}
+                self.consolidate()
+                self.sync()
+            return writer
+        split_names = sample_table.split_names(samples)
+        clash = sorted(set(split_names) & RESERVED_NAMES)
+        if clash:
+            raise StoreError(f"task {name!r}: split name(s) {clash} clash with the store's array names")
+        n = samples.num_rows
+        task_group = self.group.create_group(name, overwrite=True)
+        coords = " ".join([*COORDINATES, *split_names])
+        if self.compact is None:
+            tokens = task_group.create_array(
+                name=TOKENS, **self.layout.array_kwargs((n, num_layers, num_tokens, feature_dim), dimension_names=TOKEN_DIMS)
+            )
+            tokens.attrs.update({
+                "long_name": "patch tokens of every block output (residual stream), row-major token grid",
+                "coordinates": coords,
+            })
+        else:
+            self._compact_arrays(task_group, n=n, num_layers=num_layers, num_tokens=num_tokens,
+                                 feature_dim=feature_dim, coords=coords, pca=pca)
+        if num_prefix_tokens:
+            prefix = task_group.create_array(
+                name=PREFIX,
+                **self.layout.array_kwargs((n, num_layers, num_prefix_tokens, feature_dim), dimension_names=PREFIX_DIMS),
+            )
+            prefix.attrs.update({"long_name": "prefix (cls / register) tokens of every block output", "coordinates": coords})
+        layers = [int(x) for x in self.attrs["features"]["layers"]]
+        self._coordinate(task_group, "layer", np.asarray(layers, dtype=np.int64), "layer", "block index (0 = first block)")
+        self._coordinate(task_group, "sample_id", np.asarray(samples.column("sample_id").to_pylist(), dtype=str),
+                         "sample", "image path relative to the dataset root")
+        self._coordinate(task_group, "label", samples.column("label").to_numpy().astype(np.int64), "sample",
+                         "class index into the task's classes")
+        self._coordinate(task_group, "valid", samples.column("valid").to_numpy(zero_copy_only=False).astype(bool),
+                         "sample", "false for images skipped with --skip-bad (their rows read as NaN)")
+        for split in split_names:
+            member = samples.column(sample_table.SPLIT_PREFIX + split).to_numpy(zero_copy_only=False).astype(bool)
+            self._coordinate(task_group, split, member, "sample", f"row belongs to split {split}")
+        self.location.write_bytes(f"{name}/{SAMPLES_NAME}", sample_table.to_bytes(samples, classes=classes, task=name))
+        splits = {s: int(samples.column("in_" + s).to_numpy().sum()) for s in split_names}
+        task_group.attrs[TASK_ATTR] = {
+            "task": name,
+            "group": group,
+            "num_samples": n,
+            "splits": splits,
+            "protocols": {k: list(v) for k, v in protocols.items()},
+            "classes": list(classes),
+            "complete": False,
+            "skipped": [],
+            **({"row_order": _json_normal(row_order)} if row_order is not None else {}),
+            **({"compact": _json_normal({**(compact_fit or {}), **self.compact.to_attrs()})} if self.compact else {}),
+        }
+        root_attrs = self.attrs
+        if name not in root_attrs["tasks"]:
+            root_attrs["tasks"] = sorted([*root_attrs["tasks"], name])
+            self.group.attrs[ROOT_ATTR] = root_attrs
+        self.consolidate()
+        self.sync()  # a remote store: the task's metadata is there before any worker writes a shard
+        return TaskWriter(self, name)
+
+    def _compact_arrays(self, group: zarr.Group, *, n: int, num_layers: int, num_tokens: int, feature_dim: int,
+                        coords: str, pca: PcaBasis | None) -> None:
+        """The arrays of a compact task (store_schema/compact.py): sharded by rows like tokens, NaN-filled
+        where a float can say "never written"."""
+        spec = self.compact
+        assert spec is not None
+        for name, (shape, dtype) in spec.array_specs(n, num_layers, num_tokens, feature_dim).items():
+            if name == CODES:
+                kwargs = self.layout.array_kwargs(shape, dimension_names=COMPACT_ROW_ARRAYS[name])
+            else:  # small: one chunk per shard of rows
+                kwargs = {"shape": shape, "chunks": (self.layout.rows_per_shard, *shape[1:]),
+                          "compressors": self.layout.compressors(), "dimension_names": COMPACT_ROW_ARRAYS[name]}
+            kwargs["dtype"] = dtype
+            kwargs["fill_value"] = float("nan") if np.dtype(dtype).kind == "f" else 0
+            array = group.create_array(name=name, **kwargs)
+            array.attrs.update({"long_name": ARRAY_DESCRIPTIONS[name], "coordinates": coords})
+        if pca is not None:
+            for name, values, dims, text in (
+                (PCA_COMPONENTS, pca.components, ("layer", "channel", "code"),
+                 "principal directions of the standardised patch tokens of each layer (columns)"),
+                (PCA_MEAN, pca.mean, ("layer", "channel"), "mean of the standardised patch tokens of each layer"),
+            ):
+                array = group.create_array(name=name, shape=values.shape, dtype="float32", chunks=values.shape,
+                                           compressors=self.layout.compressors(), dimension_names=dims,
+                                           attributes={"description": text})
+                array[...] = values.astype(np.float32)
+
+    def _coordinate(self, group: zarr.Group, name: str, values: np.ndarray, dim: str, description: str) -> None:
+        array = group.create_array(
+            name=name, shape=values.shape, dtype=values.dtype if values.dtype.kind != "U" else str,
+            chunks=(max(1, values.shape[0]),), dimension_names=(dim,),
+            compressors=self.layout.compressors(),  # the tokens' codec and crc32c: one checksum mechanism
+            attributes={"description": description},
+        )
+        array[:] = values
+
+
+def _task_complete(task_dir: Path) -> bool:
+    attrs = ((_read_doc(task_dir / "zarr.json") or {}).get("attributes") or {}).get(TASK_ATTR) or {}
+    return bool(attrs.get("complete"))
