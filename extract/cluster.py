@@ -37,8 +37,10 @@ from store_schema import ShardWriter, TaskWriter
 from store_schema.compact import PcaBasis
 
 from .backbones import Backbone, load_backbone, pick_device
+from .config import ExtractConfig
 from .datasets import TaskPlan
-from .pipeline import ExtractConfig, _fit_pca, write_behind
+from .forward import fit_training_pca
+from .writebehind import write_behind
 
 __all__ = ["ClusterRunner", "WorkerError", "shard_jobs"]
 
@@ -127,11 +129,11 @@ def _write_shards(cfg: ExtractConfig, store: str, task: str, blocks: list[int], 
 
 
 def fit_pca(cfg: ExtractConfig, plan: TaskPlan, components: int) -> tuple[PcaBasis, dict[str, Any]]:
-    """Runs on a worker: the PCA fit of `--compact pca:R` (extract.pipeline._fit_pca) on that worker's device."""
+    """Runs on a worker: the PCA fit of `--compact pca:R` (extract.forward.fit_training_pca) on that worker's device."""
     try:
         with _ONE_JOB:
             backbone, device = _worker_backbone(cfg)
-            return _fit_pca(cfg, backbone, plan, components, device=device, progress=None, num_workers=0)
+            return fit_training_pca(cfg, backbone, plan, components, device=device, progress=None, num_workers=0)
     except Exception as err:  # noqa: BLE001 - re-raised, with the worker named
         raise _located(err) from None
 

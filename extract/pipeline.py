@@ -1,8 +1,12 @@
 """Stage 1 end to end: images -> frozen backbone -> every block's tokens -> a feature store.
 
+`extract(ExtractConfig(...))` is the entry point. This module runs one extraction: the checks that
+cost nothing, the store and its tasks (create, resume, repair), and for each task the pending shards,
+here or on a dask cluster (extract/cluster.py).
+
 The backbone is the expensive part, so everything else hides behind it: images are decoded
-in DataLoader workers, and finished shards are compressed, written and checksummed by a
-background thread while the next batches run through the model.
+in DataLoader workers (extract/forward.py), and finished shards are compressed, written and
+checksummed by a background thread while the next batches run through the model (extract/writebehind.py).
 """
 
 from __future__ import annotations
@@ -15,15 +19,13 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from store_schema import (
     BackboneInfo,
@@ -37,11 +39,10 @@ from store_schema import (
     StoreWriter,
     TaskWriter,
     build_sample_table,
-    default_store_root,
     is_url,
     store_path,
 )
-from store_schema.compact import CompactSpec, CompactSpecError, PcaBasis, PcaFit, fit_split
+from store_schema.compact import CompactSpecError, PcaBasis, fit_split
 from store_schema.location import can_list, list_sizes, nearest_existing, resolve
 from store_schema.writer import JOURNAL_NAME, shard_block
 
@@ -49,63 +50,18 @@ from .backbones import (
     Backbone,
     BackboneSpec,
     _patch_size,
-    block_tokens,
-    inference_context,
     load_backbone,
     pick_device,
     resolve_model,
 )
+from .config import ExtractConfig
 from .datasets import DATASET_KINDS, DatasetError, TaskPlan, plan_dataset, vtab_group
-from .images import ImageDecodeError, PlanImages, collate_plan_images
+from .forward import ProgressFactory, fit_training_pca
 from .order import RowOrder, natural_order, row_order
+from .writebehind import write_behind
 
 if TYPE_CHECKING:
     from .cluster import ClusterRunner
-
-
-def default_num_workers() -> int:
-    """Image-decoding worker processes: up to 4, leaving one CPU to the backbone's own threads (on a
-    one-CPU machine, 0: images are decoded in the main process between forward passes)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return min(4, max(0, cpus - 1))
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    model: str
-    dataset: str
-    root: str | None = None
-    tasks: tuple[str, ...] | None = None
-    out: str = field(default_factory=default_store_root)
-    image_size: int = 224
-    random_init: bool = False
-    weights: str | None = None
-    seed: int = 0
-    batch_size: int = 32
-    device: str | None = None
-    dtype: str = "float16"
-    rows_per_shard: int | None = None  # None: sized by bytes (StoreLayout.shard_bytes)
-    skip_bad: bool = False
-    overwrite: bool = False
-    num_workers: int = field(default_factory=default_num_workers)
-    layout: StoreLayout | None = None
-    model_kwargs: dict[str, Any] | None = None
-    # --dataset parquet: column names (default: detected, see extract.datasets.parquet)
-    image_column: str | None = None
-    label_column: str | None = None
-    split_column: str | None = None
-    # --compact: write the tokens encoded (store_schema/compact.py), e.g. "int8", "pca:128", "pca:128,int8";
-    # the store goes to OUT/<model>/<dataset>-<encoding>.zarr and the full-size tokens are never written
-    compact: str | None = None
-    # fsspec options of a remote --out (endpoint_url, profile ...; never credentials), also used by the workers
-    storage_options: dict[str, Any] | None = None
-
-    @property
-    def compact_spec(self) -> CompactSpec | None:
-        return CompactSpec.parse(self.compact) if self.compact else None
 
 
 @dataclass
@@ -142,7 +98,6 @@ class ExtractState:
     removed: bool = False  # the run created the store, failed before its first shard, and removed it again
 
 
-ProgressFactory = Callable[[str, int], Callable[[int], None]]
 WarnFn = Callable[[str], None]
 
 _PATCH_IN_NAME = re.compile(r"_patch(\d+)")
@@ -451,167 +406,11 @@ def _task_writer(cfg: ExtractConfig, writer: StoreWriter, backbone: Backbone, pl
     return task_writer, order.plan
 
 
-@dataclass
-class Batch:
-    """One batch of rows through the backbone, as the store's dtype; `bad`: index in batch -> decode error."""
-
-    rows: list[int]
-    patch: np.ndarray
-    prefix: np.ndarray | None
-    bad: dict[int, str]
-
-
-T = TypeVar("T")
-_END = object()
-
-
-def one_ahead(items: Iterable[T]) -> Iterator[T]:
-    """`items`, each produced on a background thread while the caller works on the one before: without
-    DataLoader worker processes (--num-workers 0, or a dask worker, a daemon process that may have no
-    children) image decoding, which releases the GIL, still overlaps the model. Same items, same order."""
-    with ThreadPoolExecutor(1, thread_name_prefix="combo-decode") as pool:
-        iterator = iter(items)
-        future = pool.submit(next, iterator, _END)
-        while True:
-            item = future.result()
-            if item is _END:
-                return
-            future = pool.submit(next, iterator, _END)
-            yield item
-
-
-def forward_batches(cfg: ExtractConfig, backbone: Backbone, plan: TaskPlan, rows: list[int], *, device: torch.device,
-                    num_workers: int | None = None) -> Iterator[Batch]:
-    """The images of `rows` (store row order) through the backbone, `cfg.batch_size` at a time. An image that
-    cannot be decoded stops the run with its sample named, unless `cfg.skip_bad` (then it is in `bad`)."""
-    dataset = PlanImages(plan, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std)
-    workers = cfg.num_workers if num_workers is None else num_workers
-    loader = DataLoader(Subset(dataset, rows), batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda", collate_fn=collate_plan_images)
-    torch_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
-    for images, row_ids, errors in (loader if workers else one_ahead(loader)):
-        row_ids = [int(r) for r in row_ids]
-        bad = {i: str(e) for i, e in enumerate(errors) if e}
-        if bad and not cfg.skip_bad:
-            i = min(bad)
-            raise ImageDecodeError(
-                f"{bad[i]} (task {plan.task}, sample {plan.samples[row_ids[i]].sample_id}); "
-                "fix or remove the file, or pass --skip-bad to record it and go on"
-            )
-        with inference_context(device):
-            patch, prefix = block_tokens(backbone, images.to(device, non_blocking=True))
-        yield Batch(row_ids, patch.to(torch_dtype).cpu().numpy(),
-                    prefix.to(torch_dtype).cpu().numpy() if backbone.num_prefix_tokens else None, bad)
-
-
-def _fit_pca(cfg: ExtractConfig, backbone: Backbone, natural: TaskPlan, components: int, *, device: torch.device,
-             progress: ProgressFactory | None, num_workers: int | None = None) -> tuple[PcaBasis, dict[str, Any]]:
-    """PCA of the task's training split (store row order), streamed through the backbone into running
-    covariances: memory L x D x D whatever the split's size, nothing written. The training images run
-    through the backbone twice (here and when their shards are written), which costs that split's share of
-    the extraction (5% for VTAB-1k) instead of keeping it at full size on disk."""
-    plan = row_order(natural).plan
-    split = fit_split(plan.protocols, list(plan.splits))
-    rows = [i for i, s in enumerate(plan.samples) if split in s.splits]
-    fit = PcaFit(backbone.num_layers, backbone.embed_dim)
-    advance = progress(f"{plan.task} (PCA fit on {split})", len(rows)) if progress else None
-    for batch in forward_batches(cfg, backbone, plan, rows, device=device, num_workers=num_workers):
-        keep = np.setdiff1d(np.arange(len(batch.rows)), list(batch.bad))
-        fit.add(batch.patch[keep])  # fitted on the values a full-size store would hold
-        if advance:
-            advance(len(batch.rows))
-    return fit.fitted(components, split)
-
-
-@dataclass
-class Shard:
-    """One block's rows, ready for `ShardWriter.write`."""
-
-    block: int
-    tokens: np.ndarray
-    prefix: np.ndarray | None
-    skipped: list[Skipped]
-
-
-class ShardAssembler:
-    """Collects rows from batches, which need not align with shard boundaries, into whole shards."""
-
-    def __init__(self, blocks: list[range], pending: list[int], backbone: Backbone, plan: TaskPlan, dtype: np.dtype):
-        self.blocks, self.plan, self.dtype = blocks, plan, dtype
-        self.block_of_row = {r: b for b in pending for r in blocks[b]}
-        num_tokens = backbone.token_grid[0] * backbone.token_grid[1]
-        self.tokens_shape = (backbone.num_layers, num_tokens, backbone.embed_dim)
-        self.prefix_shape = ((backbone.num_layers, backbone.num_prefix_tokens, backbone.embed_dim)
-                             if backbone.num_prefix_tokens else None)
-        self.open: dict[int, tuple[Shard, list[int]]] = {}  # block -> (shard, [rows filled])
-
-    def rows(self) -> list[int]:
-        return sorted(self.block_of_row)
-
-    def add(self, batch: Batch) -> list[Shard]:
-        """Place a batch's rows; returns the shards it completed."""
-        finished = []
-        for i, row in enumerate(batch.rows):
-            block = self.block_of_row[row]
-            if block not in self.open:
-                n = len(self.blocks[block])
-                shard = Shard(block, np.zeros((n, *self.tokens_shape), self.dtype),
-                              np.zeros((n, *self.prefix_shape), self.dtype) if self.prefix_shape else None, [])
-                self.open[block] = (shard, [0])
-            shard, filled = self.open[block]
-            k = row - self.blocks[block].start
-            if i in batch.bad:
-                shard.skipped.append(Skipped(row=row, sample_id=self.plan.samples[row].sample_id, error=batch.bad[i]))
-            else:
-                shard.tokens[k] = batch.patch[i]
-                if shard.prefix is not None:
-                    shard.prefix[k] = batch.prefix[i]
-            filled[0] += 1
-            if filled[0] == len(self.blocks[block]):
-                del self.open[block]
-                finished.append(shard)
-        return finished
-
-
-def write_behind(cfg: ExtractConfig, backbone: Backbone, plan: TaskPlan, blocks: list[range], pending: list[int],
-                 dtype: np.dtype, write: Callable[[Shard], Any], *, device: torch.device,
-                 advance: Callable[[int], None] | None = None, num_workers: int | None = None) -> int:
-    """Run `pending` blocks through the backbone; each finished shard goes to `write` (compress, write, hash,
-    journal) on a background thread while the next batches run through the model, at most two shards
-    behind it. Returns the images run. Used here and by a dask worker (extract/cluster.py)."""
-    assembler = ShardAssembler(blocks, pending, backbone, plan, dtype)
-    writes: list[Future[Any]] = []
-    done_images = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="combo-writer") as pool:
-        try:
-            for batch in forward_batches(cfg, backbone, plan, assembler.rows(), device=device, num_workers=num_workers):
-                for shard in assembler.add(batch):
-                    writes.append(pool.submit(write, shard))
-                # Bound memory: at most two shards in flight behind the model.
-                while len(writes) > 2:
-                    writes.pop(0).result()
-                done_images += len(batch.rows)
-                if advance:
-                    advance(len(batch.rows))
-        except BaseException:
-            # Whatever happened, shards already handed to the writer are finished (and journaled).
-            for fut in writes:
-                try:
-                    fut.result()
-                except BaseException:  # noqa: BLE001 - the first failure is the one to report
-                    pass
-            raise
-        else:
-            for fut in writes:
-                fut.result()
-    return done_images
-
-
 def _fit(cfg: ExtractConfig, backbone: Backbone, natural: TaskPlan, components: int, *, device: torch.device,
          progress: ProgressFactory | None, runner: "ClusterRunner | None") -> tuple[PcaBasis, dict[str, Any]]:
     if runner is not None:
         return runner.fit_pca(cfg, natural, components)
-    return _fit_pca(cfg, backbone, natural, components, device=device, progress=progress)
+    return fit_training_pca(cfg, backbone, natural, components, device=device, progress=progress)
 
 
 def _extract_task(

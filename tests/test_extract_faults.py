@@ -17,9 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+import extract.forward as forward
 import extract.pipeline as pipeline
 from combo.cli import app
-from extract.pipeline import ExtractConfig, default_num_workers, extract
+from extract.config import default_num_workers
+from extract.pipeline import ExtractConfig, extract
 from fakedata import make_image_folder, make_vtab_tree, signal_image, write_corrupt
 from store_schema import open_store, validate_store
 from store_schema.writer import JOURNAL_NAME, TaskWriter, shard_key
@@ -263,7 +265,7 @@ def test_failure_before_the_first_shard_leaves_no_store(tmp_path):
 
 
 def test_interrupt_says_what_is_kept_and_a_rerun_resumes(images, tmp_path, monkeypatch):
-    real = pipeline.block_tokens
+    real = forward.block_tokens
     calls = [0]
 
     def block_tokens(*args, **kwargs):
@@ -272,7 +274,7 @@ def test_interrupt_says_what_is_kept_and_a_rerun_resumes(images, tmp_path, monke
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "block_tokens", block_tokens)
+    monkeypatch.setattr(forward, "block_tokens", block_tokens)
     out = tmp_path / "s"
     store = out / MODEL / "folder.zarr"
     result = runner.invoke(app, folder_args(images, out))
