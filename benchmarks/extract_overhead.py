@@ -37,6 +37,37 @@ def make_folder(root: Path, n: int, size: int) -> list[Path]:
     return paths
 
 
+def decode_batches(paths: list[Path], backbone, batch_size: int, image_size: int) -> tuple[list[torch.Tensor], float]:
+    """The images decoded and preprocessed for `backbone` into in-memory batches, and the seconds that took."""
+    batches = []
+    t = time.perf_counter()
+    for s in range(0, len(paths), batch_size):
+        imgs = []
+        for p in paths[s : s + batch_size]:
+            with Image.open(p) as im:
+                imgs.append(preprocess(im.convert("RGB"), image_size=image_size, mean=backbone.mean, std=backbone.std))
+        batches.append(torch.stack(imgs))
+    return batches, time.perf_counter() - t
+
+
+def bare_forward(backbone, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Seconds of `block_tokens` over the batches (after one warm-up), float16 patch and prefix tokens brought
+    back to CPU."""
+    with inference_context(device):  # warm-up
+        block_tokens(backbone, batches[0][:2].to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for x in batches:
+        with inference_context(device):
+            patch, prefix = block_tokens(backbone, x.to(device))
+        patch.to(torch.float16).cpu()  # the bare pass still has to bring the features back
+        prefix.to(torch.float16).cpu()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="vit_small_patch16_224")
@@ -52,27 +83,8 @@ def main() -> None:
         paths = make_folder(tmp / "data", args.images, 320)
         backbone = load_backbone(args.model, image_size=args.image_size, random_init=True, seed=0)
         backbone.model.to(device)
-        batches = []
-        t_decode = time.perf_counter()
-        for s in range(0, len(paths), args.batch_size):
-            imgs = []
-            for p in paths[s : s + args.batch_size]:
-                with Image.open(p) as im:
-                    imgs.append(preprocess(im.convert("RGB"), image_size=args.image_size, mean=backbone.mean, std=backbone.std))
-            batches.append(torch.stack(imgs))
-        decode = time.perf_counter() - t_decode
-        with inference_context(device):  # warm-up
-            block_tokens(backbone, batches[0][:2].to(device))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for x in batches:
-            with inference_context(device):
-                patch, prefix = block_tokens(backbone, x.to(device))
-            patch.to(torch.float16).cpu()  # the bare pass still has to bring the features back
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        bare = time.perf_counter() - t
+        batches, decode = decode_batches(paths, backbone, args.batch_size, args.image_size)
+        bare = bare_forward(backbone, batches, device)
         cfg = ExtractConfig(model=args.model, dataset="folder", root=str(tmp / "data"), out=str(tmp / "stores"),
                             image_size=args.image_size, random_init=True, batch_size=args.batch_size,
                             num_workers=args.num_workers, device=args.device)
