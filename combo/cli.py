@@ -16,7 +16,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("extract")(cli_extract.extract_command)
+app.command("extract", epilog=cli_extract.ALIAS_HELP)(cli_extract.extract_command)
 app.command("probe")(cli_probe.probe_command)
 app.command("predict")(cli_probe.predict_command)
 app.command("study")(cli_fullstudy.study_command)

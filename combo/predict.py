@@ -80,6 +80,7 @@ class RecordedBackbone:
     dtype: str
     url: str
     model_kwargs: dict[str, Any] | None = None  # absent in the store = none
+    model_layers: int | None = None  # the model's layer count; recorded only when the store keeps a subset
     compact: dict[str, Any] | None = None  # the store's encoding (compact stores): features go through it too
 
     @classmethod
@@ -95,6 +96,7 @@ class RecordedBackbone:
                 num_layers=int(feats.get("num_layers") or len(feats["layers"])),
                 feature_dim=int(feats["feature_dim"]), dtype=str((doc.get("storage") or {}).get("dtype", "float16")),
                 url=str(doc.get("url", "")), model_kwargs=dict(bb.get("model_kwargs") or {}) or None,
+                model_layers=int(feats["model_layers"]) if feats.get("model_layers") else None,
                 compact=(doc.get("storage") or {}).get("compact") or None,
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -216,7 +218,7 @@ def rebuild_backbone(record: RecordedBackbone, *, weights_override: str | None =
     source = record.weights_source
     # by the recorded checkpoint, not the alias: an alias can be re-pointed at other weights (in21k was)
     name = f"{record.timm_name}.{record.pretrained_tag}" if record.pretrained_tag else record.timm_name
-    common = {"image_size": record.image_size, "model_kwargs": record.model_kwargs}
+    common = {"image_size": record.image_size, "model_kwargs": record.model_kwargs, "layers": record.layers}
     try:
         if source == "random-init":
             if weights_override:
@@ -239,18 +241,17 @@ def rebuild_backbone(record: RecordedBackbone, *, weights_override: str | None =
         raise
     except (ValueError, RuntimeError, OSError) as err:
         raise PredictError(f"cannot rebuild backbone {record.alias} of store {record.url}: {err}") from None
-    # extraction stores every block, so the block count must match too (not just the recorded layer ids)
+    # rebuilt to give the recorded layers (load_backbone refuses ids the model does not have); the model's own
+    # layer count must match too: a store without `model_layers` holds every layer
     found = {
-        "blocks": backbone.num_layers, "token grid": tuple(backbone.token_grid),
+        "blocks": backbone.num_blocks, "token grid": tuple(backbone.token_grid),
         "prefix tokens": backbone.num_prefix_tokens, "width D": backbone.embed_dim,
     }
     wanted = {
-        "blocks": record.num_layers, "token grid": record.token_grid, "prefix tokens": record.num_prefix_tokens,
+        "blocks": record.model_layers or record.num_layers, "token grid": record.token_grid, "prefix tokens": record.num_prefix_tokens,
         "width D": record.feature_dim,
     }
     differ = [f"{k}: rebuilt {found[k]} vs recorded {wanted[k]}" for k in found if found[k] != wanted[k]]
-    if record.layers and max(record.layers) >= backbone.num_layers:
-        differ.append(f"layers: rebuilt {backbone.num_layers} blocks vs recorded layer ids up to {max(record.layers)}")
     if differ:
         kwargs = f"model_kwargs {record.model_kwargs}" if record.model_kwargs else "no model_kwargs"
         raise PredictError(
@@ -309,13 +310,10 @@ def _features(backbones: Sequence[Backbone], records: Sequence[RecordedBackbone]
         with inference_context(device):
             patch, pre = block_tokens(backbone, x.to(device))
         dtype = _STORE_DTYPES.get(record.dtype, torch.float16)
-        layers = list(record.layers)
+        # the backbone was rebuilt to give exactly the store's layers (rebuild_backbone), in the store's order
         if kind == "linear":
-            last = layers[-1]
-            parts.append((pre if prefix else patch)[:, last : last + 1].to(dtype).clone())
+            parts.append((pre if prefix else patch)[:, -1:].to(dtype).clone())
         else:
-            if layers != list(range(patch.shape[1])):
-                patch = patch[:, layers]
             parts.append(patch.to(dtype).clone())
     return parts
 

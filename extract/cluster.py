@@ -88,7 +88,8 @@ def _worker_backbone(cfg: ExtractConfig) -> tuple[Backbone, torch.device]:
         _BACKBONE.clear()  # another run's model: free it first
         device = _worker_device(cfg, index)
         backbone = load_backbone(cfg.model, image_size=cfg.image_size, random_init=cfg.random_init,
-                                 weights=cfg.weights, seed=cfg.seed, model_kwargs=cfg.model_kwargs)
+                                 weights=cfg.weights, seed=cfg.seed, model_kwargs=cfg.model_kwargs,
+                                 layers=cfg.layers)
         backbone.model.to(device)
         _BACKBONE[key] = (backbone, device)
     return _BACKBONE[key]

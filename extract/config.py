@@ -44,6 +44,8 @@ class ExtractConfig:
     num_workers: int = field(default_factory=default_num_workers)
     layout: StoreLayout | None = None
     model_kwargs: dict[str, Any] | None = None
+    # which layer outputs to store (extract.backbones.parse_layers): None / "all" (the paper's), "last:N", "0,5,11"
+    layers: str | tuple[int, ...] | None = None
     # --dataset parquet: column names (default: detected, see extract.datasets.parquet)
     image_column: str | None = None
     label_column: str | None = None

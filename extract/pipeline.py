@@ -49,8 +49,10 @@ from store_schema.writer import JOURNAL_NAME, shard_block
 from .backbones import (
     Backbone,
     BackboneSpec,
-    _patch_size,
+    architecture,
     load_backbone,
+    parse_layers,
+    patch_size,
     pick_device,
     resolve_model,
 )
@@ -160,7 +162,8 @@ def check_config(cfg: ExtractConfig) -> BackboneSpec:
             raise DatasetError(f"--root {root} does not exist")
         if cfg.dataset != "parquet" and not os.path.isdir(root):
             raise DatasetError(f"--root {root} is not a folder")
-    spec = resolve_model(cfg.model)
+    spec = resolve_model(cfg.model, model_kwargs=cfg.model_kwargs)
+    parse_layers(cfg.layers, architecture(spec.timm_name, cfg.model_kwargs).num_layers)  # refuses a bad --layers
     patch = known_patch_size(spec, cfg.model_kwargs)
     if patch:
         check_image_size(cfg.image_size, patch, cfg.model)
@@ -249,8 +252,9 @@ def store_info(backbone: Backbone, *, dataset: str, root: str | None) -> StoreIn
         features=FeatureInfo(
             token_grid=tuple(backbone.token_grid),
             num_prefix_tokens=backbone.num_prefix_tokens,
-            layers=tuple(range(backbone.num_layers)),
+            layers=tuple(backbone.layers),
             feature_dim=backbone.embed_dim,
+            model_layers=None if backbone.layers == tuple(range(backbone.num_blocks)) else backbone.num_blocks,
         ),
         dataset=dataset,
         dataset_root=str(Path(root).resolve()) if root else None,
@@ -308,8 +312,9 @@ def _extract_into(path: Path | str, cfg: ExtractConfig, layout: StoreLayout, *, 
         weights=cfg.weights,
         seed=cfg.seed,
         model_kwargs=cfg.model_kwargs,
+        layers=cfg.layers,
     )
-    check_image_size(cfg.image_size, _patch_size(backbone.model)[0], cfg.model)
+    check_image_size(cfg.image_size, patch_size(backbone.model)[0], cfg.model)
     backbone.model.to(device)
     plans = plan_dataset(cfg.dataset, root=cfg.root, tasks=list(cfg.tasks) if cfg.tasks else None,
                          num_workers=cfg.num_workers, image_column=cfg.image_column,

@@ -8,7 +8,8 @@ Root group attribute ``combo`` (one per store)::
     backbone         {alias, timm_name, pretrained_tag, weights_source, weights_sha256, seed,
                       model_kwargs (only when non-empty: the extra timm create_model kwargs)}
     preprocessing    {image_size, resize, interpolation, crop, mean, std}
-    features         {kind, token_grid, num_tokens, num_prefix_tokens, layers, num_layers, feature_dim}
+    features         {kind, token_grid, num_tokens, num_prefix_tokens, layers, num_layers, feature_dim,
+                      model_layers (only when layers is a subset)}
     storage          {dtype, codec, rows_per_shard, rows_per_chunk, layers_per_chunk, chunk_checksum}
     dataset          {name} (format 1 also recorded the absolute root; format 2 records no local path)
     tasks            [task names]
@@ -125,6 +126,9 @@ class FeatureInfo:
     layers: tuple[int, ...]
     feature_dim: int
     kind: str = "block output (residual stream), patch tokens"
+    # how many layer outputs the model has, recorded only when `layers` is a subset of them (`combo extract
+    # --layers`): `combo predict` checks the rebuilt model against it. Absent: every layer is stored.
+    model_layers: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -152,7 +156,7 @@ class StoreInfo:
             preprocessing=Preprocessing(int(p["image_size"]), tuple(p["mean"]), tuple(p["std"]),
                                         p.get("interpolation", "bilinear"), p.get("resize", "square, no crop")),
             features=FeatureInfo(tuple(f["token_grid"]), int(f["num_prefix_tokens"]), tuple(f["layers"]),
-                                 int(f["feature_dim"]), f.get("kind", FeatureInfo.kind)),
+                                 int(f["feature_dim"]), f.get("kind", FeatureInfo.kind), f.get("model_layers")),
             dataset=str(attrs["dataset"]["name"]),
         )
 
@@ -162,6 +166,8 @@ class StoreInfo:
         feats["layers"] = list(self.features.layers)
         feats["num_tokens"] = self.features.num_tokens
         feats["num_layers"] = len(self.features.layers)
+        if self.features.model_layers is None:
+            del feats["model_layers"]  # stores of every layer keep the document they always had
         pre = asdict(self.preprocessing)
         pre["mean"], pre["std"] = list(self.preprocessing.mean), list(self.preprocessing.std)
         pre["crop"] = "none"

@@ -11,15 +11,23 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from hookref import hooked_block_outputs
+
+import extract.backbones as extract_backbones
 from extract.backbones import (
     ALIASES,
     Backbone,
     DeviceUnavailableError,
     UnknownModelError,
+    UnsupportedModelError,
     WeightsUnavailableError,
+    alias_help,
+    alias_table,
+    architecture,
     block_tokens,
     inference_context,
     load_backbone,
+    parse_layers,
     pick_device,
     resolve_model,
 )
@@ -57,11 +65,20 @@ def _spatial_ref(maps: list[torch.Tensor]) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- names
 
+PAPER = {"sam": "samvit_base_patch16.sa1b", "clip": "vit_base_patch16_clip_224.openai",
+         "dfn-clip": "vit_base_patch16_clip_224.dfn2b", "siglip": "vit_base_patch16_siglip_224.webli",
+         "dinov2": "vit_base_patch14_reg4_dinov2.lvd142m", "in21k": "vit_base_patch16_224.orig_in21k",
+         "in21k-augreg": "vit_base_patch16_224.augreg_in21k", "mae": "vit_base_patch16_224.mae"}
+MODERN = {"dinov3": "vit_base_patch16_dinov3.lvd1689m", "siglip2": "vit_base_patch16_siglip_224.v2_webli",
+          "pe": "vit_pe_core_base_patch16_224.fb", "pe-spatial": "vit_pe_spatial_base_patch16_512.fb",
+          "aimv2": "aimv2_large_patch14_224.apple_pt", "radio": "naflexvit_base_patch16_radio_v3.c_radio",
+          "tipsv2": "vit_base_patch14_reg1_tipsv2.webli", "eva02": "eva02_base_patch14_224.mim_in22k"}
+
+
 def test_aliases_resolve_to_registered_pretrained_checkpoints():
-    assert set(ALIASES) == {"sam", "clip", "dfn-clip", "siglip", "dinov2", "in21k", "in21k-augreg", "mae"}
+    # the paper's aliases keep their meaning; today's are pinned to one checkpoint each
+    assert {a: s.model_name for a, s in ALIASES.items()} == {**PAPER, **MODERN}
     # the paper's IN-21k rows are the original weights; augreg_in21k is another checkpoint
-    assert resolve_model("in21k").model_name == "vit_base_patch16_224.orig_in21k"
-    assert resolve_model("in21k-augreg").model_name == "vit_base_patch16_224.augreg_in21k"
     assert resolve_model("SAM").timm_name == "samvit_base_patch16"
     for alias, spec in ALIASES.items():
         assert resolve_model(alias) == spec
@@ -74,18 +91,68 @@ def test_timm_names_resolve_with_and_without_tag():
         "vit_small_patch16_224.augreg_in21k", "vit_small_patch16_224", "augreg_in21k")
     spec = resolve_model("eva02_tiny_patch14_224")
     assert spec.pretrained_tag is None and spec.model_name == "eva02_tiny_patch14_224"
+    # NaFlexViT (RADIO, SigLIP2-NaFlex) is a token ViT with per-block outputs like any other
+    assert resolve_model("naflexvit_base_patch16_siglip.v2_webli").timm_name == "naflexvit_base_patch16_siglip"
 
 
-@pytest.mark.parametrize("name", ["not-a-model", "resnet50", "vit_base_patch16_224.no_such_tag", ""])
+@pytest.mark.parametrize("name", ["not-a-model", "vit_base_patch16_224.no_such_tag", ""])
 def test_unknown_names_raise_with_alias_list(name):
     with pytest.raises(UnknownModelError) as info:
         resolve_model(name)
     msg = str(info.value)
-    assert isinstance(info.value, ValueError)
-    assert "sam" in msg and "dinov2" in msg and "in21k" in msg and "timm" in msg
+    assert isinstance(info.value, ValueError) and msg.startswith("Unknown backbone")
+    assert "sam" in msg and "dinov2" in msg and "in21k" in msg and "timm" in msg and "radio" in msg
     assert "in21k (vit_base_patch16_224.orig_in21k)" in msg and "in21k-augreg (vit_base_patch16_224.augreg_in21k)" in msg
     with pytest.raises(UnknownModelError):
         load_backbone(name, random_init=True)
+
+
+@pytest.mark.parametrize("name,stages", [
+    ("convnext_tiny", "56x56x96, 28x28x192, 14x14x384, 7x7x768"),
+    ("convnext_tiny.dinov3_lvd1689m", "56x56x96, 28x28x192, 14x14x384, 7x7x768"),
+    ("swin_tiny_patch4_window7_224", "56x56x96, 28x28x192, 14x14x384, 7x7x768"),
+    ("hiera_tiny_224", "56x56x96, 28x28x192, 14x14x384, 7x7x768"),
+    ("sam2_hiera_base_plus", "56x56x112, 28x28x224, 14x14x448, 7x7x896"),
+    ("resnet50", "112x112x64, 56x56x256, 28x28x512, 14x14x1024, 7x7x2048"),
+])
+def test_hierarchical_models_are_refused_naming_their_stages(name, stages):
+    """timm knows them: the refusal says what they are and what is missing, not "Unknown backbone"."""
+    with pytest.raises(UnsupportedModelError) as info:
+        resolve_model(name)
+    msg = str(info.value)
+    assert not msg.startswith("Unknown backbone") and "hierarchical" in msg and stages in msg
+    assert msg.count(". ") == 0  # one sentence
+    arch = architecture(timm.models.split_model_name_tag(name)[0])
+    assert [f"{g[0]}x{g[1]}x{w}" for g, w in zip(arch.grids(224), arch.widths)] == stages.split(", ")
+    with pytest.raises(UnsupportedModelError, match="hierarchical"):  # before any weights are looked for
+        load_backbone(name)
+
+
+def test_model_without_intermediates_is_refused_naming_what_is_missing(monkeypatch):
+    import timm.models.vision_transformer as vit
+    monkeypatch.delattr(vit.VisionTransformer, "forward_intermediates")
+    extract_backbones._architecture.cache_clear()
+    try:
+        with pytest.raises(UnsupportedModelError, match="no forward_intermediates"):
+            resolve_model("vit_tiny_patch16_224")
+    finally:
+        extract_backbones._architecture.cache_clear()
+
+
+def test_layers_selection():
+    assert parse_layers(None, 12) == tuple(range(12)) and parse_layers("all", 4) == (0, 1, 2, 3)
+    assert parse_layers("last:3", 12) == (9, 10, 11) and parse_layers("11,0,-2", 12) == (0, 10, 11)
+    for bad, why in (("12", "out of range"), ("last:0", "1..12"), ("1,1", "twice"), ("a,b", "indices"), (",", "no layer")):
+        with pytest.raises(ValueError, match=why):
+            parse_layers(bad, 12)
+    full = load_backbone("vit_tiny_patch16_224", image_size=64, random_init=True, model_kwargs=TINY)
+    some = load_backbone("vit_tiny_patch16_224", image_size=64, random_init=True, model_kwargs=TINY, layers="0,-1")
+    assert (some.layers, some.num_layers, some.num_blocks, full.layers) == ((0, 2), 2, 3, (0, 1, 2))
+    x = _images(2, 64)
+    (pf, qf), (ps, qs) = _tokens(full, x), _tokens(some, x)
+    assert torch.equal(ps, pf[:, [0, 2]]) and torch.equal(qs, qf[:, [0, 2]])
+    first = load_backbone("vit_tiny_patch16_224", image_size=64, random_init=True, model_kwargs=TINY, layers="0")
+    assert torch.equal(_tokens(first, x)[0], pf[:, :1])  # stops after block 0, same values
 
 
 # ---------------------------------------------------------------------------- shapes and values
@@ -147,24 +214,43 @@ def test_sam_alias_nhwc_blocks_no_prefix_no_neck():
     assert neck[-1].shape[1] != 32  # the neck changes the width: proves we did not take it
 
 
-@pytest.mark.parametrize("name,size,prefix", [
-    ("eva02_tiny_patch14_224", 42, 1),
-    ("deit_tiny_distilled_patch16_224", 48, 2),
-    ("vit_base_patch16_siglip_224", 48, 0),
-])
-def test_other_vit_families_match_forward_intermediates(name, size, prefix):
-    bb = load_backbone(name, image_size=size, random_init=True, model_kwargs=TINY)
-    assert bb.num_prefix_tokens == prefix and bb.token_grid == (3, 3)
-    x = _images(1, size)
+TINY_SAM_KW = dict(TINY_SAM)
+ARCHITECTURES = [  # (name, image size, model kwargs, prefix tokens): every family combo extracts, tiny
+    pytest.param("vit_base_patch16_224", 64, TINY, 1, id="vit"),
+    pytest.param("deit_tiny_distilled_patch16_224", 48, TINY, 2, id="deit-distilled"),
+    pytest.param("eva02_tiny_patch14_224", 42, TINY, 1, id="eva02"),
+    pytest.param("samvit_base_patch16", 64, TINY_SAM_KW, 0, id="sam-vit"),
+    pytest.param("vit_base_patch16_clip_224", 64, TINY, 1, id="clip"),
+    pytest.param("vit_base_patch16_siglip_224", 48, TINY, 0, id="siglip"),
+    pytest.param("vit_base_patch14_reg4_dinov2", 56, TINY, 5, id="dinov2"),
+    pytest.param("vit_base_patch16_dinov3", 64, TINY, 5, id="dinov3-eva-rope"),
+    pytest.param("vit_pe_core_base_patch16_224", 64, TINY, 1, id="pe"),
+    pytest.param("aimv2_large_patch14_224", 56, TINY, 0, id="aimv2"),
+    pytest.param("vit_base_patch14_reg1_tipsv2", 56, TINY, 2, id="tipsv2"),
+    pytest.param("naflexvit_base_patch16_radio_v3", 64, TINY, 8, id="naflex-radio"),
+    pytest.param("naflexvit_base_patch16_siglip", 64, TINY, 0, id="naflex-siglip2"),
+]
+
+
+@pytest.mark.parametrize("name,size,kwargs,prefix", ARCHITECTURES)
+def test_layer_tokens_match_timm_geometry_and_the_hooked_blocks(name, size, kwargs, prefix):
+    """Grids, widths and prefix counts are what timm itself reports; the tokens are bit-identical to the hooked
+    block outputs of the old path (so stores of the paper's aliases keep their bytes)."""
+    bb = load_backbone(name, image_size=size, random_init=True, model_kwargs=kwargs)
+    info = bb.model.feature_info
+    assert bb.num_layers == bb.num_blocks == len(info) == 3 and bb.embed_dim == info[-1]["num_chs"] == 32
+    assert bb.num_prefix_tokens == prefix == getattr(bb.model, "num_prefix_tokens", 0)
+    patch_px = size // info[-1]["reduction"]
+    assert bb.token_grid == (patch_px, patch_px)
+    x = _images(2, size)
     patch, pre = _tokens(bb, x)
-    assert patch.shape == (1, 3, 9, 32) and pre.shape == (1, 3, prefix, 32)
-    with torch.no_grad():
-        out = bb.model.forward_intermediates(x, return_prefix_tokens=bool(prefix), norm=False,
-                                             intermediates_only=True)
-    if prefix:  # timm returns (spatial, prefix) pairs only when there are prefix tokens
-        torch.testing.assert_close(pre, torch.stack([p for _, p in out], dim=1), rtol=0, atol=1e-5)
-        out = [s for s, _ in out]
-    torch.testing.assert_close(patch, _spatial_ref(out), rtol=0, atol=1e-5)
+    assert patch.shape == (2, 3, patch_px * patch_px, 32) and pre.shape == (2, 3, prefix, 32)
+    ref_patch, ref_pre = hooked_block_outputs(bb, x)
+    assert torch.equal(patch, ref_patch) and torch.equal(pre, ref_pre)
+    with torch.no_grad():  # and what forward_intermediates itself gives, as maps
+        out = bb.model.forward_intermediates(x, norm=False, intermediates_only=True,
+                                             **({"return_prefix_tokens": True} if prefix else {}))
+    torch.testing.assert_close(patch, _spatial_ref([o[0] if prefix else o for o in out]), rtol=0, atol=0)
 
 
 def test_paper_geometry_full_size_random_init():
@@ -415,3 +501,13 @@ def test_inference_context_on_cpu_has_no_autocast():
         assert not torch.is_autocast_enabled("cpu")
         assert (torch.ones(2) * 0.5).dtype == torch.float32
     assert not torch.is_inference_mode_enabled()
+
+
+def test_extract_help_lists_every_alias_with_its_geometry():
+    from combo.cli_extract import ALIAS_HELP
+    assert ALIAS_HELP == alias_help()  # the CLI's written-out copy is what the architectures say
+    rows = {r["alias"]: r for r in alias_table()}
+    assert set(rows) == set(ALIASES)
+    assert (rows["sam"]["grid"], rows["sam"]["prefix"], rows["sam"]["raw_bytes"]) == ((14, 14), 0, 12 * 196 * 768 * 2)
+    assert (rows["radio"]["grid"], rows["radio"]["prefix"]) == ((14, 14), 8)
+    assert (rows["aimv2"]["layers"], rows["aimv2"]["width"], rows["dinov2"]["grid"]) == (24, 1024, (16, 16))

@@ -19,6 +19,7 @@ from extract.backbones import ALIASES, BackboneSpec, load_backbone
 from extract.datasets import plan_dataset
 from extract.images import preprocess
 from extract.order import row_order
+from extract.pipeline import ExtractConfig, extract
 from fakedata import ODD_MODES, make_vtab_tree, odd_mode_image
 from store_schema import StoreWriter, open_store, validate_store
 
@@ -288,3 +289,87 @@ def test_digits_demo_store_readable_with_plain_zarr(tmp_path):
     assert tokens.shape[0] == 1797 and tokens.shape[1:] == (12, 1, 192)
     info = run_cli("store", "info", str(tmp_path / MODEL / "digits.zarr"))
     assert info.exit_code == 0 and "random-init" in info.output
+
+
+# ------------------------------------------------------------------ every backbone through forward_intermediates
+
+TINY = {"depth": 3, "embed_dim": 32, "num_heads": 2}
+PAPER_ARCHITECTURES = {  # one alias per distinct architecture of the paper's seven
+    "sam": {**TINY, "window_size": 2, "global_attn_indexes": (1,)}, "clip": TINY, "siglip": TINY,
+    "dinov2": TINY, "in21k": TINY}
+FEATURE_KEYS = {"token_grid", "num_tokens", "num_prefix_tokens", "layers", "num_layers", "feature_dim", "kind"}
+
+
+@pytest.fixture(scope="module")
+def small_vtab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small-vtab")
+    make_vtab_tree(root, {"dtd": 2}, n_train=4, n_val=2, n_test=4, image_size=24)
+    return root
+
+
+def _stored_vs_hooked(store_path: Path, root: Path, alias: str, size: int, kwargs: dict):
+    from hookref import hooked_block_outputs
+
+    task = open_store(store_path).task("dtd")
+    backbone = load_backbone(alias, image_size=size, random_init=True, seed=0, model_kwargs=kwargs)
+    rows = list(range(task.num_samples))
+    images = []
+    for sample_id in task.sample_ids:
+        with Image.open(root / sample_id) as im:
+            images.append(preprocess(im.convert("RGB"), image_size=size, mean=backbone.mean, std=backbone.std))
+    patch, prefix = hooked_block_outputs(backbone, torch.stack(images))
+    return task, rows, patch.to(torch.float16).numpy(), prefix.to(torch.float16).numpy()
+
+
+@pytest.mark.parametrize("alias", sorted(PAPER_ARCHITECTURES))
+def test_paper_alias_stores_keep_their_bytes(alias, small_vtab, tmp_path):
+    """The stored tokens equal, bit for bit, those of the block-hook path the stores were made with before
+    extraction went through forward_intermediates, and the features document has the keys it always had."""
+    size = 56 if alias == "dinov2" else 64
+    kwargs = PAPER_ARCHITECTURES[alias]
+    result = extract(ExtractConfig(model=alias, dataset="vtab", root=str(small_vtab), out=str(tmp_path), image_size=size,
+                                   random_init=True, num_workers=0, batch_size=4, model_kwargs=kwargs))
+    task, rows, patch, prefix = _stored_vs_hooked(result.store, small_vtab, alias, size, kwargs)
+    assert np.array_equal(task.read(rows), patch)
+    if prefix.shape[2]:
+        assert np.array_equal(task.read(rows, prefix=True), prefix)
+    assert set(open_store(result.store).features) == FEATURE_KEYS
+
+
+def test_naflex_radio_store_keeps_summary_tokens_apart(small_vtab, tmp_path):
+    """RADIO as timm's NaFlexViT, fed the same fixed square input as every model: 8 prefix tokens (cls +
+    registers), the patch tokens on their 4x4 grid."""
+    result = extract(ExtractConfig(model="naflexvit_base_patch16_radio_v3", dataset="vtab", root=str(small_vtab),
+                                   out=str(tmp_path), image_size=64, random_init=True, num_workers=0, batch_size=4,
+                                   model_kwargs=TINY))
+    store = open_store(result.store)
+    assert (store.token_grid, store.num_prefix_tokens, store.num_layers, store.feature_dim) == ((4, 4), 8, 3, 32)
+    task = store.task("dtd")
+    assert task.tokens.shape == (task.num_samples, 3, 16, 32) and task.prefix.shape == (task.num_samples, 3, 8, 32)
+    assert validate_store(result.store).ok
+
+
+def test_layers_option_stores_a_subset(extracted, vtab, tmp_path):
+    result = run_cli(*extract_args(vtab, tmp_path, "--layers", "last:2", "--task", "dtd"))
+    assert result.exit_code == 0, result.output
+    store = open_store(tmp_path / MODEL / "vtab.zarr")
+    assert store.features["layers"] == [10, 11] and store.num_layers == 2 and store.features["model_layers"] == 12
+    full, some = open_store(extracted).task("dtd"), store.task("dtd")
+    rows = list(range(some.num_samples))
+    assert np.array_equal(some.read(rows), full.read(rows, layers=[10, 11]))
+    assert np.array_equal(some.read(rows, prefix=True), full.read(rows, prefix=True, layers=[10, 11]))
+    assert validate_store(tmp_path / MODEL / "vtab.zarr").ok
+    assert "model_layers" not in open_store(extracted).features  # every layer: the document stores always had
+
+
+@pytest.mark.parametrize("bad,why", [("12", "out of range"), ("last:0", "1..12"), ("x", "indices")])
+def test_bad_layers_option_is_a_clean_error(bad, why, vtab, tmp_path):
+    result = run_cli(*extract_args(vtab, tmp_path, "--layers", bad))
+    assert result.exit_code == 2 and why in result.output and "--layers" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / MODEL).exists()
+
+
+def test_hierarchical_model_is_refused_before_anything_is_written(tmp_path):
+    result = run_cli("extract", "--model", "convnext_tiny", "--random-init", "--dataset", "digits", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "hierarchical" in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "convnext_tiny").exists()

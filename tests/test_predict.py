@@ -161,6 +161,27 @@ def test_backbones_extracted_with_custom_kwargs_are_rebuilt_from_the_record(tmp_
         predict_images(old, images, device="cpu")
 
 
+def test_a_store_of_some_layers_is_rebuilt_with_those_layers(tmp_path):
+    """`combo extract --layers`: predict rebuilds the backbone to give the stored layers and checks the model's own
+    layer count (recorded as model_layers) against the rebuilt one."""
+    count_tree(tmp_path / "vtab", TASK, n_train=8, n_val=4, n_test=6)
+    store = extract(ExtractConfig(model="vit_tiny_patch16_224", dataset="vtab", root=str(tmp_path / "vtab"),
+                                  out=str(tmp_path / "stores"), image_size=32, random_init=True, num_workers=0,
+                                  model_kwargs={"depth": 3}, layers="0,2")).store
+    run = run_probe(probe_config([store], tmp_path / "runs", steps=3, batch_size=8))
+    doc = json.loads((run.run_dir / "config.json").read_text())
+    assert doc["stores"][0]["features"]["layers"] == [0, 2] and doc["stores"][0]["features"]["model_layers"] == 3
+    images = tmp_path / "vtab" / TASK / "images" / "test"
+    result = predict_images(run.run_dir, images, device="cpu")
+    assert len(result.rows) == 6 and by_sample_id(result, tmp_path / "vtab") == stored_predictions(run.run_dir)
+    doc["stores"][0]["backbone"]["model_kwargs"] = {"depth": 4}  # another model with the same layer ids
+    other = tmp_path / "other-run"
+    shutil.copytree(run.run_dir, other)
+    (other / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(PredictError, match=r"blocks: rebuilt 4 vs recorded 3"):
+        predict_images(other, images, device="cpu")
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
