@@ -414,6 +414,26 @@ def test_weights_file_round_trip(tmp_path, fmt):
     assert again.weights_sha256 == bb.weights_sha256
 
 
+@pytest.mark.parametrize("name", ["naflexvit_base_patch16_radio_v3", "vit_base_patch16_dinov3"])
+def test_weights_file_of_todays_models_loads_strictly(tmp_path, name):
+    """A local checkpoint of a NaFlexViT (RADIO) or an EVA-family model (DINOv3) loads through timm, strictly;
+    the prefix tokens come back with the weights' values."""
+    src = _reference_model(name, 64, seed=6, **TINY)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    bb = load_backbone(name, image_size=64, weights=path, model_kwargs=TINY)
+    x = _images(2, 64)
+    patch, prefix = _tokens(bb, x)
+    with torch.no_grad():
+        ref = src.forward_intermediates(x, norm=False, intermediates_only=True, return_prefix_tokens=True)
+    assert torch.equal(patch, _spatial_ref([s for s, _ in ref]))
+    assert torch.equal(prefix, torch.stack([p for _, p in ref], dim=1))
+    truncated = tmp_path / "short.safetensors"
+    save_file({k: v.contiguous() for k, v in list(src.state_dict().items())[:-3]}, str(truncated))
+    with pytest.raises(WeightsUnavailableError, match="Missing key"):
+        load_backbone(name, image_size=64, weights=truncated, model_kwargs=TINY)
+
+
 def test_weights_file_at_other_resolution_resizes_pos_embed(tmp_path):
     """A checkpoint saved at 56 (4x4 grid) loads at 28 (2x2) like timm's own pretrained path."""
     name = "vit_small_patch14_reg4_dinov2"
