@@ -182,6 +182,26 @@ def test_a_store_of_some_layers_is_rebuilt_with_those_layers(tmp_path):
         predict_images(other, images, device="cpu")
 
 
+@pytest.mark.parametrize("method", ["combo", "linear"])
+def test_todays_families_combine_in_one_fit_and_predict_reproduces_it(tmp_path, method):
+    """A plain ViT (cls, width 192, 2x2), RADIO as NaFlexViT (8 summary/register tokens, width 32) and an EVA-02
+    (patch 14: 3x3 at 42 px, rope) in one ComBo fit and in one linear probe; predict rebuilds all three."""
+    count_tree(tmp_path / "vtab", TASK, n_train=16, n_val=8, n_test=12)
+    tiny = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+    specs = [("vit_tiny_patch16_224", 32, None), ("naflexvit_base_patch16_radio_v3", 32, tiny),
+             ("eva02_tiny_patch14_224", 42, tiny)]
+    stores = [extract(ExtractConfig(model=m, dataset="vtab", root=str(tmp_path / "vtab"), out=str(tmp_path / "stores"),
+                                    image_size=size, random_init=True, seed=k, num_workers=0, batch_size=16,
+                                    model_kwargs=kw)).store
+              for k, (m, size, kw) in enumerate(specs)]
+    run = run_probe(probe_config(stores, tmp_path / "runs", method=method, steps=4, batch_size=8))
+    doc = json.loads((run.run_dir / "config.json").read_text())
+    assert [s["features"]["num_prefix_tokens"] for s in doc["stores"]] == [1, 8, 1]
+    assert [s["features"]["feature_dim"] for s in doc["stores"]] == [192, 32, 32]
+    result = predict_images(run.run_dir, tmp_path / "vtab" / TASK / "images" / "test", device="cpu")
+    assert len(result.rows) == 12 and by_sample_id(result, tmp_path / "vtab") == stored_predictions(run.run_dir)
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
