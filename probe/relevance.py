@@ -35,17 +35,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from store_schema import FeatureStore
 
 from .adapter import ComboAdapter
+from .data import SplitSource
+from .heldsplit import hold_rows
 from .heldout import HELDOUT_REPEATS, chance_accuracy, descending_ranks, heldout_drops, layer_heldout_drops, near_chance
 from .results import markdown_table, new_run_dir, write_json, write_table
 from .progress import RunProgress
 from .runstate import DONE, RunState, new_state
 from .run import (ProbeConfig, TaskFit, TasksFailed, failed_message, fit_task, located_config, run_config, save_fit,
-                  stores_dataset)
+                  stores_dataset, task_splits)
 from .stores import AlignedTask, align_tasks, common_tasks, open_stores
 from .train import pick_device
 
@@ -350,8 +353,13 @@ def relevance_of_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.d
                       names: Sequence[str], layer_ids: Sequence[Sequence[int]], top_k: int = 1,
                       heldout_repeats: int = HELDOUT_REPEATS, layer_heldout: bool = False, log: Log = None,
                       progress: RunProgress | None = None) -> TaskRelevance:
-    """Train the penalised model on one task (``cfg`` already on the relevance protocol) and measure it."""
-    fit = fit_task(aligned, cfg, device=device, group_lambda=group_lambda, log=log, progress=progress,
+    """Train the penalised model on one task (``cfg`` already on the relevance protocol) and measure it.
+
+    The protocol's rows are read into RAM once when they fit ``cfg.cache_budget`` (`hold_dev_rows`), so the fit,
+    its evaluation and every held-out shuffle (K x repeats passes over the held-out split, L more with
+    ``layer_heldout``) read each stored byte once; `combo study` hands in a task already held."""
+    held = hold_dev_rows(aligned, cfg, log=log)
+    fit = fit_task(held, cfg, device=device, group_lambda=group_lambda, log=log, progress=progress,
                    label=f"{aligned.name}: penalised")
     model = fit.model
     assert isinstance(model, ComboAdapter)
@@ -362,7 +370,25 @@ def relevance_of_task(aligned: AlignedTask, cfg: ProbeConfig, *, device: torch.d
         add_layer_heldout(layer_rows, fit, device=device, batch_size=cfg.eval_batch_size, seed=cfg.seed)
     metrics = {**fit.metrics, "group_lambda": group_lambda,
                "penalty": float(relevance_penalty(model, group_lambda).detach().cpu()), "backbones": "+".join(names)}
+    if held is not aligned and fit.source is not None:
+        fit.source = replace(fit.source, task=aligned)  # the result keeps no copy of the rows in RAM
     return TaskRelevance(fit, rows, layer_rows, metrics, relevance_warnings(aligned.name, rows, top_k=top_k))
+
+
+def hold_dev_rows(aligned: AlignedTask, cfg: ProbeConfig, *, log: Log = None) -> AlignedTask:
+    """``aligned`` with the protocol's training and held-out rows held in RAM (`probe.heldsplit`) when they fit
+    ``cfg.cache_budget``; as it is when they do not (each pass streams them) or when they already are held."""
+    if any(hasattr(part, "held_index") for part in aligned.parts):
+        return aligned
+    _, _, train_rows, eval_rows = task_splits(aligned, cfg)
+    rows = np.union1d(train_rows, eval_rows)
+    total = rows.size * SplitSource(aligned, rows).row_bytes()
+    if total > cfg.cache_budget:
+        if log:
+            log(f"{aligned.name}: the relevance rows ({total / 2**20:.1f} MiB) do not fit --cache-budget "
+                f"({cfg.cache_budget / 2**20:.1f} MiB): each held-out pass streams them")
+        return aligned
+    return hold_rows(aligned, rows)
 
 
 def relevance_job(cfg: ProbeConfig, task: str, *, device: torch.device, **kwargs: Any) -> TaskRelevance:

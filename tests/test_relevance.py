@@ -108,6 +108,31 @@ def test_relevance_run_folder(stores, tmp_path):
     assert (folder / "adapter-shapes.safetensors").exists() and (folder / "results.md").exists()
 
 
+@pytest.mark.parametrize("budget,reads", [(None, 1.0), (1024, None)])
+def test_relevance_reads_each_stored_byte_once_when_the_rows_fit(stores, tmp_path, monkeypatch, budget, reads):
+    """The fit, its evaluation and the 2 x 5 held-out shuffles all read the dev rows from RAM: train800 and val200
+    are each read once. A budget they do not fit streams every pass (the held-out split many times)."""
+    from store_schema.reader import TaskStore
+
+    read: dict[str, int] = {}
+    original = TaskStore._count
+
+    def count(self, nbytes):
+        read[self.store.url] = read.get(self.store.url, 0) + int(nbytes)
+        original(self, nbytes)
+
+    monkeypatch.setattr(TaskStore, "_count", count)
+    extra = {} if budget is None else {"cache_budget": budget}
+    run_relevance(config([stores["noise"], stores["signal"]], tmp_path, **extra), group_lambda=LAMBDA, heldout_repeats=5)
+    stored = (N_TRAIN + N_VAL) * 2 * GRID[0] * GRID[1] * DIM * 4  # rows x layers x tokens x D x float32
+    assert len(read) == 2
+    for url, nbytes in read.items():
+        if reads is not None:
+            assert nbytes == reads * stored, url
+        else:
+            assert nbytes > 2 * stored, url  # each pass streams the held-out split again
+
+
 def test_scaling_raw_features_by_100_keeps_the_ranking(stores, tmp_path):
     base = run_relevance(config([stores["noise"], stores["signal"]], tmp_path), group_lambda=LAMBDA)
     for pair in (("noise", "signal_x100"), ("noise_x100", "signal")):
