@@ -240,6 +240,10 @@ def resolve_model(name: str, *, model_kwargs: dict | None = None) -> BackboneSpe
     key = name.strip()
     if key.lower() in ALIASES:
         spec = ALIASES[key.lower()]
+        if not timm.models.is_model(spec.timm_name):
+            raise UnsupportedModelError(
+                f"alias {key.lower()!r} is {spec.model_name}, which the installed timm {timm.__version__} does not have; "
+                "upgrade it (pip install -U timm)")
     else:
         arch, tag = timm.models.split_model_name_tag(key)
         if not timm.models.is_model(arch):

@@ -128,6 +128,13 @@ def test_hierarchical_models_are_refused_naming_their_stages(name, stages):
         load_backbone(name)
 
 
+def test_alias_of_a_model_an_older_timm_lacks_says_to_upgrade(monkeypatch):
+    real = timm.models.is_model
+    monkeypatch.setattr(timm.models, "is_model", lambda name: name != "naflexvit_base_patch16_radio_v3" and real(name))
+    with pytest.raises(UnsupportedModelError, match=r"alias 'radio' is naflexvit_base_patch16_radio_v3.c_radio.*pip install -U timm"):
+        resolve_model("radio")
+
+
 def test_model_without_intermediates_is_refused_naming_what_is_missing(monkeypatch):
     import timm.models.vision_transformer as vit
     monkeypatch.delattr(vit.VisionTransformer, "forward_intermediates")
