@@ -143,16 +143,10 @@ class Backbone:
     num_prefix_tokens: int  # cls + distillation + register / summary tokens (0 for SAM / SigLIP)
     num_layers: int  # number of layers taken (len(layers))
     embed_dim: int  # D of the layer outputs
+    layers: tuple[int, ...]  # indices into feature_info (the blocks of a ViT) taken, ascending
+    num_blocks: int  # len(feature_info): every layer the model has
     # extra timm create_model kwargs it was built with; recorded so the same model can be rebuilt
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    layers: tuple[int, ...] = ()  # indices into feature_info (blocks of a ViT) taken, ascending; () = all
-    num_blocks: int = 0  # len(feature_info): every layer the model has
-
-    def __post_init__(self) -> None:
-        if not self.layers:
-            object.__setattr__(self, "layers", tuple(range(self.num_layers)))
-        if not self.num_blocks:
-            object.__setattr__(self, "num_blocks", self.num_layers)
 
 
 # --------------------------------------------------------------------------------------
