@@ -336,7 +336,9 @@ def _extract_into(path: Path | str, cfg: ExtractConfig, layout: StoreLayout, *, 
     results: list[TaskResult] = []
     try:
         with StoreWriter(path, store_info(backbone, dataset=cfg.dataset, root=cfg.root), layout, overwrite=cfg.overwrite,
-                         compact=compact, storage_options=cfg.storage_options) as writer:
+                         compact=compact, storage_options=cfg.storage_options, break_lock=cfg.break_lock) as writer:
+            for note in writer.lock_notes():
+                warn(note)
             for plan in plans:
                 existed = (writer.path / plan.task).exists()
                 try:
