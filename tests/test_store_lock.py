@@ -101,6 +101,12 @@ def test_a_second_machine_is_refused_while_the_first_writes(vtab, reference, s3,
         assert holder["pid"] == first.pid and holder["host"] == os.uname().nodename and len(holder["token"]) == 32
         before = {k: v for k, v in s3.objects(bucket).items() if not k.endswith(LOCK_NAME)}
         monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging-b"))  # the second machine's own staging folder
+        import extract.pipeline
+
+        def no_model(*a, **k):
+            raise AssertionError("the refused run loaded its model first")
+
+        monkeypatch.setattr(extract.pipeline, "load_backbone", no_model)  # refused before the slow part
         second = extract_cli(vtab, out, s3)
         assert second.exit_code == 2, second.output
         message = " ".join(second.output.split())

@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -402,8 +401,7 @@ class RemoteLock:
             seen = self.objects.read()
             if seen is None:
                 continue  # released between our create and our read: try to create it again
-            holder = Holder.parse(seen.data)
-            age = seen.age_s if seen.age_s is not None else holder.heartbeat_age()
+            holder, age = self._judge(seen)
             if not (break_lock or self._stale(holder, age)):
                 raise StoreLockedError(self._refusal(holder, age))
             version = self.objects.replace(self.owner.record(), seen.version)
@@ -417,6 +415,19 @@ class RemoteLock:
         self._thread = threading.Thread(target=self._beat, name=f"combo lock heartbeat {self.where}", daemon=True)
         self._thread.start()
         return self
+
+    def refuse_if_held(self) -> None:
+        """Refuse now when a live writer holds the lock, without taking it (a cheap look before slow work)."""
+        seen = self.objects.read()
+        if seen is not None:
+            holder, age = self._judge(seen)
+            if not self._stale(holder, age):
+                raise StoreLockedError(self._refusal(holder, age))
+
+    @staticmethod
+    def _judge(seen: Seen) -> tuple[Holder, float | None]:
+        holder = Holder.parse(seen.data)
+        return holder, seen.age_s if seen.age_s is not None else holder.heartbeat_age()
 
     def stale_after(self, holder: Holder) -> float:
         """This writer's stale age, but never under MISSED_BEATS of the holder's own heartbeat interval."""
@@ -489,6 +500,12 @@ class RemoteLock:
                 except Exception:  # noqa: BLE001 - unreachable now: the lock goes stale and is taken over later
                     pass
                 self.version = None
+
+
+def refuse_if_locked(remote: Location, *, where: str, policy: LockPolicy | None = None) -> None:
+    """Refuse when a live writer holds the remote store's lock: lets a run stop before it loads a model or hashes
+    a dataset. Takes nothing; the writer takes the lock itself (and may still be refused then)."""
+    RemoteLock(remote, Owner(), policy or LockPolicy.from_env(), where=where).refuse_if_held()
 
 
 # -- what a StoreWriter holds --------------------------------------------------------------------------
