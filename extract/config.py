@@ -55,6 +55,8 @@ class ExtractConfig:
     compact: str | None = None
     # fsspec options of a remote --out (endpoint_url, profile ...; never credentials), also used by the workers
     storage_options: dict[str, Any] | None = None
+    # --break-lock: take over a remote store's write lock held by a writer that died (store_schema/writer/lock.py)
+    break_lock: bool = False
 
     @property
     def compact_spec(self) -> CompactSpec | None:

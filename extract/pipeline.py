@@ -43,8 +43,9 @@ from store_schema import (
     store_path,
 )
 from store_schema.compact import CompactSpecError, PcaBasis, fit_split
-from store_schema.location import can_list, list_sizes, nearest_existing, resolve
+from store_schema.location import can_list, list_sizes, nearest_existing, redact, resolve
 from store_schema.writer import JOURNAL_NAME, shard_block
+from store_schema.writer.lock import refuse_if_locked
 
 from .backbones import (
     Backbone,
@@ -291,6 +292,8 @@ def extract(
         target = target[: -len(f"{cfg.dataset}.zarr")] + f"{cfg.dataset}-{compact.name}.zarr"
     path: Path | str = target if is_url(target) else Path(target)
     check_writable(cfg.out, path, storage_options=cfg.storage_options)
+    if isinstance(path, str) and not cfg.break_lock:  # a teammate's live writer: said before the model loads
+        refuse_if_locked(resolve(path, storage_options=cfg.storage_options), where=redact(path))
     state.store = path
     runner = None
     if client is not None:
@@ -336,7 +339,9 @@ def _extract_into(path: Path | str, cfg: ExtractConfig, layout: StoreLayout, *, 
     results: list[TaskResult] = []
     try:
         with StoreWriter(path, store_info(backbone, dataset=cfg.dataset, root=cfg.root), layout, overwrite=cfg.overwrite,
-                         compact=compact, storage_options=cfg.storage_options) as writer:
+                         compact=compact, storage_options=cfg.storage_options, break_lock=cfg.break_lock) as writer:
+            for note in writer.lock_notes():
+                warn(note)
             for plan in plans:
                 existed = (writer.path / plan.task).exists()
                 try:

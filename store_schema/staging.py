@@ -11,14 +11,15 @@ store that folder is a *staging* copy on the client that holds everything except
   each step in the order readers rely on: a task's objects, its zarr.json (the `complete` flag), the root
   zarr.json, manifest.json last. What was uploaded is recorded in the staging folder (`.mirrored.json`),
   so a mirror uploads only what changed;
-- the journal and the lock stay on the client. A client killed mid-run resumes from its journal when the
-  same command runs again on the same machine; journaled shards are re-checked against the store (size
-  from one listing, sha256 from the object's metadata where S3 keeps it, else by reading it back).
+- the journal stays on the client. A client killed mid-run resumes from its journal when the same command
+  runs again on the same machine; journaled shards are re-checked against the store (size from one listing,
+  sha256 from the object's metadata where S3 keeps it, else by reading it back);
+- the lock is an object in the store itself (`.combo-write.lock`, store_schema/writer/lock.py), so a second
+  machine is refused while a writer runs; the staging folder is flocked too.
 
 The remote store is the truth and the staging folder a cache of its metadata: a staging folder whose root
 zarr.json is not the remote's (the store was rewritten or extended from elsewhere) is refreshed from the
-remote, keeping only the journals. Two clients writing one remote store at once are not protected (the lock
-is local). Staging folders live under $COMBO_STAGING, default ~/.cache/combo/staging.
+remote, keeping only the journals. Staging folders live under $COMBO_STAGING, default ~/.cache/combo/staging.
 """
 
 from __future__ import annotations
@@ -113,10 +114,18 @@ def forget(staging: Path, prefix: str = "") -> None:
         _write_record(staging, kept)
 
 
-def delete_remote(remote: Location, prefix: str = "") -> None:
-    """Remove `prefix` (a task folder "task/", or the whole store when empty) from the remote store."""
+def delete_remote(remote: Location, prefix: str = "", *, keep: Callable[[str], bool] | None = None) -> None:
+    """Remove `prefix` (a task folder "task/", or the whole store when empty) from the remote store, except the
+    keys `keep` names (the writer's lock object)."""
     path = remote.key_path(prefix.rstrip("/")) if prefix else remote.root
     try:
+        if keep is not None:
+            listed = list_sizes(remote, prefix=prefix)
+            if listed is not None:
+                doomed = [remote.key_path(k) for k in sorted(listed) if not keep(k)]
+                if doomed:
+                    remote.fs.rm(doomed)
+                return
         if remote.fs.exists(path):
             remote.fs.rm(path, recursive=True)
     except FileNotFoundError:

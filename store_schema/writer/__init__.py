@@ -9,7 +9,8 @@ between leaves a store the next writer completes (`_repair`), never one it delet
 
 Modules, each importing only those above it: `keys` (array, file and shard-key names), `disk`
 (zarr.json reading, fsync), `skipped` (`Skipped`), `journal` (journal -> manifest entries),
-`shard` (`ShardWriter`), `task` (`TaskWriter`), `store` (`StoreWriter`, which holds the lock).
+`shard` (`ShardWriter`), `task` (`TaskWriter`), `lock` (the write lock: an flock, and an object in a remote
+store), `store` (`StoreWriter`, which holds the lock).
 This module re-exports their public names, so `from store_schema.writer import ...` works as before.
 """
 

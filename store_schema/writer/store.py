@@ -6,7 +6,6 @@ run, repairs what a killed writer left, and writes the consolidated metadata and
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -22,9 +21,9 @@ import zarr
 from .. import samples as sample_table
 from .. import staging as stage
 from ..compact import CODES, PCA_COMPONENTS, PCA_MEAN, CompactSpec, PcaBasis
-from ..errors import SchemaVersionError, StoreError, StoreLockedError, StoreMismatchError
+from ..errors import SchemaVersionError, StoreError, StoreMismatchError
 from ..layout import StoreLayout
-from ..location import Location, is_url, list_sizes, resolve
+from ..location import Location, is_url, list_sizes, redact, resolve
 from ..manifest import MANIFEST_NAME, Entry, Manifest, absent_or_resized
 from ..metadata import (
     FORMAT_MAJOR,
@@ -52,6 +51,7 @@ from .keys import (
     TOKENS,
     is_row_shard,
 )
+from .lock import LockPolicy, WriteLock
 from .task import TaskWriter
 
 
@@ -90,10 +90,12 @@ class StoreWriter:
     """Opens (creating if needed) a store for writing and holds its lock until closed.
 
     A remote store (s3://, any writable fsspec URL) is written through a staging folder on this machine
-    (store_schema/staging.py): `path` / `location` are then the staging folder and `remote` the store."""
+    (store_schema/staging.py): `path` / `location` are then the staging folder and `remote` the store. Its lock
+    is an object in the store (lock.py): `break_lock` takes over one held by a writer that died."""
 
     def __init__(self, path: str | os.PathLike, info: StoreInfo, layout: StoreLayout, *, overwrite: bool = False,
-                 compact: CompactSpec | None = None, storage_options: dict[str, Any] | None = None):
+                 compact: CompactSpec | None = None, storage_options: dict[str, Any] | None = None,
+                 break_lock: bool = False, lock_policy: LockPolicy | None = None):
         self.location: Location = resolve(path, storage_options=storage_options if is_url(path) else None)
         self.remote: Location | None = None
         if self.location.kind == "zip":
@@ -112,7 +114,7 @@ class StoreWriter:
         self.compact = compact
         self.layout = layout.for_rows(row_bytes)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_handle = self._acquire_lock()
+        self._lock = self._acquire_lock(break_lock=break_lock, lock_policy=lock_policy)
         try:
             storage = self.layout.to_attrs()
             if compact is not None:
@@ -140,51 +142,33 @@ class StoreWriter:
             stage.pull(self.remote, self.path, skip=is_row_shard)
 
     def sync(self) -> None:
-        """A remote store: upload what changed in the staging folder, manifest last (local store: nothing)."""
+        """A remote store: upload what changed in the staging folder, manifest last (local store: nothing);
+        refused when the store's lock is no longer this writer's."""
         if self.remote is not None:
+            self._lock.check()
             stage.mirror(self.path, self.remote, skip=is_row_shard)
 
     def _remove_remote(self, prefix: str = "") -> None:
         """A remote store: delete a task folder ("task/") or, with no prefix, the whole store there."""
         if self.remote is not None:
-            stage.delete_remote(self.remote, prefix)
+            self._lock.check()
+            stage.delete_remote(self.remote, prefix, keep=lambda key: key == LOCK_NAME)  # the lock stays
             stage.forget(self.path, prefix)
 
-    def _acquire_lock(self):
-        lock_path = self.path / LOCK_NAME
-        while True:
-            handle = open(lock_path, "a+")
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                handle.close()
-                raise StoreLockedError(
-                    f"store {self.path} is being written by {holder}; wait for it to finish "
-                    "(two extractions into one store would corrupt it)"
-                ) from None
-            # The lock file is removed on close: if a finishing writer removed it after we opened it,
-            # we locked a file nobody else can see, so take the one now on disk instead.
-            try:
-                same = os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            handle.close()
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        handle.flush()
-        return handle
+    def _acquire_lock(self, *, break_lock: bool, lock_policy: LockPolicy | None) -> WriteLock:
+        """The flock on `path` and, for a remote store, the lock object in the store (store_schema/writer/lock.py)."""
+        where = redact(self.remote.url) if self.remote is not None else str(self.path)
+        return WriteLock(self.path, self.remote, where=where, break_lock=break_lock, policy=lock_policy)
+
+    def lock_notes(self) -> list[str]:
+        """Sentences for the user about the lock: one taken over from a dead writer, one that is best effort."""
+        lock = getattr(self, "_lock", None)
+        return lock.notes() if lock is not None else []
 
     def close(self) -> None:
-        handle, self._lock_handle = getattr(self, "_lock_handle", None), None
-        if handle is not None:
-            (self.path / LOCK_NAME).unlink(missing_ok=True)  # no lock file left behind
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-            handle.close()
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()  # a remote store's lock object goes too, if it is still this writer's
 
     def __enter__(self) -> "StoreWriter":
         return self
