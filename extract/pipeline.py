@@ -57,7 +57,8 @@ from .backbones import (
     resolve_model,
 )
 from .config import ExtractConfig
-from .datasets import DATASET_KINDS, DatasetError, TaskPlan, is_hf_root, plan_dataset, resolve_hf_root, vtab_group
+from .datasets import (DATASET_KINDS, DatasetError, TaskPlan, is_hf_root, is_vtab_hf_folder, plan_dataset,
+                       resolve_hf_root, vtab_group)
 from .forward import ProgressFactory, fit_training_pca
 from .order import RowOrder, natural_order, row_order
 from .writebehind import write_behind
@@ -171,6 +172,10 @@ def check_config(cfg: ExtractConfig) -> BackboneSpec:
             raise DatasetError(f"--root {root} does not exist")
         if cfg.dataset != "parquet" and not os.path.isdir(root):
             raise DatasetError(f"--root {root} is not a folder")
+        if cfg.task_name is not None and not is_vtab_hf_folder(root):
+            raise DatasetError(
+                f"--task-name: {root} is a VTAB folder, whose tasks are named by their folders; --task-name names"
+                " the task of one Hugging Face dataset (hf://datasets/ORG/REPO or a save_to_disk folder)")
     spec = resolve_model(cfg.model, model_kwargs=cfg.model_kwargs)
     parse_layers(cfg.layers, architecture(spec.timm_name, cfg.model_kwargs).num_layers)  # refuses a bad --layers
     patch = known_patch_size(spec, cfg.model_kwargs)

@@ -62,6 +62,7 @@ __all__ = [
     "hub_cache_dir",
     "is_hf_dataset_dir",
     "is_hf_root",
+    "is_vtab_hf_folder",
     "open_image_file",
     "plan_dataset",
     "plan_digits",
@@ -105,7 +106,7 @@ def plan_dataset(
             return plan_hf_vtab(str(root), tasks, task_name=task_name, dedup=dedup, num_workers=num_workers,
                                 download=download)
         root = _existing_dir(root, option="root")
-        if not _has_task_folders(root) and is_hf_dataset_dir(root):
+        if is_vtab_hf_folder(root):
             return plan_hf_vtab(root, tasks, task_name=task_name, dedup=dedup, num_workers=num_workers)
         if task_name is not None:
             raise DatasetError(
@@ -129,6 +130,12 @@ def plan_dataset(
         return plan_folder(root)
     return plan_parquet(root, image_column=image_column, label_column=label_column, split_column=split_column,
                         dedup=dedup, num_workers=num_workers)
+
+
+def is_vtab_hf_folder(root: str | os.PathLike) -> bool:
+    """A local --root that `--dataset vtab` reads as one Hugging Face dataset (a save_to_disk or repo
+    folder), not as a folder of VTAB task folders."""
+    return not _has_task_folders(os.fspath(root)) and is_hf_dataset_dir(root)
 
 
 def _has_task_folders(root: str) -> bool:

@@ -189,11 +189,14 @@ def _readme_meta(path: str, *, strict: bool = True) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _parquet_files(path: str) -> list[tuple[str, str]]:
-    """(absolute path, path relative to the folder) of every *.parquet under it, hidden folders skipped."""
+def _parquet_files(path: str, *, depth: int = 3) -> list[tuple[str, str]]:
+    """(absolute path, path relative to the folder) of every *.parquet in it and `depth` - 1 levels of
+    folders below (repos keep them in data/ or <config>/), hidden folders skipped."""
     out = []
+    top = path.rstrip(os.sep).count(os.sep)
     for folder, dirs, files in os.walk(path, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        below = folder.rstrip(os.sep).count(os.sep) - top
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if below + 1 < depth else []
         for name in sorted(files):
             if name.endswith(".parquet"):
                 full = os.path.join(folder, name)
