@@ -118,8 +118,10 @@ def _kept_clause(state) -> str:
 def extract_command(
     model: str = typer.Option(..., "--model", "-m", help="An alias (listed below) or any timm model name (arch or arch.tag) with per-layer token outputs: ViT, DeiT, EVA, SAM, NaFlexViT ... (hierarchical models are refused)."),
     dataset: str = typer.Option("vtab", "--dataset", "-d", help="vtab (needs --root) | folder | parquet | digits (bundled, offline demo data)."),
-    root: Optional[str] = typer.Option(None, "--root", help="Dataset root folder (vtab, folder) or Parquet file/folder."),
+    root: Optional[str] = typer.Option(None, "--root", help="Dataset root folder (vtab, folder) or Parquet file/folder; for vtab also Hugging Face dataset repos in the local hub cache: hf://datasets/ORG/REPO, a comma-separated list of them, or a glob (hf://datasets/bramtoula/vtab_*), or a save_to_disk folder."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Comma-separated tasks (vtab); default: every task under --root."),
+    task_name: Optional[str] = typer.Option(None, "--task-name", help="--dataset vtab from one Hugging Face repo: its task's name (default: the VTAB folder name of the authors' repo name, e.g. vtab_cifar100 -> cifar, else the repo's name)."),
+    download: bool = typer.Option(False, "--download", help="--root hf://...: download repos missing from the hub cache through huggingface_hub (needs network; never with HF_HUB_OFFLINE=1). Off: a missing repo is an error saying how to fill the cache."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Store root; the store goes to OUT/<model>/<dataset>.zarr. Default $COMBO_STORE_ROOT or ./stores."),
     random_init: bool = typer.Option(False, "--random-init", help="Random weights (seeded, recorded in the store) instead of pretrained ones."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local .safetensors/.pth checkpoint to load instead of timm's pretrained weights."),
@@ -174,6 +176,8 @@ def extract_command(
         image_column=image_column,
         label_column=label_column,
         split_column=split_column,
+        task_name=task_name,
+        download=download,
         compact=compact,
         storage_options=storage_options(storage_option, out) or None,
     )

@@ -50,6 +50,11 @@ class ExtractConfig:
     image_column: str | None = None
     label_column: str | None = None
     split_column: str | None = None
+    # --dataset vtab from Hugging Face datasets (--root hf://datasets/ORG/REPO, a save_to_disk folder):
+    # the task name of a repo outside extract.datasets.HF_VTAB_REPOS, and whether a repo missing from the
+    # local hub cache may be downloaded (off: such a repo is an error saying how to fill the cache)
+    task_name: str | None = None
+    download: bool = False
     # --compact: write the tokens encoded (store_schema/compact.py), e.g. "int8", "pca:128", "pca:128,int8";
     # the store goes to OUT/<model>/<dataset>-<encoding>.zarr and the full-size tokens are never written
     compact: str | None = None

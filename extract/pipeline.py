@@ -58,7 +58,8 @@ from .backbones import (
     resolve_model,
 )
 from .config import ExtractConfig
-from .datasets import DATASET_KINDS, DatasetError, TaskPlan, plan_dataset, vtab_group
+from .datasets import (DATASET_KINDS, DatasetError, TaskPlan, is_hf_root, is_vtab_hf_folder, plan_dataset,
+                       resolve_hf_root, vtab_group)
 from .forward import ProgressFactory, fit_training_pca
 from .order import RowOrder, natural_order, row_order
 from .writebehind import write_behind
@@ -153,16 +154,29 @@ def check_config(cfg: ExtractConfig) -> BackboneSpec:
         raise ValueError(f"{', '.join(columns)}: only --dataset parquet has columns (this run: --dataset {cfg.dataset})")
     if cfg.dataset in ("vtab", "folder", "parquet"):
         if cfg.root is None:
-            what = {"vtab": "the folder holding the VTAB-1k tasks (<root>/<task>/train800.txt ...)",
+            what = {"vtab": "the folder holding the VTAB-1k tasks (<root>/<task>/train800.txt ...) or Hugging Face "
+                            "dataset repos (hf://datasets/ORG/REPO)",
                     "folder": "the image folder (one sub-folder per class)",
                     "parquet": "a Parquet file or a folder of them"}[cfg.dataset]
             hint = "; for the bundled offline demo data use --dataset digits" if cfg.dataset == "vtab" else ""
             raise DatasetError(f"--dataset {cfg.dataset} needs --root, {what}{hint}")
+    if cfg.task_name is not None and cfg.dataset != "vtab":
+        raise DatasetError(f"--task-name: only --dataset vtab with a Hugging Face root names its task (this run: --dataset {cfg.dataset})")
+    if is_hf_root(cfg.root):
+        if cfg.dataset != "vtab":
+            raise DatasetError(f"--root {cfg.root}: hf:// roots are read by --dataset vtab (this run: --dataset {cfg.dataset})")
+        if not cfg.download:
+            resolve_hf_root(str(cfg.root))  # a repo missing from the hub cache: how to fill it, before any model loads
+    elif cfg.dataset in ("vtab", "folder", "parquet"):
         root = os.path.abspath(os.path.expanduser(str(cfg.root)))
         if not os.path.exists(root):
             raise DatasetError(f"--root {root} does not exist")
         if cfg.dataset != "parquet" and not os.path.isdir(root):
             raise DatasetError(f"--root {root} is not a folder")
+        if cfg.task_name is not None and not is_vtab_hf_folder(root):
+            raise DatasetError(
+                f"--task-name: {root} is a VTAB folder, whose tasks are named by their folders; --task-name names"
+                " the task of one Hugging Face dataset (hf://datasets/ORG/REPO or a save_to_disk folder)")
     spec = resolve_model(cfg.model, model_kwargs=cfg.model_kwargs)
     parse_layers(cfg.layers, architecture(spec.timm_name, cfg.model_kwargs).num_layers)  # refuses a bad --layers
     patch = known_patch_size(spec, cfg.model_kwargs)
@@ -321,8 +335,11 @@ def _extract_into(path: Path | str, cfg: ExtractConfig, layout: StoreLayout, *, 
     backbone.model.to(device)
     plans = plan_dataset(cfg.dataset, root=cfg.root, tasks=list(cfg.tasks) if cfg.tasks else None,
                          num_workers=cfg.num_workers, image_column=cfg.image_column,
-                         label_column=cfg.label_column, split_column=cfg.split_column)
+                         label_column=cfg.label_column, split_column=cfg.split_column,
+                         task_name=cfg.task_name, download=cfg.download)
     for plan in plans:
+        for note in plan.notes:  # e.g. how many duplicate images were merged
+            warn(f"task {plan.task}: {note}")
         if compact is not None:
             compact.check_dim(backbone.embed_dim, where=f"--compact {cfg.compact}: ")
             if compact.pca is not None and fit_split(plan.protocols, list(plan.splits)) is None:
@@ -338,8 +355,9 @@ def _extract_into(path: Path | str, cfg: ExtractConfig, layout: StoreLayout, *, 
     created = _missing_dirs(path) if isinstance(path, Path) else []
     results: list[TaskResult] = []
     try:
-        with StoreWriter(path, store_info(backbone, dataset=cfg.dataset, root=cfg.root), layout, overwrite=cfg.overwrite,
-                         compact=compact, storage_options=cfg.storage_options, break_lock=cfg.break_lock) as writer:
+        info = store_info(backbone, dataset=cfg.dataset, root=None if is_hf_root(cfg.root) else cfg.root)
+        with StoreWriter(path, info, layout, overwrite=cfg.overwrite, compact=compact,
+                         storage_options=cfg.storage_options, break_lock=cfg.break_lock) as writer:
             for note in writer.lock_notes():
                 warn(note)
             for plan in plans:
@@ -394,6 +412,7 @@ def _task_writer(cfg: ExtractConfig, writer: StoreWriter, backbone: Backbone, pl
         protocols=plan.protocols,
         classes=plan.classes,
         group=vtab_group(plan.task) if plan.dataset == "vtab" else None,
+        source=plan.source,
         overwrite=cfg.overwrite if overwrite is None else overwrite,
         **({"pca": pca[0], "compact_fit": pca[1]} if pca is not None else {}),
     )

@@ -87,7 +87,7 @@ def compact_store(source: str | os.PathLike | FeatureStore, target: str | os.Pat
                 name, samples=task.samples, num_layers=src.num_layers, num_tokens=src.token_grid[0] * src.token_grid[1],
                 feature_dim=src.feature_dim, num_prefix_tokens=src.num_prefix_tokens, protocols=task.protocols,
                 classes=task.classes, group=task.attrs.get("group"), row_order=task.attrs.get("row_order"),
-                pca=pca, compact_fit=record,
+                pca=pca, compact_fit=record, source=task.attrs.get("source"),
             )
             if task_writer.complete:
                 continue

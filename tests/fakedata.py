@@ -2,6 +2,7 @@
 
     from fakedata import make_vtab_tree, make_image_folder, make_parquet, signal_image
     from fakedata import odd_mode_image, ODD_MODES, write_corrupt
+    from fakedata import make_hf_vtab_repo, make_save_to_disk  # Hugging Face hub cache / save_to_disk
 
 (pytest's default import mode puts tests/ on sys.path for the test modules in it.) Every image carries its label as a
 bright square whose grid cell is the label, on faint noise that differs per image, so a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
 import zlib
 from pathlib import Path
@@ -207,7 +209,8 @@ def make_parquet(
     layout="hf": image column is struct<bytes: binary, path: string> as HF `datasets` exports it
     (path "img_NNNN.png", or null without with_paths); layout="bytes": plain binary column.
     splits: values for a "split" column, cycled over the rows (None: no such column).
-    class_names: written as HF ClassLabel metadata. Returns [(label, split), ...] per row.
+    class_names: written as HF ClassLabel metadata. Images differ between files of other names (the
+    file name seeds the noise), so no two files hold the same image by accident. Returns [(label, split), ...] per row.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -218,7 +221,7 @@ def make_parquet(
     blobs = []
     for i, label in enumerate(labels):
         buf = io.BytesIO()
-        signal_image(label, num_classes=num_classes, size=image_size, seed=_seed("pq", i)).save(buf, "PNG")
+        signal_image(label, num_classes=num_classes, size=image_size, seed=_seed("pq", Path(path).name, i)).save(buf, "PNG")
         blobs.append(buf.getvalue())
     if layout == "hf":
         struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -244,3 +247,152 @@ def make_parquet(
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, row_group_size=row_group_size)
     return [(label, None if split_values is None else split_values[i]) for i, label in enumerate(labels)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face datasets: hub cache repos and save_to_disk folders, as the paper's authors' VTAB copies
+
+
+def _hf_split_rows(repo_name: str, num_classes: int, n_train: int, n_val: int, n_test: int, image_size: int,
+                   copies: str) -> dict[str, list[tuple[bytes, int]]]:
+    """{split: [(PNG bytes, label)]}: train800val200 = train800 + val200 (byte copies, or re-encoded)."""
+    def png(img: Image.Image, **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, "PNG", **kw)
+        return buf.getvalue()
+
+    rows: dict[str, list[tuple[bytes, int]]] = {}
+    for split, n in (("train800", n_train), ("val200", n_val), ("test", n_test)):
+        rows[split] = [(png(signal_image(i % num_classes, num_classes=num_classes, size=image_size,
+                                         seed=_seed("hf", repo_name, split, i))), i % num_classes) for i in range(n)]
+    originals = rows["train800"] + rows["val200"]
+    if copies == "bytes":
+        rows["train800val200"] = list(originals)
+    else:
+        rows["train800val200"] = [(png(Image.open(io.BytesIO(b)), compress_level=1), label) for b, label in originals]
+    return {s: rows[s] for s in VTAB_SPLIT_NAMES}
+
+
+def _hf_table(rows: list[tuple[bytes, int]], class_names: Sequence[str] | None, *, metadata: bool):
+    import pyarrow as pa
+
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({
+        "image": pa.array([{"bytes": b, "path": None} for b, _ in rows], type=struct),
+        "label": pa.array([label for _, label in rows], type=pa.int64()),
+    })
+    if metadata and class_names is not None:  # what datasets' ArrowWriter puts in every file it writes
+        features = {"image": {"decode": True, "id": None, "_type": "Image"},
+                    "label": {"names": list(class_names), "id": None, "_type": "ClassLabel"}}
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    return table
+
+
+def hf_readme(splits: Mapping[str, int], class_names: Sequence[str] | None) -> str:
+    """README.md as datasets' push_to_hub writes it: dataset_info (ClassLabel names) and configs."""
+    lines = ["---", "dataset_info:", "  features:", "  - name: image", "    dtype: image", "  - name: label"]
+    if class_names is None:
+        lines += ["    dtype: int64"]
+    else:
+        lines += ["    dtype:", "      class_label:", "        names:"]
+        lines += [f"          '{k}': {json.dumps(str(name))}" for k, name in enumerate(class_names)]
+    lines += ["  splits:"]
+    for split, n in splits.items():
+        lines += [f"  - name: {split}", "    num_bytes: 1000", f"    num_examples: {n}"]
+    lines += ["configs:", "- config_name: default", "  data_files:"]
+    for split in splits:
+        lines += [f"  - split: {split}", f"    path: data/{split}-*"]
+    return "\n".join(lines + ["---", "", "# VTAB-1k task (test copy)", ""])
+
+
+def make_hf_vtab_repo(
+    cache: str | Path,
+    repo_id: str,
+    *,
+    num_classes: int = 3,
+    class_names: Sequence[str] | None = None,
+    n_train: int = 6,
+    n_val: int = 3,
+    n_test: int = 4,
+    image_size: int = 16,
+    commit: str | None = None,
+    readme: bool = True,
+    metadata: bool = True,
+    copies: str = "bytes",
+    omit_splits: Iterable[str] = (),
+    bad_labels: Mapping[tuple[str, int], int] | None = None,
+    corrupt: Iterable[tuple[str, int]] = (),
+) -> dict:
+    """Write a dataset repo into a hub cache in its real layout: datasets--ORG--REPO/refs/main holds the
+    commit, snapshots/<commit>/{README.md, data/<split>-00000-of-00001.parquet} are symlinks into blobs/.
+
+    class_names: the ClassLabel names (default "c0".."cK-1"); written into each parquet file's
+    `huggingface` schema metadata (metadata=True) and the README's dataset_info (readme=True; without a
+    README the split files are found by their names). bad_labels: {(split, row): label} written instead;
+    corrupt: (split, row) images replaced by bytes no decoder accepts. Returns {"commit", "snapshot",
+    "rows": {split: [(bytes, label)]}}.
+    """
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    cache = Path(cache)
+    names = list(class_names) if class_names is not None else [f"c{k}" for k in range(num_classes)]
+    org_repo = repo_id.split("/")
+    commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
+    base = cache / ("datasets--" + "--".join(org_repo))
+    rows = _hf_split_rows(org_repo[-1], len(names), n_train, n_val, n_test, image_size, copies)
+    for (split, i), label in (bad_labels or {}).items():
+        rows[split][i] = (rows[split][i][0], label)
+    for split, i in corrupt:
+        rows[split][i] = (b"this is not an image\x00\xff", rows[split][i][1])
+    snap = base / "snapshots" / commit
+    blobs = base / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+
+    def put(rel: str, data: bytes) -> None:
+        blob = blobs / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snap / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+
+    kept = [s for s in VTAB_SPLIT_NAMES if s not in set(omit_splits)]
+    for split in kept:
+        buf = io.BytesIO()
+        pq.write_table(_hf_table(rows[split], names, metadata=metadata), buf)
+        put(f"data/{split}-00000-of-00001.parquet", buf.getvalue())
+    if readme:
+        put("README.md", hf_readme({s: len(rows[s]) for s in kept}, names).encode())
+    (base / "refs").mkdir(exist_ok=True)
+    (base / "refs" / "main").write_text(commit)
+    return {"commit": commit, "snapshot": snap, "rows": rows}
+
+
+def make_save_to_disk(folder: str | Path, *, num_classes: int = 3, class_names: Sequence[str] | None = None,
+                      n_train: int = 6, n_val: int = 3, n_test: int = 4, image_size: int = 16,
+                      copies: str = "resave") -> dict[str, list[tuple[bytes, int]]]:
+    """A DatasetDict.save_to_disk folder: dataset_dict.json, <split>/{data-00000-of-00001.arrow (Arrow IPC
+    stream), dataset_info.json, state.json}. Returns {split: [(bytes, label)]}."""
+    import pyarrow as pa
+
+    folder = Path(folder)
+    names = list(class_names) if class_names is not None else [f"c{k}" for k in range(num_classes)]
+    rows = _hf_split_rows(folder.name, len(names), n_train, n_val, n_test, image_size, copies)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dataset_dict.json").write_text(json.dumps({"splits": list(VTAB_SPLIT_NAMES)}))
+    for split in VTAB_SPLIT_NAMES:
+        d = folder / split
+        d.mkdir()
+        table = _hf_table(rows[split], names, metadata=True)
+        with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            for batch in table.to_batches(max_chunksize=4):
+                w.write_batch(batch)
+        features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+        (d / "dataset_info.json").write_text(json.dumps({"citation": "", "description": "", "features": features,
+                                                         "homepage": "", "license": ""}))
+        (d / "state.json").write_text(json.dumps({
+            "_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_fingerprint": f"fp-{split}",
+            "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+            "_split": split}))
+    return rows

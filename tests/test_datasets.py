@@ -378,10 +378,10 @@ def test_parquet_hf_struct(tmp_path):
     assert plan.describe(k) == f"{f}#13"
 
 
-def _pq_seed(i):
+def _pq_seed(i, name="train.parquet"):
     import zlib
 
-    return zlib.crc32(f"pq/{i}".encode())
+    return zlib.crc32(f"pq/{name}/{i}".encode())
 
 
 def test_parquet_plain_bytes_with_split_column(tmp_path):

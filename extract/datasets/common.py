@@ -9,8 +9,10 @@ import hashlib
 import io
 import json
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -68,6 +70,11 @@ class TaskPlan:
     classes: tuple[str, ...]
     # Opens non-file sources (digits arrays, parquet rows); picklable so DataLoader workers get it.
     reader: Any = field(default=None, compare=False, repr=False)
+    # Where the images came from, as the store records it (task attribute `source`): a hub repo id and
+    # commit, never a local path. None: a local folder or file, which the store does not name.
+    source: dict[str, Any] | None = field(default=None, compare=False)
+    # What planning found that the user should hear about (duplicates merged, copies unmatched).
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -154,11 +161,13 @@ class DigitsReader:
         return f"digits/{int(key):04d}"
 
 
-class ParquetReader:
-    """Opens row `key` (global over the files, in order) of parquet files' image columns.
+class _RowReader:
+    """Opens row `key` (global over the files, in order) of an image-bytes column, one block at a time.
 
-    Reads one row group at a time and keeps the last two, so a DataLoader worker that is handed
-    a contiguous batch of rows reads each row group about once.
+    A block is what one read brings in (a parquet row group, a memory-mapped Arrow file); the last
+    two are kept, so a DataLoader worker handed a contiguous batch of rows reads each block about once.
+    `names` (optional, per file: display name and the row number of the file's first row) makes
+    errors say "repo bramtoula/vtab_cifar100, split test, row 17" instead of a local path.
     """
 
     def __init__(
@@ -170,13 +179,15 @@ class ParquetReader:
         offsets: Sequence[int],
         *,
         num_rows: int,
+        names: Sequence[tuple[str, int]] | None = None,
     ):
         self.files = list(files)  # absolute paths
         self.columns = list(columns)  # image column per file
         self.struct = list(struct)  # True: HF {"bytes", "path"} struct; False: plain binary
-        self.row_groups = [list(r) for r in row_groups]  # row-group start rows per file
+        self.row_groups = [list(r) for r in row_groups]  # block start rows per file
         self.offsets = list(offsets)  # global index of each file's first row
         self.num_rows = int(num_rows)
+        self.names = None if names is None else [(str(n), int(b)) for n, b in names]
         self._cache: dict[tuple[int, int], Any] = {}
 
     def __getstate__(self) -> dict:
@@ -187,37 +198,99 @@ class ParquetReader:
     def _locate(self, key: int) -> tuple[int, int]:
         key = int(key)
         if not 0 <= key < self.num_rows:
-            raise IndexError(f"parquet row {key} out of range 0..{self.num_rows - 1}")
+            raise IndexError(f"row {key} out of range 0..{self.num_rows - 1}")
         fi = bisect.bisect_right(self.offsets, key) - 1
         return fi, key - self.offsets[fi]
 
     def describe(self, key: int) -> str:
         fi, local = self._locate(key)
+        if self.names is not None:
+            name, base = self.names[fi]
+            return f"{name}, row {base + local}"
         return f"{self.files[fi]}#{local}"
 
-    def read_bytes(self, key: int) -> bytes:
-        import pyarrow.parquet as pq
+    def _load_block(self, fi: int, block: int) -> Any:
+        """The image bytes of one block as a pyarrow (chunked) array of binary values."""
+        raise NotImplementedError
 
-        fi, local = self._locate(key)
+    def _block(self, fi: int, local: int) -> tuple[int, int]:
         starts = self.row_groups[fi]
-        rg = bisect.bisect_right(starts, local) - 1
-        col = self._cache.get((fi, rg))
+        block = bisect.bisect_right(starts, local) - 1
+        return block, starts[block]
+
+    def read_bytes(self, key: int) -> bytes:
+        fi, local = self._locate(key)
+        block, start = self._block(fi, local)
+        col = self._cache.get((fi, block))
         if col is None:
-            column = self.columns[fi] + (".bytes" if self.struct[fi] else "")
-            table = pq.ParquetFile(self.files[fi]).read_row_group(rg, columns=[column])
-            col = table.column(0).combine_chunks()
-            if self.struct[fi]:
-                col = col.field("bytes")
+            col = self._load_block(fi, block)
             if len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[(fi, rg)] = col
-        value = col[local - starts[rg]].as_py()
+            self._cache[(fi, block)] = col
+        value = col[local - start].as_py()
         if value is None:
             raise ValueError("image bytes are null")
         return value
 
     def open(self, key: int) -> Image.Image:
         return _open_image_bytes(self.read_bytes(key))
+
+    def map_bytes(self, keys: Sequence[int], fn: Callable[[bytes | None], Any], *, num_workers: int = 0) -> list:
+        """fn(image bytes or None) for each key, reading each block once (planning: hashing images).
+
+        Blocks are read one after the other in the calling thread and dropped when done, so memory
+        holds one block; fn runs on `num_workers` threads (see `_parallel_map`).
+        """
+        out: list[Any] = [None] * len(keys)
+        located = sorted((self._locate(k), j) for j, k in enumerate(keys))
+        k = 0
+        while k < len(located):
+            (fi, local), _ = located[k]
+            block, start = self._block(fi, local)
+            end = self.row_groups[fi][block + 1] if block + 1 < len(self.row_groups[fi]) else None
+            run = []
+            while k < len(located) and located[k][0][0] == fi and (end is None or located[k][0][1] < end):
+                run.append(located[k])
+                k += 1
+            col = self._load_block(fi, block)
+            values = [col[local_ - start].as_py() for (_, local_), _ in run]
+            for (_, j), result in zip(run, _parallel_map(fn, values, num_workers)):
+                out[j] = result
+        return out
+
+
+class ParquetReader(_RowReader):
+    """Rows of parquet files (blocks = row groups)."""
+
+    def _load_block(self, fi: int, block: int) -> Any:
+        import pyarrow.parquet as pq
+
+        column = self.columns[fi] + (".bytes" if self.struct[fi] else "")
+        table = pq.ParquetFile(self.files[fi]).read_row_group(block, columns=[column])
+        col = table.column(0).combine_chunks()
+        return col.field("bytes") if self.struct[fi] else col
+
+
+class ArrowStreamReader(_RowReader):
+    """Rows of Arrow IPC files, as `datasets.Dataset.save_to_disk` writes them (one block per file,
+    memory-mapped: a row costs what its bytes cost, so a shuffled read order needs no cache)."""
+
+    def _load_block(self, fi: int, block: int) -> Any:
+        import pyarrow.compute as pc
+
+        col = read_arrow_table(self.files[fi]).column(self.columns[fi])
+        return pc.struct_field(col, "bytes") if self.struct[fi] else col
+
+
+def read_arrow_table(path: str) -> Any:
+    """A memory-mapped Arrow IPC file: the stream format `datasets` writes, else the file format."""
+    import pyarrow as pa
+
+    source = pa.memory_map(path)
+    try:
+        return pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(pa.memory_map(path)).read_all()
 
 
 def _vtab_split_plan(*, dataset: str, task: str, root: str | None, samples: tuple[Sample, ...],
@@ -233,6 +306,141 @@ def _vtab_split_plan(*, dataset: str, task: str, root: str | None, samples: tupl
         classes=classes,
         reader=reader,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Duplicate images (VTAB's train800val200 copies; the same image in two splits of any dataset)
+
+Digests = Callable[[list[Any]], list["bytes | None"]]  # sources -> digest per source (None: unreadable)
+
+
+def pixel_digest(img: Image.Image) -> bytes:
+    """Hash of decoded pixels plus mode, size and palette: equal iff the images are identical."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{img.mode}|{img.size}".encode())
+    if img.mode in ("P", "PA"):
+        h.update(bytes(img.getpalette() or []))
+        h.update(repr(img.info.get("transparency")).encode())
+    h.update(img.tobytes())
+    return h.digest()
+
+
+def bytes_digest(data: bytes | None) -> bytes | None:
+    return None if data is None else hashlib.blake2b(data, digest_size=16).digest()
+
+
+def pixel_digest_of_bytes(data: bytes | None) -> bytes | None:
+    """None when the bytes do not decode: extraction reports undecodable images, planning goes on."""
+    if data is None:
+        return None
+    try:
+        return pixel_digest(_open_image_bytes(data))
+    except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes
+        return None
+
+
+def reader_digests(reader: _RowReader, *, num_workers: int) -> tuple[Digests, Digests]:
+    """(bytes, decoded pixels) digests of a reader's rows, for `match_duplicates`."""
+    return (
+        lambda keys: reader.map_bytes(keys, bytes_digest, num_workers=num_workers),
+        lambda keys: reader.map_bytes(keys, pixel_digest_of_bytes, num_workers=num_workers),
+    )
+
+
+def _parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], num_workers: int) -> list:
+    n = num_workers if num_workers > 0 else min(8, os.cpu_count() or 1)
+    if n <= 1 or len(items) < 2:
+        return [fn(p) for p in items]
+    # Threads suffice: file reads, PIL decoding and blake2b all release the GIL.
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(fn, items))
+
+
+def match_duplicates(
+    pool: Sequence[tuple[Any, int]], copies: Sequence[tuple[Any, int]], digests: Sequence[Digests]
+) -> dict[int, int]:
+    """Map copy index -> pool index: one-to-one, same label, same digest (pool and copies are (source,
+    label) pairs). `digests` run in turn on what is still unmatched, cheapest first: byte-identical
+    files are identical images, so the byte pass decodes nothing and only the rest is compared by
+    decoded pixels. Each pool item is taken at most once, in order, so a split holding two identical
+    images still pairs them with two copies.
+    """
+    matches: dict[int, int] = {}
+    free_rows, free_copies = list(range(len(pool))), list(range(len(copies)))
+    for digest in digests:
+        if not free_rows or not free_copies:
+            break
+        hashes = digest([pool[i][0] for i in free_rows] + [copies[c][0] for c in free_copies])
+        queues: dict[tuple[bytes, int], deque[int]] = {}
+        for i, h in zip(free_rows, hashes[: len(free_rows)]):
+            if h is not None:
+                queues.setdefault((h, pool[i][1]), deque()).append(i)
+        used: set[int] = set()
+        for c, h in zip(free_copies, hashes[len(free_rows) :]):
+            q = queues.get((h, copies[c][1])) if h is not None else None
+            if q:
+                matches[c] = q.popleft()
+                used.add(matches[c])
+        free_rows = [i for i in free_rows if i not in used]
+        free_copies = [c for c in free_copies if c not in matches]
+    return matches
+
+
+def _memoised(digest: Digests) -> Digests:
+    cache: dict[Any, bytes | None] = {}
+
+    def run(sources: list[Any]) -> list[bytes | None]:
+        todo = [s for s in dict.fromkeys(sources) if s not in cache]
+        if todo:
+            cache.update(zip(todo, digest(todo)))
+        return [cache[s] for s in sources]
+
+    return run
+
+
+def fold_duplicates(
+    samples: Sequence[Sample], digests: Sequence[Digests], *, splits: Sequence[str] | None = None
+) -> tuple[tuple[Sample, ...], dict[str, int]]:
+    """Store an image that several splits list once: returns (samples, rows folded away per split).
+
+    Samples are in split order (each sample's first split is the one it was listed in). For each split
+    S of `splits` (default: every split but the first), each row listed in S is folded onto an earlier
+    row of an earlier split that is not yet in S and has the same label and image (`match_duplicates`):
+    that row gains the copy's splits and its id as an alias. VTAB passes ("train800val200",), which
+    folds the copies onto train800 / val200 exactly as the folder layout's planning does.
+    """
+    order = list(dict.fromkeys(s.splits[0] for s in samples))
+    targets = order[1:] if splits is None else [s for s in splits if s in order]
+    digests = [_memoised(d) for d in digests]
+    rows = [[s.splits, s.aliases] for s in samples]
+    folded: set[int] = set()
+    counts: dict[str, int] = {}
+    for split in targets:
+        rank = order.index(split)
+        copies = [k for k, s in enumerate(samples) if s.splits[0] == split and k not in folded]
+        pool = [
+            k for k, s in enumerate(samples)
+            if k not in folded and order.index(s.splits[0]) < rank and split not in rows[k][0]
+        ]  # fmt: skip
+        if not copies or not pool:
+            continue
+        matches = match_duplicates(
+            [(samples[k].source, samples[k].label) for k in pool],
+            [(samples[k].source, samples[k].label) for k in copies],
+            digests,
+        )
+        for c, p in sorted(matches.items()):
+            row, copy = rows[pool[p]], samples[copies[c]]
+            row[0] = tuple(dict.fromkeys(row[0] + rows[copies[c]][0]))
+            row[1] = row[1] + (copy.sample_id,) + rows[copies[c]][1]
+            folded.add(copies[c])
+        if matches:
+            counts[split] = len(matches)
+    kept = tuple(
+        Sample(s.sample_id, s.label, rows[k][0], s.source, rows[k][1])
+        for k, s in enumerate(samples) if k not in folded
+    )  # fmt: skip
+    return kept, counts
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import posixpath
@@ -21,6 +22,8 @@ from .common import (
     TaskPlan,
     _generic_plan,
     _vtab_split_plan,
+    fold_duplicates,
+    reader_digests,
 )
 
 
@@ -192,6 +195,8 @@ def plan_parquet(
     image_column: str | None = None,
     label_column: str | None = None,
     split_column: str | None = None,
+    dedup: bool = True,
+    num_workers: int = 0,
 ) -> list[TaskPlan]:
     """Plan one parquet file, or every *.parquet under a folder (sorted, recursive).
 
@@ -199,9 +204,12 @@ def plan_parquet(
     ... or the first column of such a type) unless given. Label column: "label" / "labels" /
     "target" unless given; integers (class names from HF ClassLabel metadata when present) or
     strings (classes = sorted distinct values). Splits: a "split" column (or `split_column`), else the HF shard file
-    name ("train-00000-of-00001.parquet") or folder; VTAB split names keep the VTAB protocols
-    (rows are not deduplicated), other names map to train/val/test. Sample id: the struct's path
-    when every row has one and they are unique, else "<file relative to the folder>#<row>".
+    name ("train-00000-of-00001.parquet") or folder; VTAB split names keep the VTAB protocols, other
+    names map to train/val/test. With `dedup`, a row whose decoded pixels and label equal a row of an
+    earlier split (train800val200's copies of train800 / val200, or one image in train and test) is
+    stored once: that row gets both splits and the copy's id as an alias, and the plan's `notes` say
+    how many were merged. `num_workers` threads hash images (0: min(8, CPU count)). Sample id: the
+    struct's path when every row has one and they are unique, else "<file relative to the folder>#<row>".
     """
     p = Path(path_or_dir).expanduser()
     if p.is_file():
@@ -268,9 +276,8 @@ def plan_parquet(
     if present and present <= set(VTAB_SPLITS) and None not in given:
         order = sorted(range(num_rows), key=lambda k: VTAB_SPLITS.index(given[k]))  # stable
         samples = tuple(Sample(ids[k], labels[k], (given[k],), k) for k in order)
-        return [
-            _vtab_split_plan(dataset="parquet", task="default", root=where, samples=samples, classes=classes, reader=reader)
-        ]
+        plan = _vtab_split_plan(dataset="parquet", task="default", root=where, samples=samples, classes=classes, reader=reader)
+        return [_fold(plan, where, dedup=dedup, num_workers=num_workers)]
     unknown = sorted({s for s in present if s.lower() not in _SPLIT_ALIASES})
     if unknown:
         raise DatasetError(
@@ -284,4 +291,22 @@ def plan_parquet(
     plan = _generic_plan(
         dataset="parquet", root=where, items=items, classes=classes, reader=reader, where=where
     )
-    return [plan]
+    return [_fold(plan, where, dedup=dedup, num_workers=num_workers)]
+
+
+def _fold(plan: TaskPlan, where: str, *, dedup: bool, num_workers: int) -> TaskPlan:
+    """The plan with each image that several splits hold stored once (`fold_duplicates`), and a note."""
+    if not dedup:
+        return plan
+    samples, merged = fold_duplicates(plan.samples, reader_digests(plan.reader, num_workers=num_workers))
+    if not merged:
+        return plan
+    total = sum(merged.values())
+    detail = ", ".join(f"{n} of {split}" for split, n in merged.items())
+    note = (
+        f"{where}: merged {total} duplicate row{'s' if total != 1 else ''} ({detail}) into rows of earlier splits"
+        " that hold the same image (decoded pixels) and label: each image is stored once, in both splits,"
+        " with the other ids as aliases"
+    )
+    splits = {s: sum(s in x.splits for x in samples) for s in plan.splits}
+    return dataclasses.replace(plan, samples=samples, splits=splits, notes=plan.notes + (note,))

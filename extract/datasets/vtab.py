@@ -6,12 +6,21 @@ import hashlib
 import os
 import posixpath
 import re
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
-from .common import VTAB_SPLITS, DatasetError, Sample, TaskPlan, _existing_dir, _vtab_split_plan, open_image_file
+from .common import (
+    VTAB_SPLITS,
+    DatasetError,
+    Sample,
+    TaskPlan,
+    _existing_dir,
+    _parallel_map,
+    _vtab_split_plan,
+    match_duplicates,
+    open_image_file,
+    pixel_digest,
+)
 
 
 VTAB_TASKS: dict[str, str] = {
@@ -261,53 +270,18 @@ def _file_hash(path: str) -> bytes | None:
 def _pixel_hash(path: str) -> bytes | None:
     """Hash of decoded pixels plus mode, size and palette; None when the file cannot be decoded."""
     try:
-        img = open_image_file(path)
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{img.mode}|{img.size}".encode())
-        if img.mode in ("P", "PA"):
-            h.update(bytes(img.getpalette() or []))
-            h.update(repr(img.info.get("transparency")).encode())
-        h.update(img.tobytes())
-        return h.digest()
+        return pixel_digest(open_image_file(path))
     except Exception:  # noqa: BLE001 - extraction reports undecodable images, planning goes on
         return None
-
-
-def _parallel_map(fn: Callable[[str], bytes | None], paths: list[str], num_workers: int) -> list:
-    n = num_workers if num_workers > 0 else min(8, os.cpu_count() or 1)
-    if n <= 1 or len(paths) < 2:
-        return [fn(p) for p in paths]
-    # Threads suffice: file reads, PIL decoding and blake2b all release the GIL.
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        return list(pool.map(fn, paths))
 
 
 def _match_copies(
     rows: list[_Row], pool: list[int], copies: list[tuple[str, int, str]], *, num_workers: int
 ) -> dict[int, int]:
-    """Map copy index -> row index: one-to-one, same label, same bytes or else same pixels.
-
-    Byte-identical files are identical images, so the byte pass decodes nothing; only copies left
-    unmatched (re-encoded containers) are compared by decoded pixels. Each row is consumed at most
-    once, in row order, so a split holding two identical images still pairs them with two copies.
-    """
-    matches: dict[int, int] = {}
-    free_rows, free_copies = list(pool), list(range(len(copies)))
-    for hasher in (_file_hash, _pixel_hash):
-        if not free_rows or not free_copies:
-            break
-        paths = [rows[i].source for i in free_rows] + [copies[c][2] for c in free_copies]
-        hashes = _parallel_map(hasher, paths, num_workers)
-        queues: dict[tuple[bytes, int], deque[int]] = {}
-        for i, h in zip(free_rows, hashes[: len(free_rows)]):
-            if h is not None:
-                queues.setdefault((h, rows[i].label), deque()).append(i)
-        used: set[int] = set()
-        for c, h in zip(free_copies, hashes[len(free_rows) :]):
-            q = queues.get((h, copies[c][1])) if h is not None else None
-            if q:
-                matches[c] = q.popleft()
-                used.add(matches[c])
-        free_rows = [i for i in free_rows if i not in used]
-        free_copies = [c for c in free_copies if c not in matches]
-    return matches
+    """Map copy index -> row index: one-to-one, same label, same bytes or else same pixels."""
+    found = match_duplicates(
+        [(rows[i].source, rows[i].label) for i in pool],
+        [(path, label) for _, label, path in copies],
+        [lambda paths, fn=fn: _parallel_map(fn, paths, num_workers) for fn in (_file_hash, _pixel_hash)],
+    )
+    return {c: pool[p] for c, p in found.items()}

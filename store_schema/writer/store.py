@@ -323,6 +323,7 @@ class StoreWriter:
         row_order: dict[str, Any] | None = None,
         pca: PcaBasis | None = None,
         compact_fit: dict[str, Any] | None = None,
+        source: dict[str, Any] | None = None,
     ) -> "TaskWriter":
         """Create the task group, or reopen it to resume; refuses a different sample plan.
 
@@ -330,7 +331,8 @@ class StoreWriter:
         recorded in the task document; a resumed task missing it (killed right after creation) gets it.
         A compact store's task takes its PCA basis (``pca``, when the encoding has PCA), stored with the
         task, and ``compact_fit`` (which split it was fitted on, how many rows): a resumed task keeps
-        the basis it was created with.
+        the basis it was created with. ``source`` (optional) records where the task's images came from
+        (e.g. a Hugging Face repo id and commit; never a local path) as the task attribute ``source``.
         """
         if self.compact is not None and self.compact.pca is not None and pca is None \
                 and not (self.path / name / PCA_COMPONENTS / "zarr.json").exists():
@@ -410,6 +412,7 @@ class StoreWriter:
             "complete": False,
             "skipped": [],
             **({"row_order": _json_normal(row_order)} if row_order is not None else {}),
+            **({"source": _json_normal(source)} if source is not None else {}),
             **({"compact": _json_normal({**(compact_fit or {}), **self.compact.to_attrs()})} if self.compact else {}),
         }
         root_attrs = self.attrs
