@@ -255,6 +255,10 @@ def test_readme_snippets_run(store):
 
     ds = xr.open_zarr(store, group="task", chunks={"layer": -1})
     assert ds.tokens.data.chunksize[:2] == (8, L)  # a shard's rows x every layer
+    ids = ds.sample_id.values.view(f"S{ds.sizes['sample_id_byte']}")[:, 0]
+    ds = ds.assign_coords(sample_id=("sample", np.char.decode(ids, "utf-8")))
+    x = ds.tokens.sel(layer=1).isel(sample=ds.train800.values)
+    assert list(x.sample_id.values) == open_store(store).task("task").sample_ids[:8]  # train800: the first 8 rows
     tokens = zarr.open_group(store, mode="r")["task/tokens"]
     x = da.from_zarr(tokens, chunks=tokens.shards)
     assert x.chunksize == tokens.shards and x.mean(dtype="float32").compute() == pytest.approx(
