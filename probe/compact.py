@@ -7,7 +7,8 @@ and layers on axis 1), at their compact size, and are decoded here, inside ``pre
 already is (the GPU during a run). `TorchDecoder` mirrors ``store_schema.compact.decode`` step by step
 in float32:
 
-    v = codes * |token_scale| * channel_scale   (a negative token scale: no channel scales), outliers put back
+    v = codes * |token_scale| * channel_scale   (a negative token scale: no channel scales), outliers put back,
+                                                never-written tokens (any array at its fill value) NaN
     u = v @ pca_components[l].T + pca_mean[l]   (PCA)
     x = u * std + mean                          (original units), or  u * std / sqrt(std^2 + eps)  (normalised)
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from store_schema import TaskStore
-from store_schema.compact import CompactSpec, PcaBasis
+from store_schema.compact import CODE_FILL, INDEX_FILL, CompactSpec, PcaBasis
 
 __all__ = ["BatchDecoder", "TorchDecoder", "decoder_for", "torch_decode"]
 
@@ -82,7 +83,12 @@ class TorchDecoder:
         token = token_scale.float()
         channel = torch.where(token[..., None] < 0, 1.0, channel_scale.float()[:, :, None, :])
         v = codes.float() * token.abs()[..., None] * channel
-        return v.scatter_(3, outlier_index.long(), outlier_value.float())
+        index = outlier_index.long()
+        v = v.scatter_(3, index.clamp(min=0), outlier_value.float())  # a never-written -1 is masked below
+        # store_schema.compact.never_written: a token any of whose arrays holds its fill value is NaN
+        never = torch.isnan(token) | torch.isnan(channel_scale).any(dim=-1)[:, :, None]
+        never |= torch.isnan(outlier_value).any(dim=-1) | (index == INDEX_FILL).any(dim=-1) | (codes == CODE_FILL).any(dim=-1)
+        return v.masked_fill_(never[..., None], float("nan"))
 
     def __call__(self, arrays: Sequence[Tensor], *, layers: Sequence[int] | None = None, normalised: bool = False,
                  eps: float = EPS) -> Tensor:

@@ -167,7 +167,8 @@ class SplitSource:
             if block.dtype.kind == "f" and not _all_finite(block):  # one pass per block read
                 raise non_finite_error(part, stored, block, prefix=self.prefix_of(k))
             return [block]
-        # undecoded: map_stats NaN (never written) is refused by read_encoded; integer codes cannot be non-finite
+        # undecoded: a never-written row (any array's fill: NaN, 2.2's -128 codes, -1 outlier indexes) is refused
+        # by read_encoded; integer codes cannot be non-finite
         blocks = part.read_encoded(stored, layers=layers, direct=direct)
         for name, block in zip(part.compact.arrays(), blocks):
             if block.dtype.kind == "f" and not _all_finite(block):

@@ -30,8 +30,17 @@ Decoding (what ``decode`` does; C = D without PCA, R with it)::
 
     v = codes * |token_scale|[..., None] * (channel_scale[:, :, None, :] where token_scale > 0, else 1)
     v[..., outlier_index] = outlier_value                               (int8; else v = codes, float16)
+    v[never] = NaN                                                      (int8; `never_written`)
     u = v @ pca_components[l].T + pca_mean[l]                           (PCA; else u = v)
     x = u * std + mean                                                  (the map, original units)
+
+Never written (a lost shard, a skipped image) reads as NaN, as full-size tokens do: every float array is
+NaN-filled, and from format 2.2 the integer arrays are filled with values the encoder never writes, int8
+codes with ``CODE_FILL`` = -128 (codes are -127..127) and ``outlier_index`` with ``INDEX_FILL`` = -1. A token
+any of whose int8 arrays holds its fill value is ``never`` written and decodes to NaN in every channel, so a
+missing shard of any one array reads as missing, not as data; a float16 (PCA) code or a map statistic that is
+NaN makes its values NaN by itself. Format 2.1 filled both integer arrays with 0, which decoded as data; its
+stores hold neither marker, so the same decoding reads them as before.
 
 ComBo's normalised map is ``u * std / sqrt(std**2 + 1e-5)``: exact statistics, and only u carries
 the compression error. What is exact: mean and std of every map, labels, sample table, prefix (cls)
@@ -58,6 +67,8 @@ OUTLIERS = 2  # values per token kept at float16 beside the int8 codes (8 bytes 
 PCA_COMPONENTS = "pca_components"
 PCA_MEAN = "pca_mean"
 INT8_MAX = 127
+CODE_FILL = -128  # format 2.2: fill value of int8 codes, which are -127..127: "never written"
+INDEX_FILL = -1  # format 2.2: fill value of outlier_index (no channel): "never written"
 FP16_TINY, FP16_MAX = float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max)
 FORMATS = ("int8", "pca")
 
@@ -243,13 +254,36 @@ def quantise(v: np.ndarray, *, outliers: int = OUTLIERS) -> list[np.ndarray]:
     return [codes, token16, channel16, index.astype(np.int16), value]
 
 
+def fill_value(name: str, dtype: str | np.dtype, *, markers: bool = True) -> float | int:
+    """The fill value a compact array is created with: NaN for a float array; for the integer ones the
+    never-written marker (``markers``, format 2.2: `CODE_FILL`, `INDEX_FILL`) or 0 (format 2.1)."""
+    if np.dtype(dtype).kind == "f":
+        return float("nan")
+    if not markers:
+        return 0
+    return {CODES: CODE_FILL, OUTLIER_INDEX: INDEX_FILL}[name]
+
+
+def never_written(codes: np.ndarray, token_scale: np.ndarray, channel_scale: np.ndarray, outlier_index: np.ndarray,
+                  outlier_value: np.ndarray) -> np.ndarray:
+    """[N, L, T] bool: tokens any of whose int8 arrays holds its fill value (NaN; codes -128 and outlier_index -1
+    from format 2.2), i.e. a shard of one of them was never written or is lost. `dequantise` makes them NaN."""
+    lost = np.isnan(token_scale) | np.isnan(channel_scale).any(axis=-1)[:, :, None]
+    lost |= np.isnan(outlier_value).any(axis=-1) | (outlier_index == INDEX_FILL).any(axis=-1)
+    lost |= (codes == CODE_FILL).any(axis=-1)
+    return lost
+
+
 def dequantise(codes: np.ndarray, token_scale: np.ndarray, channel_scale: np.ndarray, outlier_index: np.ndarray,
                outlier_value: np.ndarray) -> np.ndarray:
-    """v from the int8 arrays (see `quantise`); a negative token scale means "no channel scales"."""
+    """v from the int8 arrays (see `quantise`); a negative token scale means "no channel scales". A token that
+    was never written (`never_written`) is NaN in every channel."""
     token = token_scale.astype(np.float32)
     channel = np.where(token[..., None] < 0, 1.0, channel_scale.astype(np.float32)[:, :, None, :])
     v = codes.astype(np.float32) * np.abs(token)[..., None] * channel
-    np.put_along_axis(v, outlier_index.astype(np.int64), outlier_value.astype(np.float32), axis=3)
+    index = np.maximum(outlier_index, 0).astype(np.int64)  # a never-written -1 is masked below
+    np.put_along_axis(v, index, outlier_value.astype(np.float32), axis=3)
+    v[never_written(codes, token_scale, channel_scale, outlier_index, outlier_value)] = np.nan
     return v
 
 
@@ -398,7 +432,8 @@ def fit_split(protocols: dict, splits: Sequence[str]) -> str | None:
 
 
 __all__ = [
-    "CHANNEL_SCALE", "CODES", "MAP_STATS", "PCA_COMPONENTS", "PCA_MEAN", "TOKEN_SCALE",
-    "CompactSpec", "CompactSpecError", "PcaBasis", "PcaFit", "decode", "dequantise", "encode", "fit_split",
-    "map_stats", "quantise", "standardise",
+    "CHANNEL_SCALE", "CODES", "CODE_FILL", "INDEX_FILL", "MAP_STATS", "OUTLIER_INDEX", "OUTLIER_VALUE",
+    "PCA_COMPONENTS", "PCA_MEAN", "TOKEN_SCALE",
+    "CompactSpec", "CompactSpecError", "PcaBasis", "PcaFit", "decode", "dequantise", "encode", "fill_value",
+    "fit_split", "map_stats", "never_written", "quantise", "standardise",
 ]

@@ -34,8 +34,14 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata as _importlib_metadata
 from typing import Any
 
-FORMAT_MAJOR, FORMAT_MINOR = 2, 1
+FORMAT_MAJOR, FORMAT_MINOR = 2, 2
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+# What each minor version added to the arrays. A writer extending or resuming an older 2.x store writes its
+# new tasks in that store's layout, so a store's version always says what every one of its tasks holds.
+# 2.2: `sample_id` as zero-padded UTF-8 bytes (uint8 [N, W]; before: zarr-python's variable-length "string",
+# which tensorstore and zarrs refuse), and compact arrays whose integer never-written fill is a reserved
+# marker that decodes to NaN (int8 codes -128, outlier_index -1; before: 0, which decoded as data)
+ID_BYTES_SINCE = FILL_MARKERS_SINCE = (2, 2)
 SCHEMA_VERSION = FORMAT_MAJOR  # the integer format 1 readers check: they refuse anything above 1
 FORMAT_NAME = "combo-feature-store"
 # The name combo is published under: "combo" on the public index is an unrelated package.

@@ -17,7 +17,7 @@ import zarr
 
 from . import samples as sample_table
 from .errors import SchemaVersionError, StoreError, StoreIncompleteError, StoreNotFoundError
-from .compact import CODES, MAP_STATS, PCA_COMPONENTS, PCA_MEAN, CompactSpec, PcaBasis, decode
+from .compact import CODES, PCA_COMPONENTS, PCA_MEAN, CompactSpec, PcaBasis, decode
 from .layout import StoreLayout
 from .location import Location, list_sizes, resolve
 from .manifest import Manifest, absent_or_resized, describe_missing, load_manifest, verify_bytes
@@ -432,18 +432,26 @@ class TaskStore:
         where = f"task {self.name} of {self.store.url}"
         out = [read_rows(a, rows, layers=layers, rows_per_shard=self.rows_per_shard, where=where,
                          files=self.files(a, direct=direct)) for a in arrays]
-        self._check_written(out[-1], rows, array_name=MAP_STATS)  # map_stats: NaN where never written
+        for name, array, values in zip(self.compact.arrays(), arrays, out):  # each array is its own shard objects
+            self._check_written(values, rows, array_name=name, fill=array.metadata.fill_value)
         self._count(sum(a.nbytes for a in out))
         return out
 
-    def _check_written(self, out: np.ndarray, rows: np.ndarray, *, array_name: str) -> None:
-        """A valid row reading NaN was never written (a shard lost after opening, or on a server that
-        cannot be listed): refuse it, naming the shard. One value per row is enough: the writer
-        refuses non-finite values, so a written row has none."""
-        if self.store.format_major < 2 or out.size == 0 or out.dtype.kind != "f":
+    def _check_written(self, out: np.ndarray, rows: np.ndarray, *, array_name: str, fill: Any = None) -> None:
+        """A valid row reading its array's never-written fill (NaN; from format 2.2 also -128 int8 codes and -1
+        outlier indexes, values the writer never stores) was never written: a shard lost after opening, or on a
+        server that cannot be listed. Refuse it, naming the shard. One value per row is enough: the writer
+        refuses non-finite values, so a written row has none. (A 2.1 store's integer arrays fill with 0,
+        which is data: those are not checked.)"""
+        if self.store.format_major < 2 or out.size == 0:
             return
         first = out.reshape(out.shape[0], -1)[:, 0]
-        holes = np.isnan(first)
+        if out.dtype.kind == "f":
+            holes = np.isnan(first)
+        elif fill is not None and fill != 0:
+            holes = first == fill
+        else:
+            return
         if not holes.any():
             return
         valid = self.samples.column("valid").to_numpy(zero_copy_only=False)

@@ -78,17 +78,43 @@ def with_invalid(table: pa.Table, rows: Sequence[int]) -> pa.Table:
     return table.set_column(table.column_names.index("valid"), "valid", pa.array(valid))
 
 
-def to_bytes(table: pa.Table, *, classes: Sequence[str] | None = None, task: str | None = None) -> bytes:
-    """Parquet bytes; the schema metadata (key ``combo``) carries the format version, the task and
-    its class names, so the table alone (e.g. in duckdb or pandas) says what the labels mean."""
+def to_bytes(table: pa.Table, *, classes: Sequence[str] | None = None, task: str | None = None,
+             format_version: str | None = None) -> bytes:
+    """Parquet bytes; the schema metadata (key ``combo``) carries the format version (the store's: this
+    version's unless given), the task and its class names, so the table alone (e.g. in duckdb or pandas)
+    says what the labels mean."""
     if classes is not None:
         from .metadata import FORMAT_NAME, FORMAT_VERSION
 
-        doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": task, "classes": list(classes)}
+        doc = {"format": FORMAT_NAME, "format_version": format_version or FORMAT_VERSION, "task": task,
+               "classes": list(classes)}
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: json.dumps(doc).encode()})
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
+
+
+def ids_to_bytes(sample_ids: Sequence[str]) -> np.ndarray:
+    """The ``sample_id`` coordinate of format 2.2: uint8 [N, W], each id's UTF-8 bytes padded with zeros to the
+    longest (W >= 1). Bytes are a core Zarr v3 data type every implementation reads (tensorstore and zarrs
+    refuse zarr-python's variable-length strings); an id holding a NUL byte could not be told from its padding."""
+    encoded = [str(s).encode("utf-8") for s in sample_ids]
+    bad = [s for s, b in zip(sample_ids, encoded) if b"\0" in b]
+    if bad:
+        raise ValueError(f"sample id {bad[0]!r} contains a NUL character, which a stored id cannot hold")
+    width = max([1, *map(len, encoded)])
+    return np.array(encoded, dtype=f"S{width}").view(np.uint8).reshape(len(encoded), width)  # numpy pads with NULs
+
+
+def ids_from_array(values: np.ndarray) -> list[str]:
+    """The ids a ``sample_id`` coordinate holds, in either layout: uint8 [N, W] UTF-8 (format 2.2) or the 1-D
+    strings of formats 2.0 and 2.1."""
+    values = np.asarray(values)
+    if values.ndim == 2 and values.dtype == np.uint8:
+        return [bytes(row).rstrip(b"\0").decode("utf-8") for row in values]
+    if values.ndim == 1 and values.dtype.kind in "UTO":
+        return [str(v) for v in values]
+    raise ValueError(f"a sample_id coordinate is uint8 [N, W] or 1-D strings, not {values.dtype} {values.shape}")
 
 
 def table_metadata(table: pa.Table) -> dict:

@@ -23,9 +23,9 @@ from . import samples as sample_table
 from .errors import StoreError, StoreNotFoundError, StoreValidationError
 from .location import is_hidden, list_sizes, resolve
 from .manifest import MANIFEST_NAME, Manifest, sha256_bytes
-from .metadata import ROOT_ATTR, TASK_ATTR
+from .metadata import ID_BYTES_SINCE, ROOT_ATTR, TASK_ATTR
 from .reader import FeatureStore, _load_json, consolidated
-from .writer import CHECKSUMS_NAME, JOURNAL_NAME, PREFIX, SAMPLES_NAME, TOKENS, shard_key
+from .writer import CHECKSUMS_NAME, JOURNAL_NAME, PREFIX, SAMPLE_ID, SAMPLES_NAME, TOKENS, shard_key
 
 SCHEMA_FILE = "format-2.schema.json"
 
@@ -217,6 +217,8 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
             labels = table.column("label").to_numpy()
             if n and (labels.min() < 0 or labels.max() >= len(attrs["classes"])):
                 problems.append(f"task {task}: labels outside 0..{len(attrs['classes']) - 1}")
+            if store.format_major >= 2:
+                problems += _sample_id_problems(store, task, table.column("sample_id").to_pylist())
     rows_per_shard = int(store.attrs["storage"]["rows_per_shard"])
     num_blocks = math.ceil(n / rows_per_shard)
     report.chunks_total += num_blocks * len(expected)
@@ -263,6 +265,30 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
                 if sha256_bytes(data) != digests[local_key]:
                     problems.append(f"{where} is corrupt (checksum mismatch)")
     return "ok"
+
+
+def _sample_id_problems(store: FeatureStore, task: str, ids: list[str]) -> list[str]:
+    """The sample_id coordinate in the layout the store's version says (2.2: uint8 UTF-8 bytes, which every Zarr
+    implementation reads; 2.0 and 2.1: zarr-python strings), holding the sample table's ids row for row."""
+    where = f"task {task}: coordinate sample_id"
+    try:
+        meta = _load_json(store.location, f"{task}/{SAMPLE_ID}/zarr.json")
+        values = np.asarray(store.group[f"{task}/{SAMPLE_ID}"][...])
+    except Exception as err:  # noqa: BLE001 - missing, undecodable, a damaged chunk: each is a problem of the store
+        return [f"{where} cannot be read ({err})"]
+    want = "uint8" if store.format_version >= ID_BYTES_SINCE else "string"
+    shown = "{}.{}".format(*store.format_version)
+    if meta.get("data_type") != want:
+        return [f"{where} has data type {meta.get('data_type')!r}; format {shown} stores it as {want!r}"]
+    try:
+        stored = sample_table.ids_from_array(values)
+    except (ValueError, UnicodeDecodeError) as err:
+        return [f"{where} cannot be decoded ({err})"]
+    if stored != ids:
+        row = next((i for i, (a, b) in enumerate(zip(stored, ids)) if a != b), min(len(stored), len(ids)))
+        return [f"{where} disagrees with {SAMPLES_NAME} from row {row} "
+                f"({stored[row] if row < len(stored) else 'no row'!r} vs {ids[row] if row < len(ids) else 'no row'!r})"]
+    return []
 
 
 def _chunk(block: int, ndim: int) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from store_schema import BackboneInfo, FeatureInfo, Preprocessing, StoreInfo, StoreLayout, StoreWriter, build_sample_table
+from store_schema.compact import CompactSpec, PcaFit
 
 
 def vtab_like_splits(n_train: int, n_val: int, n_test: int) -> list[tuple[str, ...]]:
@@ -34,8 +35,12 @@ def write_store(
     sample_ids: Sequence[str] | None = None,
     layout: StoreLayout | None = None,
     split_names: Sequence[str] = ("train800", "val200", "train800val200", "test"),
+    compact: CompactSpec | None = None,
 ) -> Path:
-    """tokens [N, L, T, D] (T = grid h*w); prefix [N, L, P, D] or None. Returns the store path."""
+    """tokens [N, L, T, D] (T = grid h*w); prefix [N, L, P, D] or None. Returns the store path.
+
+    ``compact``: write a compact store straight away (its PCA, if any, fitted on the train800 rows), with the
+    layout's rows per shard, where `compact_store` would size shards by bytes (one shard for test data)."""
     n, num_layers, num_tokens, dim = tokens.shape
     assert num_tokens == grid[0] * grid[1]
     layout = layout or StoreLayout(rows_per_shard=8, rows_per_chunk=4)
@@ -48,11 +53,18 @@ def write_store(
     ids = list(sample_ids) if sample_ids is not None else [f"{task}/img{i:05d}.png" for i in range(n)]
     table = build_sample_table(sample_ids=ids, labels=list(labels), splits=splits, split_names=split_names)
     classes = [str(c) for c in range(num_classes or int(max(labels)) + 1)]
-    with StoreWriter(path, info, layout) as writer:
+    pca, fit = None, None
+    if compact is not None and compact.pca is not None:
+        rows = [i for i, s in enumerate(splits) if "train800" in s]
+        pcafit = PcaFit(num_layers, dim)
+        pcafit.add(tokens[rows])
+        pca, fit = pcafit.fitted(compact.pca, "train800")
+    with StoreWriter(path, info, layout, compact=compact) as writer:
         tw = writer.task(
             task, samples=table, num_layers=num_layers, num_tokens=num_tokens, feature_dim=dim,
             num_prefix_tokens=0 if prefix is None else prefix.shape[2],
             protocols={"dev": ("train800", "val200"), "final": ("train800val200", "test")}, classes=classes,
+            pca=pca, compact_fit=fit,
         )
         for b in tw.pending():
             rows = tw.blocks[b]

@@ -215,8 +215,37 @@ def test_xarray_opens_a_task_as_a_labelled_dataset(store):
     table = open_store(store).task("task").samples
     rows = np.flatnonzero(table.column("in_train800").to_numpy(zero_copy_only=False))
     assert np.array_equal(x.values, open_store(store).task("task").read(rows, layers=[1])[:, 0])
-    assert ds.sample_id.values[5] == table.column("sample_id")[5].as_py()
     assert ds.tokens.attrs["long_name"].startswith("patch tokens")
+    # format 2.2: sample_id is zero-padded UTF-8 bytes; the README's line makes them the rows' labels
+    assert ds.sample_id.dims == ("sample", "sample_id_byte") and ds.sample_id.dtype == np.uint8
+    ids = ds.sample_id.values.view(f"S{ds.sizes['sample_id_byte']}")[:, 0]
+    ds = ds.assign_coords(sample_id=("sample", np.char.decode(ids, "utf-8")))
+    assert list(ds.sample_id.values) == table.column("sample_id").to_pylist()
+    assert list(ds.tokens.isel(sample=ds.train800.values).sample_id.values) == [
+        table.column("sample_id")[int(r)].as_py() for r in rows]
+
+
+def test_non_ascii_sample_ids_round_trip_and_a_nul_is_refused_before_writing(tmp_path):
+    import xarray as xr
+
+    ids = [f"i{i}" for i in range(N)]
+    ids[4], ids[9] = "dtd/ünïcödé/画像 01.jpg", "Ørsted/çà.png"
+    path = write_store(tmp_path / "u.zarr", tokens=np.zeros((N, L, 4, D), np.float32), labels=np.arange(N) % 3,
+                       splits=vtab_like_splits(8, 8, 8), grid=GRID, layout=LAYOUT, sample_ids=ids)
+    assert open_store(path).task("task").sample_ids == ids
+    ds = xr.open_zarr(path, group="task")
+    raw = ds.sample_id.values.view(f"S{ds.sizes['sample_id_byte']}")[:, 0]
+    assert list(np.char.decode(raw, "utf-8")) == ids
+    assert validate_store(path).ok
+    from store_schema import build_sample_table
+    from test_store_sharing import open_info
+
+    table = build_sample_table(sample_ids=["a", "b\0c"], labels=[0, 0], splits=[("train",)] * 2, split_names=["train"])
+    with StoreWriter(path, open_info(path), LAYOUT) as writer:
+        with pytest.raises(StoreError, match=r"task 'bad'.*'b\\x00c' contains a NUL"):
+            writer.task("bad", samples=table, num_layers=L, num_tokens=4, feature_dim=D, num_prefix_tokens=0,
+                        protocols={"final": ("train", "train")}, classes=["a"])
+    assert not (path / "bad").exists() and open_store(path).tasks == ["task"]
 
 
 def test_readme_snippets_run(store):
@@ -226,6 +255,10 @@ def test_readme_snippets_run(store):
 
     ds = xr.open_zarr(store, group="task", chunks={"layer": -1})
     assert ds.tokens.data.chunksize[:2] == (8, L)  # a shard's rows x every layer
+    ids = ds.sample_id.values.view(f"S{ds.sizes['sample_id_byte']}")[:, 0]
+    ds = ds.assign_coords(sample_id=("sample", np.char.decode(ids, "utf-8")))
+    x = ds.tokens.sel(layer=1).isel(sample=ds.train800.values)
+    assert list(x.sample_id.values) == open_store(store).task("task").sample_ids[:8]  # train800: the first 8 rows
     tokens = zarr.open_group(store, mode="r")["task/tokens"]
     x = da.from_zarr(tokens, chunks=tokens.shards)
     assert x.chunksize == tokens.shards and x.mean(dtype="float32").compute() == pytest.approx(
@@ -256,7 +289,7 @@ def test_http_open_costs_at_most_four_requests_and_no_404(store, tmp_path):
 
 def test_minor_versions_read_major_refused_with_the_right_hint(store):
     doc = json.loads((store / "zarr.json").read_text())
-    assert doc["attributes"]["combo"]["format_version"] == FORMAT_VERSION == "2.1"
+    assert doc["attributes"]["combo"]["format_version"] == FORMAT_VERSION == "2.2"
     doc["attributes"]["combo"]["format_version"] = "2.9"  # a later minor: readers of 2.x read it
     doc.pop("consolidated_metadata")
     (store / "zarr.json").write_text(json.dumps(doc))
@@ -280,6 +313,107 @@ def test_format_1_store_reads_read_only_and_overwrite_makes_format_2(tmp_path):
         StoreWriter(path, info, LAYOUT)
     with StoreWriter(path, info, LAYOUT, overwrite=True) as writer:
         assert writer.attrs["format_version"] == FORMAT_VERSION and writer.attrs["schema_version"] == 2
+
+
+FORMAT_21 = Path(__file__).parent / "data" / "format-2.1"  # stores as the 2.1 writer made them (its README.md)
+
+
+def copy_21(tmp_path: Path, name: str) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(FORMAT_21 / name, tmp_path / name))
+
+
+def test_format_2_1_stores_read_as_they_always_did(tmp_path):
+    """2.1's layout (string sample_id, 0-filled compact integers) is still read, validated and decoded: the
+    2.1 int8 store decodes exactly as a 2.2 compaction of the same source does, whose codes are its codes."""
+    import xarray as xr
+
+    from store_schema.compact import CompactSpec
+    from store_schema.compactor import compact_store
+
+    full, small = open_store(FORMAT_21 / "full.zarr"), open_store(FORMAT_21 / "int8.zarr")
+    assert full.format_version == small.format_version == (2, 1)
+    tokens = np.load(FORMAT_21 / "tokens.npy")
+    task = full.task("task")
+    assert np.array_equal(task.read(np.arange(12)), tokens) and task.sample_ids[5] == "täsk/ünïcödé 画像.png"
+    for path in ("full.zarr", "int8.zarr"):
+        assert validate_store(FORMAT_21 / path, checksums="all").ok, path
+        ds = xr.open_zarr(FORMAT_21 / path, group="task")
+        assert list(ds.sample_id.values) == task.sample_ids  # 2.1: zarr-python strings, labels as they are
+    zarr_json = json.loads((FORMAT_21 / "int8.zarr" / "task" / "codes" / "zarr.json").read_text())
+    assert zarr_json["fill_value"] == 0
+    fresh = compact_store(FORMAT_21 / "full.zarr", tmp_path / "int8.zarr", CompactSpec(int8=True)).store
+    old, new = small.task("task"), open_store(fresh).task("task")
+    assert open_store(fresh).format_version == (2, 2)
+    for a, b in zip(old.read_encoded(np.arange(12)), new.read_encoded(np.arange(12))):
+        assert np.array_equal(a, b, equal_nan=True)
+    assert np.array_equal(old.read(np.arange(12)), new.read(np.arange(12)))
+    assert np.isfinite(old.read(np.arange(12))).all()
+
+
+@pytest.mark.parametrize("name", ["full.zarr", "int8.zarr"])
+def test_a_2_1_store_extended_keeps_its_version_and_layout(tmp_path, name):
+    """A task added to a 2.1 store by this writer is written as 2.1 wrote it, so the store stays one 2.1
+    store (its version describes every task)."""
+    from store_schema import build_sample_table
+    from store_schema.compact import CompactSpec
+    from store_schema.metadata import StoreInfo
+
+    path = copy_21(tmp_path, name)
+    attrs = open_store(path).attrs
+    storage = attrs["storage"]
+    layout = StoreLayout.from_attrs(storage)
+    compact = CompactSpec.from_attrs(storage.get("compact"))
+    ids = [f"new/{i}.png" for i in range(6)]
+    ids[2] = "nëw/画.png"
+    table = build_sample_table(sample_ids=ids, labels=[i % 2 for i in range(6)], splits=[("train",)] * 3 + [("test",)] * 3,
+                               split_names=["train", "test"])
+    data = np.random.default_rng(3).standard_normal((6, 2, 4, 8)).astype(np.float16)
+    prefix = np.random.default_rng(4).standard_normal((6, 2, 1, 8)).astype(np.float16)
+    with StoreWriter(path, StoreInfo.from_attrs(attrs), layout, compact=compact) as writer:
+        assert writer.format_version == (2, 1)
+        tw = writer.task("added", samples=table, num_layers=2, num_tokens=4, feature_dim=8, num_prefix_tokens=1,
+                         protocols={"final": ("train", "test")}, classes=["a", "b"])
+        for b in tw.pending():
+            rows = tw.blocks[b]
+            tw.write_block(b, data[rows.start:rows.stop], prefix[rows.start:rows.stop])
+        tw.finalize()
+    store = open_store(path)
+    assert store.attrs["format_version"] == "2.1" and store.tasks == ["added", "task"]
+    meta = json.loads((path / "added" / "sample_id" / "zarr.json").read_text())
+    assert meta["data_type"] == "string" and meta["dimension_names"] == ["sample"]
+    assert json.loads(pq.read_schema(path / "added" / "samples.parquet").metadata[b"combo"])["format_version"] == "2.1"
+    if compact is not None:
+        for array in ("codes", "outlier_index"):
+            assert json.loads((path / "added" / array / "zarr.json").read_text())["fill_value"] == 0, array
+    added = store.task("added")
+    assert added.sample_ids == ids
+    got = added.read(np.arange(6))
+    assert np.allclose(got, data, atol=0.05 if compact else 0) and np.array_equal(added.read(np.arange(6), prefix=True), prefix)
+    report = validate_store(path, checksums="all")
+    assert report.ok, report.problems
+    # --overwrite with the store's own settings recomputes a run's tasks and keeps the others: the store stays 2.1
+    with StoreWriter(path, StoreInfo.from_attrs(attrs), layout, compact=compact, overwrite=True) as writer:
+        assert writer.attrs["format_version"] == "2.1" and writer.format_version == (2, 1)
+        assert writer.has_task("task") and writer.has_task("added")
+
+
+def test_validate_checks_the_sample_id_coordinate_against_the_version_and_the_table(store):
+    """The layout follows the version: a 2.2 store with a string sample_id, or ids that disagree with the
+    sample table, fails validation, naming the coordinate."""
+    array = zarr.open_group(store, mode="r+")["task/sample_id"]
+    array[:] = np.zeros(array.shape, np.uint8)  # ids gone
+    report = validate_store(store)
+    assert any("coordinate sample_id disagrees with samples.parquet from row 0" in p for p in report.problems), report.problems
+    meta_path = store / "task" / "sample_id" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(data_type="string", fill_value="", shape=[N], dimension_names=["sample"],
+                chunk_grid={"name": "regular", "configuration": {"chunk_shape": [N]}})
+    meta["codecs"] = [{"name": "vlen-utf8", "configuration": {}}] + meta["codecs"][1:]
+    meta_path.write_text(json.dumps(meta))
+    report = validate_store(store)
+    assert any("coordinate sample_id" in p and "format 2.2 stores it as 'uint8'" in p for p in report.problems), report.problems
 
 
 V1_TOKENS = np.arange(16 * 2 * 4 * 8, dtype=np.float32).reshape(16, 2, 4, 8) / 100

@@ -26,8 +26,10 @@ TOKENS = "tokens"
 PREFIX = "prefix"
 TOKEN_DIMS = ("sample", "layer", "token", "channel")
 PREFIX_DIMS = ("sample", "layer", "prefix_token", "channel")
-# 1-D coordinate arrays of a task (besides one boolean per split, named after the split)
-COORDINATES = ("sample_id", "label", "valid")
+# coordinate arrays of a task along its rows (besides one boolean per split, named after the split)
+SAMPLE_ID = "sample_id"
+COORDINATES = (SAMPLE_ID, "label", "valid")
+SAMPLE_ID_BYTE = "sample_id_byte"  # format 2.2: sample_id is uint8 [N, W] (UTF-8), dims (sample, sample_id_byte)
 # arrays of a compact task (store_schema/compact.py), written a shard of rows at a time like tokens
 COMPACT_ROW_ARRAYS = {  # name -> dimension names
     CODES: ("sample", "layer", "token", "code"),
@@ -38,7 +40,7 @@ COMPACT_ROW_ARRAYS = {  # name -> dimension names
     MAP_STATS: ("sample", "layer", "stat"),
 }
 ROW_ARRAYS = frozenset({TOKENS, PREFIX, *COMPACT_ROW_ARRAYS})  # one shard per block of rows
-RESERVED_NAMES = frozenset({TOKENS, PREFIX, "layer", *COORDINATES, *TOKEN_DIMS, *PREFIX_DIMS, *COMPACT_ROW_ARRAYS,
+RESERVED_NAMES = frozenset({TOKENS, PREFIX, "layer", *COORDINATES, SAMPLE_ID_BYTE, *TOKEN_DIMS, *PREFIX_DIMS, *COMPACT_ROW_ARRAYS,
                             PCA_COMPONENTS, PCA_MEAN, "code", "kept", "stat"})
 ARRAY_DESCRIPTIONS = {
     CODES: "encoded patch tokens (store_schema/compact.py: int8 codes, or PCA coefficients in float16)",

@@ -130,8 +130,11 @@ class ShardWriter:
             if array is None:  # a compact task: the tokens become its arrays, from the values as stored at full size
                 cast[unwritten] = 0
                 for (name, target), encoded in zip(self.arrays(), encode(cast, self.compact, self.pca)):
-                    if encoded.dtype.kind == "f":
-                        encoded[unwritten] = np.nan  # NaN marks "never written", as in full-size tokens
+                    fill = target.metadata.fill_value
+                    # the array's fill marks "never written", as NaN does in full-size tokens: NaN, and from format 2.2
+                    # -128 codes / -1 outlier indexes (a 2.1 store's integer arrays fill with 0: left as encoded)
+                    if encoded.dtype.kind == "f" or fill != 0:
+                        encoded[unwritten] = fill
                     parts.append((name, target, encoded))
                 continue
             # NaN marks "never written", so a skipped image can't pass for data (format 1 wrote zeros)

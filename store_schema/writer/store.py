@@ -20,15 +20,17 @@ import zarr
 
 from .. import samples as sample_table
 from .. import staging as stage
-from ..compact import CODES, PCA_COMPONENTS, PCA_MEAN, CompactSpec, PcaBasis
+from ..compact import CODES, PCA_COMPONENTS, PCA_MEAN, CompactSpec, PcaBasis, fill_value
 from ..errors import SchemaVersionError, StoreError, StoreMismatchError
 from ..layout import StoreLayout
 from ..location import Location, is_url, list_sizes, redact, resolve
 from ..manifest import MANIFEST_NAME, Entry, Manifest, absent_or_resized
 from ..metadata import (
+    FILL_MARKERS_SINCE,
     FORMAT_MAJOR,
     FORMAT_MINOR,
     FORMAT_VERSION,
+    ID_BYTES_SINCE,
     ROOT_ATTR,
     TASK_ATTR,
     StoreInfo,
@@ -46,6 +48,8 @@ from .keys import (
     PREFIX,
     PREFIX_DIMS,
     RESERVED_NAMES,
+    SAMPLE_ID,
+    SAMPLE_ID_BYTE,
     SAMPLES_NAME,
     TOKEN_DIMS,
     TOKENS,
@@ -123,6 +127,8 @@ class StoreWriter:
             if self.remote is not None:
                 self._refresh_staging()
             self.group = self._open_or_create(attrs, info, overwrite=overwrite)
+            # the store's own format: an older 2.x store resumed or extended keeps its layout (see `task`)
+            self.format_version: tuple[int, int] = format_version(self.attrs) or (FORMAT_MAJOR, FORMAT_MINOR)
             self._repair()
             self.sync()
         except BaseException:
@@ -198,7 +204,7 @@ class StoreWriter:
             diff = identity_diff(old, attrs) if isinstance(old, dict) else ["no combo metadata"]
             if diff and not overwrite:
                 raise StoreMismatchError(_mismatch_message(self.path, old, attrs, diff))
-            if not diff and same_major:  # a 2.0 store resumed or extended stays as it is: 2.1 only adds
+            if not diff and same_major:  # an older 2.x store resumed or extended stays as it is: a minor only adds
                 return zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
             self._wipe()  # overwrite with other settings or another format: the whole store goes
         attrs["created"] = info.created
@@ -303,6 +309,11 @@ class StoreWriter:
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs[ROOT_ATTR])
 
+    @property
+    def format_text(self) -> str:
+        """The store's format version as its documents record it ("2.2"; "2.1" for a 2.1 store extended)."""
+        return "{}.{}".format(*self.format_version)
+
     def has_task(self, name: str) -> bool:
         """Whether the task was created (its attribute written), finished or not."""
         return TASK_ATTR in ((_read_doc(self.path / name / "zarr.json") or {}).get("attributes") or {})
@@ -369,6 +380,16 @@ class StoreWriter:
         clash = sorted(set(split_names) & RESERVED_NAMES)
         if clash:
             raise StoreError(f"task {name!r}: split name(s) {clash} clash with the store's array names")
+        ids = samples.column(SAMPLE_ID).to_pylist()
+        if self.format_version >= ID_BYTES_SINCE:
+            try:
+                id_values, id_dims = sample_table.ids_to_bytes(ids), ("sample", SAMPLE_ID_BYTE)
+            except ValueError as err:
+                raise StoreError(f"task {name!r}: {err}") from None
+            id_text = "image path relative to the dataset root: UTF-8 bytes, zero-padded to the longest id"
+        else:  # a 2.0 / 2.1 store: zarr-python's variable-length strings, as its other tasks have
+            id_values, id_dims = np.asarray(ids, dtype=str), ("sample",)
+            id_text = "image path relative to the dataset root"
         n = samples.num_rows
         task_group = self.group.create_group(name, overwrite=True)
         coords = " ".join([*COORDINATES, *split_names])
@@ -391,8 +412,7 @@ class StoreWriter:
             prefix.attrs.update({"long_name": "prefix (cls / register) tokens of every block output", "coordinates": coords})
         layers = [int(x) for x in self.attrs["features"]["layers"]]
         self._coordinate(task_group, "layer", np.asarray(layers, dtype=np.int64), "layer", "block index (0 = first block)")
-        self._coordinate(task_group, "sample_id", np.asarray(samples.column("sample_id").to_pylist(), dtype=str),
-                         "sample", "image path relative to the dataset root")
+        self._coordinate(task_group, SAMPLE_ID, id_values, id_dims, id_text)
         self._coordinate(task_group, "label", samples.column("label").to_numpy().astype(np.int64), "sample",
                          "class index into the task's classes")
         self._coordinate(task_group, "valid", samples.column("valid").to_numpy(zero_copy_only=False).astype(bool),
@@ -400,7 +420,8 @@ class StoreWriter:
         for split in split_names:
             member = samples.column(sample_table.SPLIT_PREFIX + split).to_numpy(zero_copy_only=False).astype(bool)
             self._coordinate(task_group, split, member, "sample", f"row belongs to split {split}")
-        self.location.write_bytes(f"{name}/{SAMPLES_NAME}", sample_table.to_bytes(samples, classes=classes, task=name))
+        self.location.write_bytes(f"{name}/{SAMPLES_NAME}", sample_table.to_bytes(samples, classes=classes, task=name,
+                                                                                  format_version=self.format_text))
         splits = {s: int(samples.column("in_" + s).to_numpy().sum()) for s in split_names}
         task_group.attrs[TASK_ATTR] = {
             "task": name,
@@ -425,8 +446,8 @@ class StoreWriter:
 
     def _compact_arrays(self, group: zarr.Group, *, n: int, num_layers: int, num_tokens: int, feature_dim: int,
                         coords: str, pca: PcaBasis | None) -> None:
-        """The arrays of a compact task (store_schema/compact.py): sharded by rows like tokens, NaN-filled
-        where a float can say "never written"."""
+        """The arrays of a compact task (store_schema/compact.py): sharded by rows like tokens, filled with
+        a value that says "never written": NaN, and from format 2.2 -128 codes and -1 outlier indexes."""
         spec = self.compact
         assert spec is not None
         for name, (shape, dtype) in spec.array_specs(n, num_layers, num_tokens, feature_dim).items():
@@ -436,7 +457,7 @@ class StoreWriter:
                 kwargs = {"shape": shape, "chunks": (self.layout.rows_per_shard, *shape[1:]),
                           "compressors": self.layout.compressors(), "dimension_names": COMPACT_ROW_ARRAYS[name]}
             kwargs["dtype"] = dtype
-            kwargs["fill_value"] = float("nan") if np.dtype(dtype).kind == "f" else 0
+            kwargs["fill_value"] = fill_value(name, dtype, markers=self.format_version >= FILL_MARKERS_SINCE)
             array = group.create_array(name=name, **kwargs)
             array.attrs.update({"long_name": ARRAY_DESCRIPTIONS[name], "coordinates": coords})
         if pca is not None:
@@ -450,10 +471,13 @@ class StoreWriter:
                                            attributes={"description": text})
                 array[...] = values.astype(np.float32)
 
-    def _coordinate(self, group: zarr.Group, name: str, values: np.ndarray, dim: str, description: str) -> None:
+    def _coordinate(self, group: zarr.Group, name: str, values: np.ndarray, dims: str | tuple[str, ...],
+                    description: str) -> None:
+        """A small array in one chunk: `layer`, or one along the rows (sample_id, label, valid, a split)."""
+        dims = (dims,) if isinstance(dims, str) else tuple(dims)
         array = group.create_array(
             name=name, shape=values.shape, dtype=values.dtype if values.dtype.kind != "U" else str,
-            chunks=(max(1, values.shape[0]),), dimension_names=(dim,),
+            chunks=tuple(max(1, n) for n in values.shape), dimension_names=dims,
             compressors=self.layout.compressors(),  # the tokens' codec and crc32c: one checksum mechanism
             attributes={"description": description},
         )

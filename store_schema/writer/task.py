@@ -198,7 +198,8 @@ class TaskWriter:
             table = sample_table.with_invalid(table, [s.row for s in skipped])
             attrs = self.attrs
             location.write_bytes(f"{self.name}/{SAMPLES_NAME}",
-                                 sample_table.to_bytes(table, classes=attrs.get("classes") or [], task=self.name))
+                                 sample_table.to_bytes(table, classes=attrs.get("classes") or [], task=self.name,
+                                                       format_version=self.store.format_text))
             self.group["valid"][:] = table.column("valid").to_numpy(zero_copy_only=False).astype(bool)
         attrs = self.attrs
         attrs.update(complete=True, skipped=[s.__dict__ for s in skipped], completed=utc_now())
