@@ -10,16 +10,19 @@ import json
 import os
 import threading
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import zarr
 
 from .. import samples as sample_table
 from .. import staging as stage
+from ..compact import CompactSpec
 from ..errors import StoreError
-from ..location import fsync_dir
-from ..manifest import Entry, sha256_bytes
+from ..layout import StoreLayout
+from ..location import Location, fsync_dir
+from ..manifest import Entry, Manifest, sha256_bytes
 from ..metadata import TASK_ATTR, utc_now
 from .disk import _fsync_file
 from .journal import task_entries
@@ -27,14 +30,31 @@ from .keys import JOURNAL_NAME, SAMPLES_NAME, shard_block
 from .shard import ShardWriter
 from .skipped import Skipped
 
-if TYPE_CHECKING:  # a type hint only: at run time store.py imports this module, never the reverse
-    from .store import StoreWriter
+
+
+class OpenStore(Protocol):
+    """What a task writer needs of the store writer that opened it (`store.StoreWriter`, which imports this
+    module: the dependency goes one way)."""
+
+    path: Path
+    layout: StoreLayout
+    compact: CompactSpec | None
+    attrs: dict[str, Any]
+    remote: Location | None
+    location: Location
+
+    @property
+    def format_text(self) -> str: ...
+
+    def manifest(self) -> Manifest: ...
+
+    def publish(self, fresh: dict[str, dict[str, Entry]] | None = None) -> None: ...
 
 
 class TaskWriter:
     """Writes one task's shards; safe to call `write_block` from one background thread."""
 
-    def __init__(self, store: StoreWriter, name: str):
+    def __init__(self, store: OpenStore, name: str):
         self.store = store
         self.name = name
         self.shards = ShardWriter(store.path, name, layout=store.layout, compact=store.compact,
