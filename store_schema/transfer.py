@@ -15,11 +15,15 @@ The default check afterwards reads back only what this copy wrote.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import StoreError, StoreIncompleteError, StoreMismatchError, StoreNotFoundError, StoreValidationError
@@ -29,6 +33,7 @@ from .metadata import TASK_ATTR, format_major, identity_diff
 from .reader import _load_json, check_root_attrs, task_document
 from .validate import ValidationReport, validate_store
 from .writer import CHECKSUMS_NAME, PREFIX, ROW_ARRAYS, SAMPLES_NAME, TOKENS
+from .writer.lock import WriteLock
 
 SHARD, META, EXTRA = "shard", "meta", "extra"
 VERIFY_MODES = ("written", "all", "sample", "none")
@@ -439,6 +444,32 @@ def copy_store(
     if _same_place(src, dst):
         raise ValueError(f"source and destination are the same store: {redact(src.url)}")
     _check_destination(dst, contents.attrs)
+    with destination_lock(dst):  # one writer per store: a teammate's extraction or push into it is refused
+        return _copy(src, dst, contents, target, dst_opts=dst_opts, verify=verify, workers=workers, progress=progress)
+
+
+@contextlib.contextmanager
+def destination_lock(dst: Location) -> Iterator[None]:
+    """The store's write lock (store_schema/writer/lock.py) while a copy writes into it: the flock on a local
+    store's folder, the lock object in a remote one; refused in one sentence while a live writer holds it."""
+    where = redact(dst.url)
+    local = dst.local_path()
+    # a remote store: the lock object in it keeps machines apart; the flock half goes in a private folder
+    folder = local if local is not None else Path(tempfile.mkdtemp(prefix="combo-copy-lock-"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = WriteLock(folder, None if local is not None else dst, where=where)
+        try:
+            yield
+        finally:
+            lock.release()
+    finally:
+        if local is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _copy(src: Location, dst: Location, contents: "StoreContents", target: str, *, dst_opts: dict[str, Any] | None,
+          verify: str, workers: int, progress: TransferProgress) -> TransferResult:
     result = TransferResult(source=redact(src.url), destination=redact(dst.url), objects=len(contents.objects), verify=verify)
     dest_sizes = list_sizes(dst)
     progress.start(len(contents.objects), contents.total_bytes)
@@ -475,6 +506,8 @@ def copy_store(
     if not result.report.ok:
         raise StoreValidationError(redact(dst.url), result.report.problems)
     return result
+
+
 
 
 def push_store(source: str, destination: str, **kwargs: Any) -> TransferResult:

@@ -275,3 +275,32 @@ def test_an_s3_server_without_conditional_writes_gets_the_best_effort_lock(s3, b
         with pytest.raises(StoreLockedError, match="is being written by pid"):
             StoreWriter(url, tiny_info(), StoreLayout(), storage_options=s3.options)
     assert not has_lock(s3, bucket, "old-server.zarr/")
+
+
+def test_a_push_is_refused_while_another_machine_writes_the_destination(reference, s3, bucket, tmp_path):  # noqa: F811
+    """`combo store push` (and pull) is a writer too: it takes the destination's lock, so it cannot copy into a
+    store a teammate is writing, and leaves no lock behind."""
+    from store_schema.location import resolve
+    from store_schema.transfer import copy_store
+    from store_schema.writer.lock import Owner, RemoteLock
+
+    url = f"s3://{bucket}/team/eurosat.zarr"
+    other = RemoteLock(resolve(url, storage_options=s3.options), Owner(LockPolicy(heartbeat_s=60)),
+                       LockPolicy(heartbeat_s=60), where=url).acquire()  # another machine's writer
+    try:
+        with pytest.raises(StoreLockedError, match=r"is being written by pid \d+ on host .*--break-lock"):
+            copy_store(str(reference), url, storage_options=s3.options)
+        assert set(s3.objects(bucket)) == {"team/eurosat.zarr/" + LOCK_NAME}  # nothing copied
+        result = CliRunner().invoke(app, ["store", "push", str(reference), url, *s3.cli_options()])
+        assert result.exit_code == 2 and "is being written by" in " ".join(result.output.split())
+    finally:
+        other.release()
+    assert copy_store(str(reference), url, storage_options=s3.options).report.ok
+    assert not has_lock(s3, bucket, "team/eurosat.zarr/")  # released at the end
+    local = tmp_path / "copy.zarr"
+    writer = StoreWriter(local, StoreInfo.from_attrs(open_store(reference).attrs), StoreLayout(rows_per_shard=ROWS))
+    try:
+        with pytest.raises(StoreLockedError, match="is being written by"):
+            copy_store(url, str(local), storage_options=s3.options)
+    finally:
+        writer.close()
