@@ -422,7 +422,8 @@ def _info_lines(doc: dict[str, Any], width: int, options: dict[str, Any]) -> lis
                            f"mean {pre.get('mean')}", f"std {pre.get('std')}"], ", "),
         ("tokens", [f"grid {feats.get('token_grid')} = {feats.get('num_tokens')} tokens + {feats.get('num_prefix_tokens')} prefix",
                     f"dim {feats.get('feature_dim')}", str(feats.get("kind"))], "; "),
-        ("layers", [f"{feats.get('num_layers')}: {feats.get('layers')}"], ""),
+        ("layers", [f"{feats.get('num_layers')}: {feats.get('layers')}"
+                    + (f" of the model's {feats['model_layers']}" if feats.get("model_layers") else "")], ""),
         ("storage", [str(storage.get("dtype")), f"{storage.get('codec')} level {storage.get('clevel')} {storage.get('shuffle')}",
                      f"shard {storage.get('rows_per_shard')} rows",
                      f"chunk {storage.get('rows_per_chunk')} rows x {storage.get('layers_per_chunk')} layer(s)"], ", "),
@@ -449,6 +450,13 @@ def _info_lines(doc: dict[str, Any], width: int, options: dict[str, Any]) -> lis
             lines.append(Text(key.ljust(key_width) if not i else " " * key_width, style="bold") + Text(" " * GAP + part))
     lines += [Text(""), Text("tasks", style="bold")]
     lines += _task_lines(doc["task_details"], width, options)
+    sources = {name: t["source"] for name, t in doc["task_details"].items() if isinstance(t.get("source"), dict)}
+    if sources:
+        lines += [Text(""), Text("sources", style="bold")]
+        for name, src in sources.items():
+            where = (f"{src.get('repo')}@{str(src.get('revision') or '?')[:12]}" if src.get("kind") == "huggingface"
+                     else str(src.get("kind")))
+            lines.append(Text(f"  {name}: {where}"))
     return lines
 
 

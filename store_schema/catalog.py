@@ -290,6 +290,7 @@ def store_info(location: str | os.PathLike, *, storage_options: dict[str, Any] |
             "num_classes": len(task_attrs.get("classes") or []),
             "complete": bool(task_attrs.get("complete")),
             "skipped": len(task_attrs.get("skipped") or []),
+            "source": task_attrs.get("source"),  # where the images came from (a Hugging Face repo and commit), if recorded
             "skipped_samples": [s.get("sample_id") for s in task_attrs.get("skipped") or []][:20],
             "completed": task_attrs.get("completed"),
             **({"compact": task_attrs["compact"]} if task_attrs.get("compact") else {}),

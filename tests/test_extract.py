@@ -359,6 +359,7 @@ def test_layers_option_stores_a_subset(extracted, vtab, tmp_path):
     assert np.array_equal(some.read(rows), full.read(rows, layers=[10, 11]))
     assert np.array_equal(some.read(rows, prefix=True), full.read(rows, prefix=True, layers=[10, 11]))
     assert validate_store(tmp_path / MODEL / "vtab.zarr").ok
+    assert "2: [10, 11] of the model's 12" in run_cli("store", "info", str(tmp_path / MODEL / "vtab.zarr")).output
     assert "model_layers" not in open_store(extracted).features  # every layer: the document stores always had
 
 

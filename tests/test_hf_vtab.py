@@ -111,6 +111,15 @@ def test_glob_over_cached_repos_gives_vtab_tasks_deduplicated(extracted, hub):
             assert str(cache).encode() not in data and b"snapshots" not in data, f
 
 
+def test_store_info_names_each_tasks_repo_and_commit(extracted, hub):
+    _, repos = hub
+    text = " ".join(run_cli("store", "info", str(extracted)).output.split())
+    assert f"cifar: bramtoula/vtab_cifar100@{repos['cifar']['commit'][:12]}" in text
+    assert f"patch_camelyon: bramtoula/vtab_patch_camelyon@{repos['camelyon']['commit'][:12]}" in text
+    doc = json.loads(run_cli("store", "info", str(extracted), "--json").stdout)
+    assert doc["task_details"]["cifar"]["source"]["repo"] == "bramtoula/vtab_cifar100"
+
+
 def test_stored_rows_are_the_repo_rows_their_ids_name(extracted, hub):
     _, repos = hub
     task = open_store(extracted).task("cifar")
