@@ -409,10 +409,7 @@ def load_backbone(
         model = load_weights_file(spec.model_name, resolved, image_size=image_size, kwargs=kwargs)
         source, used_seed = resolved.source, None
 
-    info = list(getattr(model, "feature_info", None) or [])
-    if not info or not callable(getattr(model, "forward_intermediates", None)):
-        raise UnsupportedModelError(f"{name!r} ({type(model).__name__}) as built has no forward_intermediates() "
-                                    "or no feature_info, which combo reads every layer's tokens through")
+    info = model.feature_info  # resolve_model checked it (and forward_intermediates) on the meta device
     taken = parse_layers(layers, len(info), what=f"{name}: layers")
     model.eval().requires_grad_(False)
     if device is not None:

@@ -116,15 +116,13 @@ class ResolvedWeights:
     tag: str | None  # the pretrained tag actually resolved (timm default when spec had none)
 
 
-def resolve_pretrained(model_name: str, timm_name: str) -> ResolvedWeights:
-    """Find (download only if allowed and online) the file timm would load for model_name ("arch.tag")."""
-    spec_model_name = model_name
-    cfg = timm.models.get_pretrained_cfg(spec_model_name)
+def resolve_pretrained(requested: str, timm_name: str) -> ResolvedWeights:
+    """Find (download only if allowed and online) the file timm would load for `requested` ("arch" or "arch.tag")."""
+    cfg = timm.models.get_pretrained_cfg(requested)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise WeightsUnavailableError(
-            f"timm registers no pretrained weights for {spec_model_name!r}. "
-            + _how_to_supply(spec_model_name, None))
-    model_name = f"{timm_name}.{cfg.tag}" if cfg.tag else timm_name
+            f"timm registers no pretrained weights for {requested!r}. " + _how_to_supply(requested, None))
+    model_name = f"{timm_name}.{cfg.tag}" if cfg.tag else timm_name  # with the tag timm resolved
 
     if cfg.hf_hub_id:
         repo_id, _, revision = cfg.hf_hub_id.partition("@")
