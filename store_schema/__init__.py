@@ -13,6 +13,7 @@ from .errors import (
     StoreNotFoundError,
     StoreValidationError,
 )
+from .grids import GridSpec, grid_array, group_layers
 from .layout import StoreLayout
 from .location import (
     STORE_ROOT_ENV,
@@ -35,6 +36,7 @@ __all__ = [
     "BackboneInfo",
     "FeatureInfo",
     "FeatureStore",
+    "GridSpec",
     "Location",
     "Preprocessing",
     "SchemaVersionError",
@@ -54,6 +56,8 @@ __all__ = [
     "ValidationReport",
     "build_sample_table",
     "default_store_root",
+    "grid_array",
+    "group_layers",
     "is_url",
     "open_store",
     "parse_storage_options",

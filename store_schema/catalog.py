@@ -119,6 +119,7 @@ def _task_problems(
             problems.append(redact(str(err)))
     unfinished: list[str] = []
     rows_per_shard = int((attrs.get("storage") or {}).get("rows_per_shard") or 1)
+    # format 1's arrays (its checksums.json, below); format 2 stores, multi-grid ones too, go by their manifest
     arrays = [TOKENS] + ([PREFIX] if int((attrs.get("features") or {}).get("num_prefix_tokens") or 0) else [])
     splits: list[str] = []
     total = 0

@@ -40,7 +40,8 @@ def check_compactable(source: FeatureStore, spec: CompactSpec) -> dict[str, tupl
         raise CompactSpecError(
             f"{source.url} is already a compact store ({source.compact.name}); compact its full-size original instead"
         )
-    spec.check_dim(source.feature_dim, where=f"{source.url}: ")
+    for grid in source.grids:  # each group is encoded on its own: PCA R must fit every group's width
+        spec.check_dim(grid.feature_dim, where=f"{source.url}: " + (f"grid group {grid.name}: " if grid.name else ""))
     fits: dict[str, tuple[TaskStore, str | None]] = {}
     for name in source.tasks:
         task = source.task(name)
@@ -57,13 +58,24 @@ def check_compactable(source: FeatureStore, spec: CompactSpec) -> dict[str, tupl
 
 
 def fit_pca(task: TaskStore, split: str, components: int, *, rows_per_read: int | None = None) -> tuple[PcaBasis, dict[str, Any]]:
-    """PCA of a full-size task's patch tokens over its `split` rows only, streamed; with the record of the fit."""
+    """PCA of a full-size task's patch tokens over its `split` rows only, streamed; with the record of the fit.
+    `task` is one grid group's for a multi-grid store (`fit_task_pca` fits every group)."""
     rows = task.rows(split)
     fit = PcaFit(task.store.num_layers, task.store.feature_dim)
     step = rows_per_read or task.rows_per_shard
     for lo in range(0, rows.size, step):
         fit.add(task.read(rows[lo : lo + step]))
     return fit.fitted(components, split)
+
+
+def fit_task_pca(task: TaskStore, split: str, components: int) -> tuple[PcaBasis | list[PcaBasis], dict[str, Any]]:
+    """The PCA basis of a task (a multi-grid task: a list, one per grid group, each fitted on its own) and the
+    fit's record; a multi-grid record's explained_variance runs over every stored layer, group after group."""
+    if task.grid is not None:
+        return fit_pca(task, split, components)
+    fits = [fit_pca(part, split, components) for part in task.grid_tasks()]
+    record = {**fits[0][1], "explained_variance": [v for _, r in fits for v in r["explained_variance"]]}
+    return [basis for basis, _ in fits], record
 
 
 def compact_store(source: str | os.PathLike | FeatureStore, target: str | os.PathLike, spec: CompactSpec, *,
@@ -82,7 +94,7 @@ def compact_store(source: str | os.PathLike | FeatureStore, target: str | os.Pat
             if spec.pca is not None and not writer.has_task(name):
                 if log:
                     log(f"{name}: fitting PCA-{spec.pca} on split {split} ({task.rows(str(split)).size} rows)")
-                pca, record = fit_pca(task, str(split), spec.pca)
+                pca, record = fit_task_pca(task, str(split), spec.pca)
             task_writer = writer.task(
                 name, samples=task.samples, num_layers=src.num_layers, num_tokens=src.token_grid[0] * src.token_grid[1],
                 feature_dim=src.feature_dim, num_prefix_tokens=src.num_prefix_tokens, protocols=task.protocols,
@@ -94,10 +106,12 @@ def compact_store(source: str | os.PathLike | FeatureStore, target: str | os.Pat
             skipped = {int(s["row"]): Skipped(**s) for s in task.attrs.get("skipped") or []}
             pending = task_writer.pending()
             advance = progress(name, sum(len(task_writer.blocks[b]) for b in pending)) if progress else None
+            parts = task.grid_tasks()
             for block in pending:
                 rows = task_writer.blocks[block]
                 index = np.arange(rows.start, rows.stop)
-                tokens = task.read(index)
+                # a multi-grid task: one array per grid group, each encoded on its own
+                tokens = task.read(index) if not src.multi_grid else [part.read(index) for part in parts]
                 prefix = task.read(index, prefix=True) if src.num_prefix_tokens else None
                 task_writer.write_block(block, tokens, prefix, skipped=[skipped[r] for r in rows if r in skipped])
                 if advance:
@@ -110,4 +124,4 @@ def compact_store(source: str | os.PathLike | FeatureStore, target: str | os.Pat
     return CompactResult(store=dst, tasks=list(src.tasks), bytes_on_disk=size, source_bytes=source_bytes)
 
 
-__all__ = ["CompactResult", "check_compactable", "compact_store", "fit_pca"]
+__all__ = ["CompactResult", "check_compactable", "compact_store", "fit_pca", "fit_task_pca"]

@@ -9,7 +9,9 @@ Root group attribute ``combo`` (one per store)::
                       model_kwargs (only when non-empty: the extra timm create_model kwargs)}
     preprocessing    {image_size, resize, interpolation, crop, mean, std}
     features         {kind, token_grid, num_tokens, num_prefix_tokens, layers, num_layers, feature_dim,
-                      model_layers (only when layers is a subset)}
+                      model_layers (only when layers is a subset),
+                      grids (2.3, multi-grid stores only: [{name, token_grid, num_tokens, feature_dim, layers}]
+                      one per (grid, width) group; token_grid / num_tokens / feature_dim are then the last group's)}
     storage          {dtype, codec, rows_per_shard, rows_per_chunk, layers_per_chunk, chunk_checksum}
     dataset          {name} (format 1 also recorded the absolute root; format 2 records no local path)
     tasks            [task names]
@@ -34,7 +36,9 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata as _importlib_metadata
 from typing import Any
 
-FORMAT_MAJOR, FORMAT_MINOR = 2, 2
+from .grids import GridSpec, grid_problems
+
+FORMAT_MAJOR, FORMAT_MINOR = 2, 3
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 # What each minor version added to the arrays. A writer extending or resuming an older 2.x store writes its
 # new tasks in that store's layout, so a store's version always says what every one of its tasks holds.
@@ -42,6 +46,9 @@ FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 # which tensorstore and zarrs refuse), and compact arrays whose integer never-written fill is a reserved
 # marker that decodes to NaN (int8 codes -128, outlier_index -1; before: 0, which decoded as data)
 ID_BYTES_SINCE = FILL_MARKERS_SINCE = (2, 2)
+# 2.3: the multi-grid layout (store_schema/grids.py): a model whose stored layers have more than one (grid, width)
+# gets one array per group (`tokens_g0`, `layer_g0`, ...) and `features.grids`; single-grid tasks are 2.2's
+MULTI_GRID_SINCE = (2, 3)
 SCHEMA_VERSION = FORMAT_MAJOR  # the integer format 1 readers check: they refuse anything above 1
 FORMAT_NAME = "combo-feature-store"
 # The name combo is published under: "combo" on the public index is an unrelated package.
@@ -135,6 +142,16 @@ class FeatureInfo:
     # how many layer outputs the model has, recorded only when `layers` is a subset of them (`combo extract
     # --layers`): `combo predict` checks the rebuilt model against it. Absent: every layer is stored.
     model_layers: int | None = None
+    # format 2.3: one entry per (grid, width) group of a hierarchical model's layers, in layer order (None: one
+    # grid); token_grid / feature_dim are then the last group's (the deepest stage, what a linear probe reads)
+    grids: tuple[GridSpec, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.grids is not None:
+            problems = grid_problems(self.grids, layers=self.layers, token_grid=self.token_grid,
+                                     feature_dim=self.feature_dim, num_prefix_tokens=self.num_prefix_tokens)
+            if problems:
+                raise ValueError("FeatureInfo.grids: " + "; ".join(problems))
 
     @property
     def num_tokens(self) -> int:
@@ -162,7 +179,8 @@ class StoreInfo:
             preprocessing=Preprocessing(int(p["image_size"]), tuple(p["mean"]), tuple(p["std"]),
                                         p.get("interpolation", "bilinear"), p.get("resize", "square, no crop")),
             features=FeatureInfo(tuple(f["token_grid"]), int(f["num_prefix_tokens"]), tuple(f["layers"]),
-                                 int(f["feature_dim"]), f.get("kind", FeatureInfo.kind), f.get("model_layers")),
+                                 int(f["feature_dim"]), f.get("kind", FeatureInfo.kind), f.get("model_layers"),
+                                 tuple(GridSpec.from_attrs(g) for g in f["grids"]) if f.get("grids") else None),
             dataset=str(attrs["dataset"]["name"]),
         )
 
@@ -174,6 +192,10 @@ class StoreInfo:
         feats["num_layers"] = len(self.features.layers)
         if self.features.model_layers is None:
             del feats["model_layers"]  # stores of every layer keep the document they always had
+        if self.features.grids is None:
+            del feats["grids"]  # a single-grid store's document is 2.2's
+        else:
+            feats["grids"] = [g.to_attrs() for g in self.features.grids]
         pre = asdict(self.preprocessing)
         pre["mean"], pre["std"] = list(self.preprocessing.mean), list(self.preprocessing.std)
         pre["crop"] = "none"

@@ -18,6 +18,7 @@ import zarr
 from . import samples as sample_table
 from .errors import SchemaVersionError, StoreError, StoreIncompleteError, StoreNotFoundError
 from .compact import CODES, PCA_COMPONENTS, PCA_MEAN, CompactSpec, PcaBasis, decode
+from .grids import GridSpec, grid_array, grid_features, grids_of
 from .layout import StoreLayout
 from .location import Location, list_sizes, resolve
 from .manifest import Manifest, absent_or_resized, describe_missing, load_manifest, verify_bytes
@@ -164,6 +165,16 @@ class FeatureStore:
         """How the tokens are encoded (store_schema/compact.py); None for full-size tokens."""
         return CompactSpec.from_attrs(self.attrs["storage"].get("compact"))
 
+    @cached_property
+    def grids(self) -> list[GridSpec]:
+        """The store's grid groups (format 2.3, store_schema/grids.py); one, named "", for a single-grid store."""
+        return grids_of(self.features)
+
+    @property
+    def multi_grid(self) -> bool:
+        """Whether the layers have more than one (grid, width): each group has arrays of its own."""
+        return len(self.grids) > 1
+
     def task(self, name: str) -> "TaskStore":
         if name not in self.tasks:
             raise StoreError(f"store {self.url} has no task {name!r}; it holds: {', '.join(self.tasks) or 'none'}")
@@ -171,6 +182,43 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.url!r}, backbone={self.backbone['alias']!r}, tasks={self.tasks})"
+
+
+class GridView(FeatureStore):
+    """A multi-grid store as one of its grid groups sees it: that group's token_grid, num_layers, feature_dim and
+    features["layers"], no prefix tokens; everything else (url, backbone, tasks, manifest ...) is the store's.
+    What a per-group `TaskStore` reports as its `.store`, so code written for single-grid stores reads a group."""
+
+    def __init__(self, base: FeatureStore, grid: GridSpec):  # noqa: D107 - shares the open store, reads nothing
+        self.base, self.grid = base, grid
+        self.location, self.doc, self.attrs = base.location, base.doc, base.attrs
+        self.format_version, self.group = base.format_version, base.group
+
+    @property
+    def features(self) -> dict[str, Any]:
+        return grid_features(self.base.features, self.grid)
+
+    @property
+    def grids(self) -> list[GridSpec]:  # type: ignore[override]
+        return [self.grid]
+
+    @property
+    def manifest(self) -> Manifest:  # type: ignore[override]
+        return self.base.manifest
+
+    @property
+    def layout(self) -> StoreLayout:  # type: ignore[override]
+        return self.base.layout
+
+    @property
+    def compact(self) -> CompactSpec | None:  # type: ignore[override]
+        return self.base.compact
+
+    def task(self, name: str) -> "TaskStore":
+        return self.base.task(name).grid_task(self.grid.name)
+
+    def __repr__(self) -> str:
+        return f"GridView({self.url!r}, grid={self.grid.name!r})"
 
 
 SPAN_BYTES = 16 * 2**20  # most bytes one zarr call may decode (neighbouring shards merge up to this)
@@ -247,32 +295,71 @@ def read_rows(array: zarr.Array, rows: Sequence[int] | np.ndarray, *, layers: Se
 
 
 class TaskStore:
-    """One task group: token arrays, prefix tokens and the sample table."""
+    """One task group: token arrays, prefix tokens and the sample table.
 
-    def __init__(self, store: FeatureStore, name: str):
-        self.store = store
+    A multi-grid task (format 2.3) holds one set of arrays per grid group: `grid_tasks()` gives a TaskStore per
+    group (`grid` set), which reads that group's arrays as a single-grid task reads its own; the task itself
+    reads no tokens (`read` refuses, pointing there), while its samples, labels and rows are the groups'."""
+
+    def __init__(self, store: FeatureStore, name: str, *, grid: GridSpec | None = None, parent: "TaskStore | None" = None):
         self.name = name
         self._ready = False
+        self._parent = parent
         doc = store.task_doc(name)
         attrs = (doc.get("attributes") or {}).get(TASK_ATTR)
         if not isinstance(attrs, dict):
             raise StoreError(f"{store.url}/{name}: task group has no '{TASK_ATTR}' attribute")
         self.attrs: dict[str, Any] = attrs
         self.compact = store.compact
+        # the task's own grid group: a single-grid store's one ("" names), a group of a multi-grid store's
+        # (`grid_tasks`); None for a multi-grid task itself, which holds several
+        self.grid: GridSpec | None = grid if grid is not None else (None if store.multi_grid else store.grids[0])
+        self.store: FeatureStore = GridView(store, grid) if grid is not None and grid.name else store
         # a compact task's main array is its codes ([N, L, T, C]); `read` decodes them
-        self.tokens: zarr.Array = self._array(CODES if self.compact else TOKENS)
-        self.prefix: zarr.Array | None = self._array(PREFIX) if store.num_prefix_tokens else None
+        self.tokens: zarr.Array | None = None if self.grid is None else self._array(self.array_name(CODES if self.compact else TOKENS))
+        self.prefix: zarr.Array | None = self._array(PREFIX) if self.grid is not None and self.store.num_prefix_tokens else None
         # feature bytes returned by `read` / `read_encoded` (rows x layers x tokens x width x stored itemsize, every
         # array of a compact encoding), so a caller can say how much of a split it read; prefetch threads add to it
         self.bytes_read = 0
         self._count_lock = threading.Lock()
+
+    def array_name(self, base: str) -> str:
+        """The name of array `base` in this task's grid group ("tokens" -> "tokens_g1"; single-grid: "tokens")."""
+        return grid_array(base, self._grid().name)
+
+    def _grid(self) -> GridSpec:
+        """The task's grid group; a multi-grid task itself has several, and its tokens are read per group."""
+        if self.grid is None:
+            names = ", ".join(g.name for g in self.store.grids)
+            raise StoreError(
+                f"task {self.name} of {self.store.url} is multi-grid: its layers have {len(self.store.grids)} token "
+                f"grids / widths (groups {names}), each in arrays of its own; read them through "
+                f"`task.grid_tasks()` (one TaskStore per group)"
+            )
+        return self.grid
+
+    def grid_tasks(self) -> list["TaskStore"]:
+        """One TaskStore per grid group, in order ([self] for a single-grid task): each reads its group's arrays,
+        and shares this task's samples, labels and rows."""
+        if self.grid is not None:
+            return [self]
+        return [TaskStore(self.store, self.name, grid=g, parent=self) for g in self.store.grids]
+
+    def grid_task(self, name: str) -> "TaskStore":
+        """The TaskStore of grid group `name` ("" for a single-grid task)."""
+        for task in self.grid_tasks():
+            if task.grid is not None and task.grid.name == name:
+                return task
+        raise StoreError(f"task {self.name} of {self.store.url} has no grid group {name!r}; it has: "
+                         f"{', '.join(repr(g.name) for g in self.store.grids)}")
 
     @cached_property
     def encoded(self) -> list[zarr.Array]:
         """A compact task's row arrays, in `CompactSpec.arrays()` order (what `decode` takes)."""
         if self.compact is None:
             raise StoreError(f"task {self.name} of {self.store.url} holds full-size tokens, not a compact encoding")
-        return [self.tokens if n == CODES else self._array(n) for n in self.compact.arrays()]
+        self._grid()
+        return [self.tokens if n == CODES else self._array(self.array_name(n)) for n in self.compact.arrays()]
 
     @cached_property
     def pca(self) -> PcaBasis | None:
@@ -280,8 +367,8 @@ class TaskStore:
         if self.compact is None or self.compact.pca is None:
             return None
         self.require_complete()
-        return PcaBasis(np.asarray(self._array(PCA_COMPONENTS)[...], dtype=np.float32),
-                        np.asarray(self._array(PCA_MEAN)[...], dtype=np.float32))
+        return PcaBasis(np.asarray(self._array(self.array_name(PCA_COMPONENTS))[...], dtype=np.float32),
+                        np.asarray(self._array(self.array_name(PCA_MEAN))[...], dtype=np.float32))
 
     def _array(self, array: str) -> zarr.Array:
         """An array of the task; a missing or unreadable array metadata document is named (zarr reads it
@@ -308,6 +395,10 @@ class TaskStore:
         """Refuse a task that is not whole: never finished, or (where the store can be listed) an
         object of its manifest missing or of another size, e.g. after an interrupted copy."""
         if self._ready:
+            return
+        if self._parent is not None:  # a grid group's task: the task's objects are checked once, for all groups
+            self._parent.require_complete()
+            self._ready = True
             return
         if not self.complete:
             raise StoreIncompleteError(
@@ -355,6 +446,8 @@ class TaskStore:
     @cached_property
     def samples(self) -> pa.Table:
         """The sample table, checked against the manifest (a shifted label column is refused)."""
+        if self._parent is not None:
+            return self._parent.samples
         key = f"{self.name}/{SAMPLES_NAME}"
         data = self.store.location.read_bytes(key)
         if self.complete and self.store.format_major >= 2:
@@ -392,6 +485,7 @@ class TaskStore:
         tokens come back decoded, float32 in original units (``normalised``: ComBo's per-map
         normalisation, with the stored statistics). ``direct``: local shard files are read with O_DIRECT, past
         the page cache (for one pass over more than RAM holds)."""
+        self._grid()  # a multi-grid task is read per group (`grid_tasks`)
         if self.compact is not None and not prefix:
             encoded = self.read_encoded(rows, layers=layers, direct=direct)
             return decode(encoded, self.compact, self.pca, layers=layers, normalised=normalised)
@@ -402,7 +496,7 @@ class TaskStore:
         rows = self._rows(rows)
         out = read_rows(array, rows, layers=layers, rows_per_shard=self.rows_per_shard,
                         where=f"task {self.name} of {self.store.url}", files=self.files(array, direct=direct))
-        self._check_written(out, rows, array_name=PREFIX if prefix else TOKENS)
+        self._check_written(out, rows, array_name=PREFIX if prefix else self.array_name(TOKENS))
         self._count(out.nbytes)
         return out
 
@@ -426,6 +520,7 @@ class TaskStore:
                      direct: bool = False) -> list[np.ndarray]:
         """A compact task's arrays for these rows (and layers), in `CompactSpec.arrays()` order, undecoded:
         what a reader that decodes elsewhere (on a GPU, in the batch) needs."""
+        self._grid()
         arrays = self.encoded
         self.require_complete()
         rows = self._rows(rows)
@@ -433,7 +528,7 @@ class TaskStore:
         out = [read_rows(a, rows, layers=layers, rows_per_shard=self.rows_per_shard, where=where,
                          files=self.files(a, direct=direct)) for a in arrays]
         for name, array, values in zip(self.compact.arrays(), arrays, out):  # each array is its own shard objects
-            self._check_written(values, rows, array_name=name, fill=array.metadata.fill_value)
+            self._check_written(values, rows, array_name=self.array_name(name), fill=array.metadata.fill_value)
         self._count(sum(a.nbytes for a in out))
         return out
 
@@ -468,6 +563,7 @@ class TaskStore:
     def to_dask(self, *, split: str | None = None, layer: int | None = None, prefix: bool = False) -> da.Array:
         """Lazy view; chunks follow the shards (dask's from_zarr would use the inner chunks). A compact
         task's tokens are decoded chunk by chunk (float32, original units)."""
+        self._grid()
         array = self.prefix if prefix else self.tokens
         if array is None:
             raise StoreError(f"store {self.store.url} has no prefix tokens")

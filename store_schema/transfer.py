@@ -32,7 +32,8 @@ from .manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_bytes
 from .metadata import TASK_ATTR, format_major, identity_diff
 from .reader import _load_json, check_root_attrs, task_document
 from .validate import ValidationReport, validate_store
-from .writer import CHECKSUMS_NAME, PREFIX, ROW_ARRAYS, SAMPLES_NAME, TOKENS
+from .writer import CHECKSUMS_NAME, PREFIX, SAMPLES_NAME, TOKENS
+from .writer.keys import is_row_array
 from .writer.lock import WriteLock
 
 SHARD, META, EXTRA = "shard", "meta", "extra"
@@ -180,7 +181,7 @@ def _store_objects_v2(location: Location, doc: dict[str, Any], attrs: dict[str, 
     for key, entry in sorted(manifest.objects.items(), key=lambda kv: _block_order(kv[0])):
         parts = key.split("/")
         stage = 2 if key == ROOT_KEY else 1 if len(parts) == 2 and parts[1] == ROOT_KEY else 0
-        kind = SHARD if "/c/" in key and parts[1] in ROW_ARRAYS else META
+        kind = SHARD if "/c/" in key and is_row_array(parts[1]) else META  # every grid group's arrays too
         objects.append(StoreObject(key, kind, stage, entry.sha256, entry.size))
     raw = location.read_bytes(MANIFEST_NAME)
     objects.append(StoreObject(MANIFEST_NAME, META, 3, sha256_bytes(raw), len(raw)))

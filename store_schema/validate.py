@@ -23,7 +23,8 @@ from . import samples as sample_table
 from .errors import StoreError, StoreNotFoundError, StoreValidationError
 from .location import is_hidden, list_sizes, resolve
 from .manifest import MANIFEST_NAME, Manifest, sha256_bytes
-from .metadata import ID_BYTES_SINCE, ROOT_ATTR, TASK_ATTR
+from .grids import grid_array, grid_problems
+from .metadata import ID_BYTES_SINCE, MULTI_GRID_SINCE, ROOT_ATTR, TASK_ATTR
 from .reader import FeatureStore, _load_json, consolidated
 from .writer import CHECKSUMS_NAME, JOURNAL_NAME, PREFIX, SAMPLE_ID, SAMPLES_NAME, TOKENS, shard_key
 
@@ -113,6 +114,8 @@ def validate_store(
             report.problems.append(f"root metadata: {section} lacks {', '.join(missing)}")
     if store.format_major >= 2:
         report.problems += schema_problems(store.attrs, "root", f"root attribute '{ROOT_ATTR}'")
+    if not report.problems:
+        report.problems += _grid_problems(store)
     if report.problems:
         return report
     manifest: Manifest | None = None
@@ -130,6 +133,23 @@ def validate_store(
     if manifest is not None:
         _check_root_objects(store, manifest, report)
     return report
+
+
+def _grid_problems(store: FeatureStore) -> list[str]:
+    """A multi-grid store's `features.grids` against the rest of `features` and the store's version."""
+    feats = store.features
+    if not feats.get("grids"):
+        return []
+    where = f"root attribute '{ROOT_ATTR}': "
+    if store.format_version < MULTI_GRID_SINCE:
+        return [f"{where}features.grids is recorded, but format {'.'.join(map(str, store.format_version))} has no "
+                f"multi-grid layout (from {'.'.join(map(str, MULTI_GRID_SINCE))} on)"]
+    try:
+        grids = store.grids
+    except (KeyError, TypeError, ValueError) as err:
+        return [f"{where}features.grids cannot be read ({err})"]
+    return [where + p for p in grid_problems(grids, layers=feats["layers"], token_grid=feats["token_grid"],
+                                             feature_dim=feats["feature_dim"], num_prefix_tokens=feats["num_prefix_tokens"])]
 
 
 def _check_root_objects(store: FeatureStore, manifest: Manifest, report: ValidationReport) -> None:
@@ -174,16 +194,7 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
         problems.append(f"task {task}: metadata lacks {', '.join(missing)}")
         return "invalid"
     n = int(attrs["num_samples"])
-    feats = store.features
-    grid = feats["token_grid"]
-    dtype = store.attrs["storage"]["dtype"]
-    num_layers, num_tokens, dim = len(feats["layers"]), int(grid[0]) * int(grid[1]), int(feats["feature_dim"])
-    if store.compact is not None:
-        expected = dict(store.compact.array_specs(n, num_layers, num_tokens, dim))
-    else:
-        expected = {TOKENS: ((n, num_layers, num_tokens, dim), dtype)}
-    if int(feats["num_prefix_tokens"]):
-        expected[PREFIX] = ((n, num_layers, int(feats["num_prefix_tokens"]), dim), dtype)
+    expected = expected_arrays(store, n)
     for name, (shape, array_dtype) in expected.items():
         try:
             meta = _load_json(loc, f"{task}/{name}/zarr.json")
@@ -194,6 +205,8 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
             problems.append(f"task {task}: array {name} has shape {tuple(meta.get('shape', ()))}, expected {shape}")
         if meta.get("data_type") != array_dtype:
             problems.append(f"task {task}: array {name} has dtype {meta.get('data_type')}, metadata says {array_dtype}")
+    if store.multi_grid:
+        problems += _layer_problems(store, task)
     try:
         table = sample_table.from_bytes(loc.read_bytes(f"{task}/{SAMPLES_NAME}"))
     except Exception as err:  # noqa: BLE001 - unreadable parquet, missing file, ...
@@ -265,6 +278,38 @@ def _validate_task(store: FeatureStore, task: str, report: ValidationReport, *, 
                 if sha256_bytes(data) != digests[local_key]:
                     problems.append(f"{where} is corrupt (checksum mismatch)")
     return "ok"
+
+
+def expected_arrays(store: FeatureStore, n: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of every row array a task of `n` rows holds: each grid group's tokens (or compact arrays),
+    suffixed in a multi-grid store (format 2.3), then prefix tokens."""
+    feats = store.features
+    dtype = store.attrs["storage"]["dtype"]
+    expected: dict[str, tuple[tuple[int, ...], str]] = {}
+    for grid in store.grids:
+        if store.compact is not None:
+            specs = store.compact.array_specs(n, grid.num_layers, grid.num_tokens, grid.feature_dim)
+            expected.update({grid_array(name, grid.name): spec for name, spec in specs.items()})
+        else:
+            expected[grid_array(TOKENS, grid.name)] = ((n, grid.num_layers, grid.num_tokens, grid.feature_dim), dtype)
+    if int(feats["num_prefix_tokens"]):
+        expected[PREFIX] = ((n, len(feats["layers"]), int(feats["num_prefix_tokens"]), int(feats["feature_dim"])), dtype)
+    return expected
+
+
+def _layer_problems(store: FeatureStore, task: str) -> list[str]:
+    """A multi-grid task's `layer_<g>` coordinates: each group's model layer indices, as `features.grids` says."""
+    out = []
+    for grid in store.grids:
+        name = grid_array("layer", grid.name)
+        try:
+            values = [int(v) for v in np.asarray(store.group[f"{task}/{name}"][...])]
+        except Exception as err:  # noqa: BLE001 - missing or undecodable: a problem of the store
+            out.append(f"task {task}: coordinate {name} cannot be read ({err})")
+            continue
+        if values != list(grid.layers):
+            out.append(f"task {task}: coordinate {name} holds layers {values}; features.grids says {list(grid.layers)}")
+    return out
 
 
 def _sample_id_problems(store: FeatureStore, task: str, ids: list[str]) -> list[str]:

@@ -289,7 +289,7 @@ def test_http_open_costs_at_most_four_requests_and_no_404(store, tmp_path):
 
 def test_minor_versions_read_major_refused_with_the_right_hint(store):
     doc = json.loads((store / "zarr.json").read_text())
-    assert doc["attributes"]["combo"]["format_version"] == FORMAT_VERSION == "2.2"
+    assert doc["attributes"]["combo"]["format_version"] == FORMAT_VERSION == "2.3"
     doc["attributes"]["combo"]["format_version"] = "2.9"  # a later minor: readers of 2.x read it
     doc.pop("consolidated_metadata")
     (store / "zarr.json").write_text(json.dumps(doc))
@@ -326,7 +326,8 @@ def copy_21(tmp_path: Path, name: str) -> Path:
 
 def test_format_2_1_stores_read_as_they_always_did(tmp_path):
     """2.1's layout (string sample_id, 0-filled compact integers) is still read, validated and decoded: the
-    2.1 int8 store decodes exactly as a 2.2 compaction of the same source does, whose codes are its codes."""
+    2.1 int8 store decodes exactly as a 2.3 compaction of the same source does (2.2's layout for one grid), whose
+    codes are its codes."""
     import xarray as xr
 
     from store_schema.compact import CompactSpec
@@ -345,7 +346,7 @@ def test_format_2_1_stores_read_as_they_always_did(tmp_path):
     assert zarr_json["fill_value"] == 0
     fresh = compact_store(FORMAT_21 / "full.zarr", tmp_path / "int8.zarr", CompactSpec(int8=True)).store
     old, new = small.task("task"), open_store(fresh).task("task")
-    assert open_store(fresh).format_version == (2, 2)
+    assert open_store(fresh).format_version == (2, 3)
     for a, b in zip(old.read_encoded(np.arange(12)), new.read_encoded(np.arange(12))):
         assert np.array_equal(a, b, equal_nan=True)
     assert np.array_equal(old.read(np.arange(12)), new.read(np.arange(12)))
@@ -400,7 +401,7 @@ def test_a_2_1_store_extended_keeps_its_version_and_layout(tmp_path, name):
 
 
 def test_validate_checks_the_sample_id_coordinate_against_the_version_and_the_table(store):
-    """The layout follows the version: a 2.2 store with a string sample_id, or ids that disagree with the
+    """The layout follows the version: a 2.3 store with a string sample_id, or ids that disagree with the
     sample table, fails validation, naming the coordinate."""
     array = zarr.open_group(store, mode="r+")["task/sample_id"]
     array[:] = np.zeros(array.shape, np.uint8)  # ids gone
@@ -413,7 +414,7 @@ def test_validate_checks_the_sample_id_coordinate_against_the_version_and_the_ta
     meta["codecs"] = [{"name": "vlen-utf8", "configuration": {}}] + meta["codecs"][1:]
     meta_path.write_text(json.dumps(meta))
     report = validate_store(store)
-    assert any("coordinate sample_id" in p and "format 2.2 stores it as 'uint8'" in p for p in report.problems), report.problems
+    assert any("coordinate sample_id" in p and "format 2.3 stores it as 'uint8'" in p for p in report.problems), report.problems
 
 
 V1_TOKENS = np.arange(16 * 2 * 4 * 8, dtype=np.float32).reshape(16, 2, 4, 8) / 100

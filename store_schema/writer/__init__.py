@@ -7,6 +7,9 @@ flips the task's `complete` flag, then `publish` rewrites the consolidated metad
 root manifest (manifest.json) last, and only then is the journal removed: a kill anywhere in
 between leaves a store the next writer completes (`_repair`), never one it deletes.
 
+A multi-grid store (format 2.3, store_schema/grids.py) has each row array once per grid group (`tokens_g0`, ...):
+every module treats each of them as a single-grid store treats `tokens`.
+
 Modules, each importing only those above it: `keys` (array, file and shard-key names), `disk`
 (zarr.json reading, fsync), `skipped` (`Skipped`), `journal` (journal -> manifest entries),
 `shard` (`ShardWriter`), `task` (`TaskWriter`), `lock` (the write lock: an flock, and an object in a remote
@@ -33,6 +36,9 @@ from .keys import (
     SAMPLES_NAME,
     TOKEN_DIMS,
     TOKENS,
+    grid_dims,
+    is_reserved,
+    is_row_array,
     is_row_shard,
     shard_block,
     shard_key,
@@ -62,6 +68,9 @@ __all__ = [
     "Skipped",
     "StoreWriter",
     "TaskWriter",
+    "grid_dims",
+    "is_reserved",
+    "is_row_array",
     "is_row_shard",
     "shard_block",
     "shard_key",

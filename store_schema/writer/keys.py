@@ -16,6 +16,7 @@ from ..compact import (
     PCA_MEAN,
     TOKEN_SCALE,
 )
+from ..grids import grid_array, split_array
 
 
 LOCK_NAME = ".combo-write.lock"
@@ -52,6 +53,22 @@ ARRAY_DESCRIPTIONS = {
 }
 
 
+def is_row_array(name: str) -> bool:
+    """A task's row array, of a single-grid store ("tokens") or of one group of a multi-grid one ("tokens_g1")."""
+    return name in ROW_ARRAYS or split_array(name)[0] in ROW_ARRAYS
+
+
+def is_reserved(name: str) -> bool:
+    """A name a split cannot take: one of the store's arrays or dimensions, with or without a group suffix."""
+    return name in RESERVED_NAMES or split_array(name)[0] in RESERVED_NAMES
+
+
+def grid_dims(dims: tuple[str, ...], grid: str) -> tuple[str, ...]:
+    """An array's dimension names in group `grid`: every one but `sample` (shared by all groups) suffixed, so
+    xarray sees each group's layer, token and channel axes as its own."""
+    return tuple(d if d == "sample" else grid_array(d, grid) for d in dims)
+
+
 def shard_key(task: str, array: str, block: int, ndim: int = 4) -> str:
     """Store key of shard `block` of an `ndim`-dimensional row array (zarr v3 default chunk-key encoding)."""
     return f"{task}/{array}/c/{block}" + "/0" * (ndim - 1)
@@ -60,14 +77,14 @@ def shard_key(task: str, array: str, block: int, ndim: int = 4) -> str:
 def shard_block(task: str, key: str) -> int | None:
     """Block index of a shard key of one of `task`'s row arrays (inverse of `shard_key`); None otherwise."""
     parts = key.split("/")
-    if len(parts) >= 5 and parts[0] == task and parts[1] in ROW_ARRAYS and parts[2] == "c" \
+    if len(parts) >= 5 and parts[0] == task and is_row_array(parts[1]) and parts[2] == "c" \
             and parts[3].isdigit() and all(p == "0" for p in parts[4:]):
         return int(parts[3])
     return None
 
 
 def is_row_shard(key: str) -> bool:
-    """A shard of a task's row arrays ("task/tokens/c/3/0/0/0"): written (and, for a remote store, uploaded)
+    """A shard of a task's row arrays ("task/tokens/c/3/0/0/0", "task/tokens_g1/c/3/0/0/0"): written (and, for a remote store, uploaded)
     by the shard writers, journaled, never mirrored."""
     parts = key.split("/")
-    return len(parts) >= 3 and parts[1] in ROW_ARRAYS and parts[2] == "c"
+    return len(parts) >= 3 and is_row_array(parts[1]) and parts[2] == "c"

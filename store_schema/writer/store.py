@@ -22,6 +22,7 @@ from .. import samples as sample_table
 from .. import staging as stage
 from ..compact import CODES, PCA_COMPONENTS, PCA_MEAN, CompactSpec, PcaBasis, fill_value
 from ..errors import SchemaVersionError, StoreError, StoreMismatchError
+from ..grids import GridSpec, grid_array
 from ..layout import StoreLayout
 from ..location import Location, is_url, list_sizes, redact, resolve
 from ..manifest import MANIFEST_NAME, Entry, Manifest, absent_or_resized
@@ -31,6 +32,7 @@ from ..metadata import (
     FORMAT_MINOR,
     FORMAT_VERSION,
     ID_BYTES_SINCE,
+    MULTI_GRID_SINCE,
     ROOT_ATTR,
     TASK_ATTR,
     StoreInfo,
@@ -47,12 +49,13 @@ from .keys import (
     LOCK_NAME,
     PREFIX,
     PREFIX_DIMS,
-    RESERVED_NAMES,
     SAMPLE_ID,
     SAMPLE_ID_BYTE,
     SAMPLES_NAME,
     TOKEN_DIMS,
     TOKENS,
+    grid_dims,
+    is_reserved,
     is_row_shard,
 )
 from .lock import LockPolicy, WriteLock
@@ -108,13 +111,8 @@ class StoreWriter:
             self.remote = self.location
             self.location = resolve(stage.staging_dir(self.remote))
         self.path = Path(self.location.root)
-        feats = info.features
-        if compact is not None:
-            compact.check_dim(feats.feature_dim)
-            row_bytes = compact.row_bytes(len(feats.layers), feats.num_tokens, feats.feature_dim) \
-                + len(feats.layers) * feats.num_prefix_tokens * feats.feature_dim * layout.itemsize
-        else:
-            row_bytes = len(feats.layers) * (feats.num_tokens + feats.num_prefix_tokens) * feats.feature_dim * layout.itemsize
+        self.grids: list[GridSpec] | None = list(info.features.grids) if info.features.grids else None
+        row_bytes = _row_bytes(info, layout, compact)
         self.compact = compact
         self.layout = layout.for_rows(row_bytes)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -200,6 +198,13 @@ class StoreWriter:
                     f"store {self.path} is in store format {shown}; this combo writes format {FORMAT_VERSION} "
                     "and does not mix the two in one store (it still reads it). Use --overwrite to rebuild it, "
                     "or --out to write the new format elsewhere"
+                )
+            if not overwrite and same_major and self.grids and version < MULTI_GRID_SINCE:
+                raise SchemaVersionError(
+                    f"store {self.path} is in store format {version[0]}.{version[1]}, which cannot describe this "
+                    f"model's layers: they have {len(self.grids)} token grids / widths (a hierarchical model), "
+                    f"stored from format {'.'.join(map(str, MULTI_GRID_SINCE))} on. Use --overwrite to rebuild it "
+                    "in that format, or --out to write it elsewhere"
                 )
             diff = identity_diff(old, attrs) if isinstance(old, dict) else ["no combo metadata"]
             if diff and not overwrite:
@@ -332,7 +337,7 @@ class StoreWriter:
         group: str | None = None,
         overwrite: bool = False,
         row_order: dict[str, Any] | None = None,
-        pca: PcaBasis | None = None,
+        pca: PcaBasis | Sequence[PcaBasis] | None = None,
         compact_fit: dict[str, Any] | None = None,
         source: dict[str, Any] | None = None,
     ) -> "TaskWriter":
@@ -344,10 +349,20 @@ class StoreWriter:
         task, and ``compact_fit`` (which split it was fitted on, how many rows): a resumed task keeps
         the basis it was created with. ``source`` (optional) records where the task's images came from
         (e.g. a Hugging Face repo id and commit; never a local path) as the task attribute ``source``.
+
+        A multi-grid store (``info.features.grids``, format 2.3) ignores ``num_layers`` / ``num_tokens`` /
+        ``feature_dim`` / ``num_prefix_tokens`` for its groups' own (pass the last group's), and takes ``pca``
+        as a list of bases, one per group in order.
         """
+        grid_names = [g.name for g in self.grids] if self.grids else [""]
         if self.compact is not None and self.compact.pca is not None and pca is None \
-                and not (self.path / name / PCA_COMPONENTS / "zarr.json").exists():
-            raise StoreError(f"task {name!r}: a {self.compact.name} store needs the task's fitted PCA basis")
+                and not (self.path / name / grid_array(PCA_COMPONENTS, grid_names[0]) / "zarr.json").exists():
+            raise StoreError(f"task {name!r}: a {self.compact.name} store needs the task's fitted PCA basis"
+                             + (f" (a list of one per grid group: {', '.join(grid_names)})" if self.grids else ""))
+        bases = self._bases(name, pca)
+        if self.grids and self.format_version < MULTI_GRID_SINCE:
+            raise SchemaVersionError(f"task {name!r}: store {self.path} is in store format {self.format_text}, which "
+                                     "cannot hold a multi-grid task; rebuild it with --overwrite")
         if "/" in name or name.startswith("."):
             raise StoreError(f"task name {name!r} must be a plain folder name")
         task_dir = self.path / name
@@ -355,8 +370,8 @@ class StoreWriter:
             shutil.rmtree(task_dir)
             self._remove_remote(f"{name}/")
         if task_dir.exists() and TASK_ATTR not in ((_read_doc(task_dir / "zarr.json") or {}).get("attributes") or {}):
-            shards = task_dir / (CODES if self.compact else TOKENS) / "c"
-            if (task_dir / JOURNAL_NAME).exists() or (shards.exists() and any(shards.iterdir())):
+            mains = [task_dir / grid_array(CODES if self.compact else TOKENS, g) / "c" for g in grid_names]
+            if (task_dir / JOURNAL_NAME).exists() or any(c.exists() and any(c.iterdir()) for c in mains):
                 raise StoreError(
                     f"task {name!r} in {self.path} has written shards but its zarr.json is unreadable; "
                     "nothing was deleted. Use --overwrite to extract the task again"
@@ -377,7 +392,7 @@ class StoreWriter:
                 self.sync()
             return writer
         split_names = sample_table.split_names(samples)
-        clash = sorted(set(split_names) & RESERVED_NAMES)
+        clash = sorted(s for s in split_names if is_reserved(s))
         if clash:
             raise StoreError(f"task {name!r}: split name(s) {clash} clash with the store's array names")
         ids = samples.column(SAMPLE_ID).to_pylist()
@@ -393,25 +408,11 @@ class StoreWriter:
         n = samples.num_rows
         task_group = self.group.create_group(name, overwrite=True)
         coords = " ".join([*COORDINATES, *split_names])
-        if self.compact is None:
-            tokens = task_group.create_array(
-                name=TOKENS, **self.layout.array_kwargs((n, num_layers, num_tokens, feature_dim), dimension_names=TOKEN_DIMS)
-            )
-            tokens.attrs.update({
-                "long_name": "patch tokens of every block output (residual stream), row-major token grid",
-                "coordinates": coords,
-            })
+        if self.grids:
+            self._grid_arrays(task_group, n=n, coords=coords, bases=bases)
         else:
-            self._compact_arrays(task_group, n=n, num_layers=num_layers, num_tokens=num_tokens,
-                                 feature_dim=feature_dim, coords=coords, pca=pca)
-        if num_prefix_tokens:
-            prefix = task_group.create_array(
-                name=PREFIX,
-                **self.layout.array_kwargs((n, num_layers, num_prefix_tokens, feature_dim), dimension_names=PREFIX_DIMS),
-            )
-            prefix.attrs.update({"long_name": "prefix (cls / register) tokens of every block output", "coordinates": coords})
-        layers = [int(x) for x in self.attrs["features"]["layers"]]
-        self._coordinate(task_group, "layer", np.asarray(layers, dtype=np.int64), "layer", "block index (0 = first block)")
+            self._plain_arrays(task_group, n=n, num_layers=num_layers, num_tokens=num_tokens, feature_dim=feature_dim,
+                               num_prefix_tokens=num_prefix_tokens, coords=coords, pca=bases[0])
         self._coordinate(task_group, SAMPLE_ID, id_values, id_dims, id_text)
         self._coordinate(task_group, "label", samples.column("label").to_numpy().astype(np.int64), "sample",
                          "class index into the task's classes")
@@ -444,21 +445,85 @@ class StoreWriter:
         self.sync()  # a remote store: the task's metadata is there before any worker writes a shard
         return TaskWriter(self, name)
 
+    def _bases(self, name: str, pca: PcaBasis | Sequence[PcaBasis] | None) -> list[PcaBasis | None]:
+        """The PCA basis of each group (one None per group when there is none): a single-grid task takes one
+        basis, a multi-grid one a list of one per group, each [L_k, D_k, R]."""
+        groups = self.grids or []
+        if pca is None:
+            return [None] * max(1, len(groups))
+        if not groups:
+            if not isinstance(pca, PcaBasis):
+                raise StoreError(f"task {name!r}: a single-grid store takes one PCA basis, not {type(pca).__name__}")
+            return [pca]
+        if isinstance(pca, PcaBasis) or len(pca) != len(groups):
+            raise StoreError(f"task {name!r}: a multi-grid store takes a list of PCA bases, one per grid group "
+                             f"({', '.join(g.name for g in groups)})")
+        for grid, basis in zip(groups, pca):
+            if tuple(basis.components.shape[:2]) != (grid.num_layers, grid.feature_dim):
+                raise StoreError(f"task {name!r}: the PCA basis of grid group {grid.name} has components of shape "
+                                 f"{tuple(basis.components.shape)}, expected [{grid.num_layers}, {grid.feature_dim}, R]")
+        return list(pca)
+
+    def _plain_arrays(self, group: zarr.Group, *, n: int, num_layers: int, num_tokens: int, feature_dim: int,
+                      num_prefix_tokens: int, coords: str, pca: PcaBasis | None) -> None:
+        """A single-grid task's row arrays and `layer` coordinate: 2.2's layout, name for name."""
+        if self.compact is None:
+            tokens = group.create_array(
+                name=TOKENS, **self.layout.array_kwargs((n, num_layers, num_tokens, feature_dim), dimension_names=TOKEN_DIMS)
+            )
+            tokens.attrs.update({
+                "long_name": "patch tokens of every block output (residual stream), row-major token grid",
+                "coordinates": coords,
+            })
+        else:
+            self._compact_arrays(group, n=n, num_layers=num_layers, num_tokens=num_tokens,
+                                 feature_dim=feature_dim, coords=coords, pca=pca)
+        if num_prefix_tokens:
+            prefix = group.create_array(
+                name=PREFIX,
+                **self.layout.array_kwargs((n, num_layers, num_prefix_tokens, feature_dim), dimension_names=PREFIX_DIMS),
+            )
+            prefix.attrs.update({"long_name": "prefix (cls / register) tokens of every block output", "coordinates": coords})
+        layers = [int(x) for x in self.attrs["features"]["layers"]]
+        self._coordinate(group, "layer", np.asarray(layers, dtype=np.int64), "layer", "block index (0 = first block)")
+
+    def _grid_arrays(self, group: zarr.Group, *, n: int, coords: str, bases: list[PcaBasis | None]) -> None:
+        """A multi-grid task's arrays (format 2.3): each group's tokens (or compact arrays) and `layer_<g>`
+        coordinate, named and dimensioned with the group's suffix; no `tokens`, `layer` or prefix."""
+        for grid, basis in zip(self.grids or [], bases):
+            g = grid.name
+            shape = (n, grid.num_layers, grid.num_tokens, grid.feature_dim)
+            if self.compact is None:
+                tokens = group.create_array(name=grid_array(TOKENS, g),
+                                            **self.layout.array_kwargs(shape, dimension_names=grid_dims(TOKEN_DIMS, g)))
+                tokens.attrs.update({
+                    "long_name": f"patch tokens of grid group {g} ({grid.token_grid[0]}x{grid.token_grid[1]} tokens, "
+                                 f"width {grid.feature_dim}), row-major token grid",
+                    "coordinates": coords,
+                })
+            else:
+                self._compact_arrays(group, n=n, num_layers=grid.num_layers, num_tokens=grid.num_tokens,
+                                     feature_dim=grid.feature_dim, coords=coords, pca=basis, grid=g)
+            self._coordinate(group, grid_array("layer", g), np.asarray(grid.layers, dtype=np.int64), grid_array("layer", g),
+                             f"model layer index of each layer of grid group {g}")
+
     def _compact_arrays(self, group: zarr.Group, *, n: int, num_layers: int, num_tokens: int, feature_dim: int,
-                        coords: str, pca: PcaBasis | None) -> None:
+                        coords: str, pca: PcaBasis | None, grid: str = "") -> None:
         """The arrays of a compact task (store_schema/compact.py): sharded by rows like tokens, filled with
-        a value that says "never written": NaN, and from format 2.2 -128 codes and -1 outlier indexes."""
+        a value that says "never written": NaN, and from format 2.2 -128 codes and -1 outlier indexes. A group
+        of a multi-grid task (`grid`) gets them with its suffix, its own encoding and basis."""
         spec = self.compact
         assert spec is not None
         for name, (shape, dtype) in spec.array_specs(n, num_layers, num_tokens, feature_dim).items():
+            dims = grid_dims(COMPACT_ROW_ARRAYS[name], grid)
             if name == CODES:
-                kwargs = self.layout.array_kwargs(shape, dimension_names=COMPACT_ROW_ARRAYS[name])
+                kwargs = self.layout.array_kwargs(shape, dimension_names=dims)
             else:  # small: one chunk per shard of rows
                 kwargs = {"shape": shape, "chunks": (self.layout.rows_per_shard, *shape[1:]),
-                          "compressors": self.layout.compressors(), "dimension_names": COMPACT_ROW_ARRAYS[name]}
+                          "compressors": self.layout.compressors(), "dimension_names": dims}
             kwargs["dtype"] = dtype
             kwargs["fill_value"] = fill_value(name, dtype, markers=self.format_version >= FILL_MARKERS_SINCE)
-            array = group.create_array(name=name, **kwargs)
+            array = group.create_array(name=grid_array(name, grid), **kwargs)
             array.attrs.update({"long_name": ARRAY_DESCRIPTIONS[name], "coordinates": coords})
         if pca is not None:
             for name, values, dims, text in (
@@ -466,9 +531,9 @@ class StoreWriter:
                  "principal directions of the standardised patch tokens of each layer (columns)"),
                 (PCA_MEAN, pca.mean, ("layer", "channel"), "mean of the standardised patch tokens of each layer"),
             ):
-                array = group.create_array(name=name, shape=values.shape, dtype="float32", chunks=values.shape,
-                                           compressors=self.layout.compressors(), dimension_names=dims,
-                                           attributes={"description": text})
+                array = group.create_array(name=grid_array(name, grid), shape=values.shape, dtype="float32",
+                                           chunks=values.shape, compressors=self.layout.compressors(),
+                                           dimension_names=grid_dims(dims, grid), attributes={"description": text})
                 array[...] = values.astype(np.float32)
 
     def _coordinate(self, group: zarr.Group, name: str, values: np.ndarray, dims: str | tuple[str, ...],
@@ -482,6 +547,20 @@ class StoreWriter:
             attributes={"description": description},
         )
         array[:] = values
+
+
+def _row_bytes(info: StoreInfo, layout: StoreLayout, compact: CompactSpec | None) -> int:
+    """Raw bytes of one image's stored arrays, summed over every grid group (what shards are sized by, so every
+    group's arrays share the row shards); refuses a PCA wider than any group's channels."""
+    feats = info.features
+    groups = [(g.num_layers, g.num_tokens, g.feature_dim, g.name) for g in feats.grids] if feats.grids \
+        else [(len(feats.layers), feats.num_tokens, feats.feature_dim, "")]
+    prefix = len(feats.layers) * feats.num_prefix_tokens * feats.feature_dim * layout.itemsize
+    if compact is None:
+        return sum(lay * t * d for lay, t, d, _ in groups) * layout.itemsize + prefix
+    for _, _, d, g in groups:
+        compact.check_dim(d, where=f"grid group {g}: " if g else "")
+    return sum(compact.row_bytes(lay, t, d) for lay, t, d, _ in groups) + prefix
 
 
 def _task_complete(task_dir: Path) -> bool:

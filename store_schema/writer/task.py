@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,6 +20,7 @@ from .. import samples as sample_table
 from .. import staging as stage
 from ..compact import CompactSpec
 from ..errors import StoreError
+from ..grids import multi_grids
 from ..layout import StoreLayout
 from ..location import Location, fsync_dir
 from ..manifest import Entry, Manifest, sha256_bytes
@@ -57,11 +58,14 @@ class TaskWriter:
     def __init__(self, store: OpenStore, name: str):
         self.store = store
         self.name = name
+        features = store.attrs["features"]
         self.shards = ShardWriter(store.path, name, layout=store.layout, compact=store.compact,
-                                  feature_dim=int(store.attrs["features"]["feature_dim"]), remote=store.remote)
+                                  feature_dim=int(features["feature_dim"]), remote=store.remote,
+                                  grids=multi_grids(features))
         self.group = self.shards.group
         self.compact = store.compact
-        self.tokens = self.shards.tokens
+        self.tokens = self.shards.tokens  # None for a multi-grid task: `mains` has each group's
+        self.mains = self.shards.mains
         self.prefix = self.shards.prefix
         self.pca = self.shards.pca
         self.num_rows = self.shards.num_rows
@@ -180,11 +184,12 @@ class TaskWriter:
     def write_block(
         self,
         block: int,
-        tokens: np.ndarray,
+        tokens: np.ndarray | Sequence[np.ndarray],
         prefix: np.ndarray | None = None,
         *,
         skipped: Iterable[Skipped] = (),
     ) -> None:
+        """Write and journal a block (`ShardWriter.write`: a multi-grid task takes a list, one array per group)."""
         self.record(self.shards.write(block, tokens, prefix, skipped=skipped))
 
     def record(self, entry: dict[str, Any]) -> None:
