@@ -1,8 +1,9 @@
 """What each backbone alias costs: bytes per image (raw and on disk) and extraction speed against a bare forward.
 
-For every alias in `extract.backbones.ALIASES` (the paper's eight and today's eight) at one image size (224),
+For every alias in `extract.backbones.ALIASES` (the paper's eight and today's ten) at one image size (224),
 random init, on a few generated images: the timm model, token grid, layers, width D and prefix tokens; bytes per
-image as raw float16 (layers x (grid tokens + prefix tokens) x D x 2) and in the store on disk (`extract()`'s
+image as raw float16 (layers x (grid tokens + prefix tokens) x D x 2, summed over a hierarchical model's stages,
+each on its own grid and width) and in the store on disk (`extract()`'s
 `bytes_on_disk` / images) and their ratio; extraction img/s (`combo extract`'s task loop: decoding in DataLoader
 workers, forward, cast, compression, writing, checksums; model build and dataset planning excluded); bare forward
 img/s (`block_tokens` on batches already decoded and in memory, float16 tokens brought back to CPU); and
@@ -51,9 +52,12 @@ def measure(alias: str, paths: list[Path], data: Path, stores: Path, args, devic
     n = result.images
     loop = sum(t.seconds for t in result.tasks)
     h, w = backbone.token_grid
-    raw = backbone.num_layers * (h * w + backbone.num_prefix_tokens) * backbone.embed_dim * 2
+    shapes = list(backbone.layer_shapes.values())  # (h, w, D) per stored layer: one grid, or a hierarchical model's stages
+    raw = sum((gh * gw + backbone.num_prefix_tokens) * d * 2 for gh, gw, d in shapes)
     disk = result.bytes_on_disk / n
-    row = (alias, backbone.spec.model_name, f"{h}x{w}", backbone.num_layers, backbone.embed_dim,
+    grid = f"{h}x{w}" if backbone.grids is None else f"{shapes[0][0]}x{shapes[0][1]} .. {h}x{w}"
+    width = backbone.embed_dim if backbone.grids is None else f"{shapes[0][2]} .. {backbone.embed_dim}"
+    row = (alias, backbone.spec.model_name, grid, backbone.num_layers, width,
            backbone.num_prefix_tokens, f"{raw / 2**20:.2f}", f"{disk / 2**20:.2f}", f"{disk / raw:.3f}",
            f"{n / loop:.2f}", f"{len(paths) / bare:.2f}", f"{loop / bare:.2f}")
     del backbone

@@ -61,7 +61,8 @@ def bare_forward(backbone, batches: list[torch.Tensor], device: torch.device) ->
     for x in batches:
         with inference_context(device):
             patch, prefix = block_tokens(backbone, x.to(device))
-        patch.to(torch.float16).cpu()  # the bare pass still has to bring the features back
+        for tokens in patch if isinstance(patch, list) else [patch]:  # one array per grid group of a hierarchical model
+            tokens.to(torch.float16).cpu()  # the bare pass still has to bring the features back
         prefix.to(torch.float16).cpu()
     if device.type == "cuda":
         torch.cuda.synchronize()

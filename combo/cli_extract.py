@@ -71,27 +71,30 @@ def human_bytes(n: float) -> str:
 
 
 # `combo extract --help`'s list of aliases: extract.backbones.alias_help() written out, so that the CLI does not
-# build 16 architectures at start-up (tests/test_backbones.py checks that the two agree).
+# build 18 architectures at start-up (tests/test_backbones.py checks that the two agree).
 ALIAS_HELP = (
-    'Aliases at 224 px (grid, layers x width, prefix tokens, float16 MiB per image):\n'
+    "Aliases at 224 px (prefix tokens, float16 MiB per image, grid and layers x width; for a hierarchical model "
+    "its stages' grid x width, first .. last):\n"
     '\n'
     '\b\n'
-    'sam          samvit_base_patch16.sa1b                14x14 12x768   0   3.45\n'
-    'clip         vit_base_patch16_clip_224.openai        14x14 12x768   1   3.46\n'
-    'dfn-clip     vit_base_patch16_clip_224.dfn2b         14x14 12x768   1   3.46\n'
-    'siglip       vit_base_patch16_siglip_224.webli       14x14 12x768   0   3.45\n'
-    'dinov2       vit_base_patch14_reg4_dinov2.lvd142m    16x16 12x768   5   4.59\n'
-    'in21k        vit_base_patch16_224.orig_in21k         14x14 12x768   1   3.46\n'
-    'in21k-augreg vit_base_patch16_224.augreg_in21k       14x14 12x768   1   3.46\n'
-    'mae          vit_base_patch16_224.mae                14x14 12x768   1   3.46\n'
-    'dinov3       vit_base_patch16_dinov3.lvd1689m        14x14 12x768   5   3.53\n'
-    'siglip2      vit_base_patch16_siglip_224.v2_webli    14x14 12x768   0   3.45\n'
-    'pe           vit_pe_core_base_patch16_224.fb         14x14 12x768   1   3.46\n'
-    'pe-spatial   vit_pe_spatial_base_patch16_512.fb      14x14 12x768   1   3.46\n'
-    'aimv2        aimv2_large_patch14_224.apple_pt        16x16 24x1024  0  12.00\n'
-    'radio        naflexvit_base_patch16_radio_v3.c_radio 14x14 12x768   8   3.59\n'
-    'tipsv2       vit_base_patch14_reg1_tipsv2.webli      16x16 12x768   2   4.54\n'
-    'eva02        eva02_base_patch14_224.mim_in22k        16x16 12x768   1   4.52\n'
+    'sam             samvit_base_patch16.sa1b                 0   3.45  14x14  12x768\n'
+    'clip            vit_base_patch16_clip_224.openai         1   3.46  14x14  12x768\n'
+    'dfn-clip        vit_base_patch16_clip_224.dfn2b          1   3.46  14x14  12x768\n'
+    'siglip          vit_base_patch16_siglip_224.webli        0   3.45  14x14  12x768\n'
+    'dinov2          vit_base_patch14_reg4_dinov2.lvd142m     5   4.59  16x16  12x768\n'
+    'in21k           vit_base_patch16_224.orig_in21k          1   3.46  14x14  12x768\n'
+    'in21k-augreg    vit_base_patch16_224.augreg_in21k        1   3.46  14x14  12x768\n'
+    'mae             vit_base_patch16_224.mae                 1   3.46  14x14  12x768\n'
+    'dinov3          vit_base_patch16_dinov3.lvd1689m         5   3.53  14x14  12x768\n'
+    'siglip2         vit_base_patch16_siglip_224.v2_webli     0   3.45  14x14  12x768\n'
+    'pe              vit_pe_core_base_patch16_224.fb          1   3.46  14x14  12x768\n'
+    'pe-spatial      vit_pe_spatial_base_patch16_512.fb       1   3.46  14x14  12x768\n'
+    'aimv2           aimv2_large_patch14_224.apple_pt         0  12.00  16x16  24x1024\n'
+    'radio           naflexvit_base_patch16_radio_v3.c_radio  8   3.59  14x14  12x768\n'
+    'tipsv2          vit_base_patch14_reg1_tipsv2.webli       2   4.54  16x16  12x768\n'
+    'eva02           eva02_base_patch14_224.mim_in22k         1   4.52  16x16  12x768\n'
+    'sam2            sam2_hiera_base_plus.fb_r896             0   1.26  4 stages 56x56x112 .. 7x7x896\n'
+    'dinov3-convnext convnext_base.dinov3_lvd1689m            0   1.44  4 stages 56x56x128 .. 7x7x1024\n'
 )
 
 
@@ -116,7 +119,7 @@ def _kept_clause(state) -> str:
 
 @friendly_errors
 def extract_command(
-    model: str = typer.Option(..., "--model", "-m", help="An alias (listed below) or any timm model name (arch or arch.tag) with per-layer token outputs: ViT, DeiT, EVA, SAM, NaFlexViT ... (hierarchical models are refused)."),
+    model: str = typer.Option(..., "--model", "-m", help="An alias (listed below) or any timm model name (arch or arch.tag) with per-layer outputs (forward_intermediates): ViT, DeiT, EVA, SAM, NaFlexViT ...; hierarchical ones (ConvNeXt, Swin, Hiera, SAM2, MaxViT, ResNet) keep each stage on its own grid and width."),
     dataset: str = typer.Option("vtab", "--dataset", "-d", help="vtab (needs --root) | folder | parquet | digits (bundled, offline demo data)."),
     root: Optional[str] = typer.Option(None, "--root", help="Dataset root folder (vtab, folder) or Parquet file/folder; for vtab also Hugging Face dataset repos in the local hub cache: hf://datasets/ORG/REPO, a comma-separated list of them, or a glob (hf://datasets/bramtoula/vtab_*), or a save_to_disk folder."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Comma-separated tasks (vtab); default: every task under --root."),
@@ -126,8 +129,8 @@ def extract_command(
     random_init: bool = typer.Option(False, "--random-init", help="Random weights (seeded, recorded in the store) instead of pretrained ones."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local .safetensors/.pth checkpoint to load instead of timm's pretrained weights."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for --random-init."),
-    image_size: int = typer.Option(224, "--image-size", min=1, help="Square input size (bilinear resize, no crop); a multiple of the model's patch size (16; 14 for dinov2, aimv2, tipsv2, eva02)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Which layer outputs to store: all (the default, the paper's: every block), last:N, or indices such as 0,5,11 (negative ones count from the end)."),
+    image_size: int = typer.Option(224, "--image-size", min=1, help="Square input size (bilinear resize, no crop); a multiple of the model's patch size (16; 14 for dinov2, aimv2, tipsv2, eva02), or for a hierarchical model of its largest reduction (32 for sam2, dinov3-convnext)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Which layer outputs to store (indices into the model's feature_info): all, last:N, or indices such as 0,5,11 (negative ones count from the end). Default: every block of a ViT (the paper's); every stage output of a hierarchical model, without a stem entry (MaxViT, ResNet: 'all' adds it)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu ...; default: CUDA when present."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16 or float32."),

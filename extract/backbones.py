@@ -3,10 +3,15 @@
 ComBo probes the residual stream after *every* block of one or more frozen models (PAPER.md, "Features taken
 from each backbone"). This module owns the things that are easy to get subtly wrong there:
 
-* which models can be probed: any timm model with `forward_intermediates()` whose per-layer outputs
-  (`feature_info`) share one token grid and width, i.e. the plain token ViTs of every timm family (ViT, DeiT,
-  EVA / EVA-02 / DINOv3 / PE, SAM's ViT, AIMv2, TIPSv2, NaFlexViT for RADIO and SigLIP2-NaFlex ...); anything
-  else is refused in one sentence naming what it lacks, before weights are looked for;
+* which models can be probed: any timm model with `forward_intermediates()` and per-layer outputs
+  (`feature_info`): the plain token ViTs of every timm family (ViT, DeiT, EVA / EVA-02 / DINOv3 / PE, SAM's ViT,
+  AIMv2, TIPSv2, NaFlexViT for RADIO and SigLIP2-NaFlex ...), one grid and width, and hierarchical models
+  (ConvNeXt, Swin, Hiera, SAM2's HieraDet, MaxViT, ResNet ...), whose stage outputs each keep their own grid and
+  width (a multi-grid store, `grids`); a hierarchical model with prefix tokens, or a model without those outputs,
+  is refused in one sentence naming what it lacks, before weights are looked for;
+* a hierarchical model's grids at the requested size: from a forward of its meta twin (Swin pads odd grids up,
+  PiT's first stage is 27x27 at 224: image_size // reduction is not always right), which also refuses a size the
+  model cannot take, naming sizes that work;
 * the input geometry (we always build the model at OUR image size so the position embedding is resized once
   at load time; timm's ``pretrained_cfg`` keeps advertising the checkpoint's native size, e.g. 518 for DINOv2;
   a NaFlexViT gets the same fixed square input as every other model, the paper's protocol);
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -31,6 +37,8 @@ import torch
 import timm
 import timm.models
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from store_schema.grids import GridSpec, group_layers
 
 from .weights import (
     ResolvedWeights,
@@ -45,11 +53,13 @@ __all__ = [
     "ALIASES",
     "alias_help",
     "alias_table",
+    "geometry",
     "PAPER_ALIASES",
     "Architecture",
     "Backbone",
     "BackboneSpec",
     "DeviceUnavailableError",
+    "ImageSizeError",
     "UnknownModelError",
     "UnsupportedModelError",
     "WeightsUnavailableError",
@@ -76,6 +86,10 @@ class UnknownModelError(ValueError):
 class UnsupportedModelError(UnknownModelError):
     """timm knows the model, but it gives no per-layer token maps combo can store (say which part is missing).
     A subclass of UnknownModelError so that callers that refuse unknown names refuse these too."""
+
+
+class ImageSizeError(ValueError):
+    """The model cannot take images of the requested size (its grids would drop pixels, or timm refuses it)."""
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -121,6 +135,9 @@ MODERN_ALIASES: tuple[BackboneSpec, ...] = (
     BackboneSpec("radio", "naflexvit_base_patch16_radio_v3", "c_radio"),
     BackboneSpec("tipsv2", "vit_base_patch14_reg1_tipsv2", "webli"),
     BackboneSpec("eva02", "eva02_base_patch14_224", "mim_in22k"),
+    # hierarchical (format 2.3 multi-grid stores): each of the 4 stage outputs on its own grid and width
+    BackboneSpec("sam2", "sam2_hiera_base_plus", "fb_r896"),
+    BackboneSpec("dinov3-convnext", "convnext_base", "dinov3_lvd1689m"),
 )
 
 ALIASES: dict[str, BackboneSpec] = {spec.alias: spec for spec in (*PAPER_ALIASES, *MODERN_ALIASES)}
@@ -147,6 +164,17 @@ class Backbone:
     num_blocks: int  # len(feature_info): every layer the model has
     # extra timm create_model kwargs it was built with; recorded so the same model can be rebuilt
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # the taken layers' (grid, width) groups when there are several (a hierarchical model's stages, stored as a
+    # multi-grid store, format 2.3); None: one grid, token_grid x embed_dim. token_grid / embed_dim are then the
+    # last layer's (the deepest stage)
+    grids: tuple[GridSpec, ...] | None = None
+
+    @property
+    def layer_shapes(self) -> dict[int, tuple[int, int, int]]:
+        """Each taken layer's (h, w, width)."""
+        if self.grids is None:
+            return {layer: (*self.token_grid, self.embed_dim) for layer in self.layers}
+        return {layer: (*g.token_grid, g.feature_dim) for g in self.grids for layer in g.layers}
 
 
 # --------------------------------------------------------------------------------------
@@ -173,13 +201,44 @@ class Architecture:
     widths: tuple[int, ...]  # channels of each layer
     num_prefix_tokens: int
     has_intermediates: bool  # timm's forward_intermediates()
+    kwargs_json: str = "{}"  # the create_model kwargs it was read with (sorted JSON), to build it again
 
     @property
     def num_layers(self) -> int:
         return len(self.modules)
 
+    @property
+    def hierarchical(self) -> bool:
+        """Layer outputs of more than one grid or width (stage outputs of ConvNeXt, Swin, Hiera, MaxViT ...)."""
+        return len(set(zip(self.reductions, self.widths))) > 1
+
+    @property
+    def stem(self) -> tuple[int, ...]:
+        """A first feature_info entry that is the model's stem, not a stage: `stem` / `stem.*` (MaxViT, CoAtNet,
+        ResNetV2, VoVNet ...) or ResNet's `act1`. It is what a ViT's patch embedding is (which no ViT lists), at the
+        largest grid of all (MaxViT-T: 112x112x64, two thirds of its bytes), so it is not stored by default."""
+        if self.hierarchical and self.num_layers > 1 and (
+                self.modules[0].split(".")[0] == "stem" or self.modules[0] == "act1"):
+            return (0,)
+        return ()
+
+    @property
+    def default_layers(self) -> tuple[int, ...]:
+        """What is stored without --layers: every block of a ViT (the paper's), every stage output of a
+        hierarchical model, not its stem."""
+        return tuple(i for i in range(self.num_layers) if i not in self.stem)
+
     def grids(self, image_size: int) -> list[tuple[int, int]]:
-        return [(image_size // r, image_size // r) for r in self.reductions]
+        """Each layer's (h, w) token grid at image_size. A hierarchical model's come from a forward of its meta
+        twin at that size, not from image_size // reduction: PiT's first stage is 27x27 at 224, Swin pads odd
+        grids up; a size the model cannot take raises ImageSizeError naming sizes that work."""
+        if not self.hierarchical:
+            return [(image_size // r, image_size // r) for r in self.reductions]
+        return [(h, w) for h, w, _ in self.layer_shapes(image_size)]
+
+    def layer_shapes(self, image_size: int, *, name: str | None = None) -> list[tuple[int, int, int]]:
+        """(h, w, width) of every layer at image_size (see `grids`); `name` is what messages call the model."""
+        return list(_layer_shapes(self.timm_name, self.kwargs_json, image_size, name or self.timm_name))
 
     def refusal(self, name: str) -> str | None:
         """Why combo cannot store this model's layers (one sentence naming what is missing), or None."""
@@ -188,13 +247,56 @@ class Architecture:
                     "which combo reads every layer's tokens through")
         if not self.modules:
             return f"{name!r} ({self.model_class}) cannot be probed: timm lists no per-layer outputs (feature_info)"
-        if len(set(self.reductions)) > 1 or len(set(self.widths)) > 1:
-            stages = ", ".join(f"{g[0]}x{g[1]}x{w}" for g, w in zip(self.grids(224), self.widths))
-            return (f"{name!r} ({self.model_class}) is hierarchical: its {self.num_layers} layer outputs have "
-                    f"different grids and widths ({stages} at 224 px), and a combo store holds one token grid "
-                    "and width per backbone, so hierarchical models (ConvNeXt, Swin, Hiera, SAM2, MaxViT) are "
-                    "not extractable yet")
+        if self.hierarchical and self.num_prefix_tokens:
+            stages = ", ".join(f"{r}x/{w}" for r, w in zip(self.reductions, self.widths))
+            return (f"{name!r} ({self.model_class}) cannot be stored: its layer outputs have different grids and "
+                    f"widths (reduction/width {stages}) and it has {self.num_prefix_tokens} prefix token(s), and a "
+                    "multi-grid store holds no prefix tokens (their width would change from stage to stage)")
         return None
+
+
+def _size_problem(timm_name: str, kwargs_json: str, image_size: int) -> tuple[str | None, list[tuple[int, int, int]]]:
+    """(why image_size does not work or None, the layers' (h, w, width)): a forward on the meta device, no memory."""
+    kwargs = json.loads(kwargs_json)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = create_model(timm_name, image_size=image_size, pretrained=False, overlay=None, kwargs=kwargs).eval()
+            n = len(model.feature_info)
+            outputs = model.forward_intermediates(torch.empty(1, 3, image_size, image_size), indices=list(range(n)),
+                                                  norm=False, output_fmt="NCHW", intermediates_only=True)
+    except Exception as e:  # noqa: BLE001 - timm raises anything (assertions, shape errors) for a size it cannot take
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", []
+    shapes = []
+    for out in outputs:
+        x = out[0] if isinstance(out, (tuple, list)) else out
+        shapes.append((int(x.shape[2]), int(x.shape[3]), int(x.shape[1])))
+    return None, shapes
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_shapes(timm_name: str, kwargs_json: str, image_size: int, name: str) -> tuple[tuple[int, int, int], ...]:
+    arch = _architecture(timm_name, kwargs_json)
+    first, step = arch.reductions[0], max(arch.reductions)
+    why, shapes = _size_problem(timm_name, kwargs_json, image_size) if image_size % first == 0 else (
+        f"{image_size} is not a multiple of its first layer's stride {first}, so its stem would drop pixel rows", [])
+    if why is None:
+        return tuple(shapes)
+    works: list[int] = []
+    near = {v for unit in (first, step) for k in (-1, 0, 1, 2) if (v := (image_size // unit + k) * unit) >= step}
+    for size in sorted(near - {image_size}, key=lambda v: (abs(v - image_size), v)):
+        if _size_problem(timm_name, kwargs_json, size)[0] is None:
+            works.append(size)
+        if len(works) == 2:
+            break
+    if works:
+        hint = f"sizes that work near it: {', '.join(map(str, sorted(works)))}"
+    elif _size_problem(timm_name, kwargs_json, 224)[0] is None:
+        hint = "no size near it works; 224 does"
+    else:
+        hint = "no size near it works, nor 224"
+    raise ImageSizeError(f"--image-size {image_size}: {name!r} ({arch.model_class}) cannot take {image_size} px "
+                         f"images ({why}); {hint}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -215,6 +317,7 @@ def _architecture(timm_name: str, kwargs_json: str) -> Architecture:
         widths=tuple(int(f.get("num_chs", 0)) for f in info),
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0) or 0),
         has_intermediates=callable(getattr(model, "forward_intermediates", None)),
+        kwargs_json=kwargs_json,
     )
 
 
@@ -258,10 +361,14 @@ def resolve_model(name: str, *, model_kwargs: dict | None = None) -> BackboneSpe
     return spec
 
 
-def parse_layers(text: str | Sequence[int] | None, num_blocks: int, *, what: str = "--layers") -> tuple[int, ...]:
-    """Which layer outputs to store: "all" (the default, the paper's), "last:N", or indices "0,5,11" (negative
-    ones count from the end). Ascending, each once; refused with the valid range when out of it."""
-    if text is None or (isinstance(text, str) and text.strip().lower() in ("", "all")):
+def parse_layers(text: str | Sequence[int] | None, num_blocks: int, *, what: str = "--layers",
+                 default: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Which layer outputs to store: "all" (every feature_info entry), "last:N", or indices "0,5,11" (negative
+    ones count from the end); None: `default` (Architecture.default_layers: all but a hierarchical model's stem),
+    else all. Ascending, each once; refused with the valid range when out of it."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return tuple(sorted(default)) if default is not None else tuple(range(num_blocks))
+    if isinstance(text, str) and text.strip().lower() == "all":
         return tuple(range(num_blocks))
     if isinstance(text, str):
         spec = text.strip().lower()
@@ -294,24 +401,43 @@ def parse_layers(text: str | Sequence[int] | None, num_blocks: int, *, what: str
 
 def alias_table(image_size: int = 224) -> list[dict[str, Any]]:
     """Every alias's checkpoint and geometry at image_size, from timm's architecture (no weights): what
-    `combo extract --help` and the README list. raw_bytes = float16 bytes of one image's stored tokens."""
+    `combo extract --help` and the README list. `stages`: (h, w, width) of each default layer of a hierarchical
+    model (None for one grid); grid / width are the last layer's; raw_bytes = float16 bytes of one image's stored
+    tokens (summed over the layers)."""
     rows = []
     for alias, spec in ALIASES.items():
         arch = architecture(spec.timm_name)
-        (gh, gw), width, layers = arch.grids(image_size)[0], arch.widths[0], arch.num_layers
-        rows.append({"alias": alias, "checkpoint": spec.model_name, "grid": (gh, gw), "layers": layers,
-                     "width": width, "prefix": arch.num_prefix_tokens,
-                     "raw_bytes": layers * (gh * gw + arch.num_prefix_tokens) * width * 2})
+        taken = arch.default_layers
+        if arch.hierarchical:
+            shapes = arch.layer_shapes(image_size, name=alias)
+            stages = [shapes[i] for i in taken]
+        else:
+            (gh, gw), width = arch.grids(image_size)[0], arch.widths[0]
+            stages = [(gh, gw, width)] * len(taken)
+        p = arch.num_prefix_tokens
+        gh, gw, width = stages[-1]
+        rows.append({"alias": alias, "checkpoint": spec.model_name, "grid": (gh, gw), "layers": len(taken),
+                     "width": width, "prefix": p, "stages": stages if arch.hierarchical else None,
+                     "raw_bytes": sum((h * w + p) * d * 2 for h, w, d in stages)})
     return rows
 
 
+def geometry(row: dict[str, Any]) -> str:
+    """An alias_table row's layers in words: "14x14 12x768", or each stage of a hierarchical model
+    "4 stages 56x56x128 .. 7x7x1024"."""
+    if row["stages"] is None:
+        return f"{row['grid'][0]}x{row['grid'][1]:<3} {row['layers']}x{row['width']}"
+    first, last = row["stages"][0], row["stages"][-1]
+    return f"{row['layers']} stages {first[0]}x{first[1]}x{first[2]} .. {last[0]}x{last[1]}x{last[2]}"
+
+
 def alias_help(image_size: int = 224) -> str:
-    """`alias_table` as fixed-width lines (click's "\\b" keeps them unwrapped)."""
-    lines = [f"Aliases at {image_size} px (grid, layers x width, prefix tokens, float16 MiB per image):", "", "\b"]
+    """`alias_table` as fixed-width lines (click's "\b" keeps them unwrapped)."""
+    lines = [f"Aliases at {image_size} px (prefix tokens, float16 MiB per image, grid and layers x width; for a "
+             "hierarchical model its stages' grid x width, first .. last):", "", "\b"]
     for r in alias_table(image_size):
-        grid, size = f"{r['grid'][0]}x{r['grid'][1]}", f"{r['layers']}x{r['width']}"
-        lines.append(f"{r['alias']:<13}{r['checkpoint']:<40}{grid:<6}{size:<8}{r['prefix']:>2}  "
-                     f"{r['raw_bytes'] / 2**20:5.2f}")
+        lines.append(f"{r['alias']:<16}{r['checkpoint']:<40}{r['prefix']:>2} {r['raw_bytes'] / 2**20:6.2f}  "
+                     f"{geometry(r)}")
     return "\n".join(lines) + "\n"
 
 
@@ -382,6 +508,10 @@ def load_backbone(
     if bad:
         raise ValueError(f"{name}: model_kwargs must not set {bad}; load_backbone controls them")
     spec = resolve_model(name, model_kwargs=kwargs)  # refuses what cannot be stored before any weights are read
+    arch = architecture(spec.timm_name, kwargs)
+    taken = parse_layers(layers, arch.num_layers, what=f"{name}: layers", default=arch.default_layers)
+    # a hierarchical model's grids at image_size, from its meta twin: a size it cannot take fails here, before weights
+    shapes = arch.layer_shapes(image_size, name=name) if arch.hierarchical else None
 
     if random_init:
         # fork_rng: seeding must not disturb the caller's global RNG stream.
@@ -410,7 +540,16 @@ def load_backbone(
         source, used_seed = resolved.source, None
 
     info = model.feature_info  # resolve_model checked it (and forward_intermediates) on the meta device
-    taken = parse_layers(layers, len(info), what=f"{name}: layers")
+    if len(info) != arch.num_layers:
+        raise UnsupportedModelError(f"{name}: the built model lists {len(info)} layer outputs (feature_info), its "
+                                    f"meta twin {arch.num_layers}")
+    grids: tuple[GridSpec, ...] | None = None
+    if shapes is not None:
+        groups = group_layers(taken, [shapes[i][:2] for i in taken], [shapes[i][2] for i in taken])
+        grids = tuple(groups) if len(groups) > 1 else None
+        token_grid, embed_dim = shapes[taken[-1]][:2], shapes[taken[-1]][2]
+    else:
+        token_grid, embed_dim = _token_grid(model, image_size), int(info[0]["num_chs"])
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(torch.device(device))
@@ -428,13 +567,14 @@ def load_backbone(
         mean=mean,
         std=std,
         interpolation="bilinear",
-        token_grid=_token_grid(model, image_size),
+        token_grid=(int(token_grid[0]), int(token_grid[1])),
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0) or 0),
         num_layers=len(taken),
-        embed_dim=int(info[0]["num_chs"]),
+        embed_dim=int(embed_dim),
         model_kwargs=kwargs,
         layers=taken,
         num_blocks=len(info),
+        grids=grids,
     )
 
 
@@ -442,12 +582,14 @@ def load_backbone(
 # forward
 # --------------------------------------------------------------------------------------
 
-def block_tokens(backbone: Backbone, images: torch.Tensor, *,
-                 out_dtype: torch.dtype | None = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def block_tokens(backbone: Backbone, images: torch.Tensor, *, out_dtype: torch.dtype | None = torch.float32
+                 ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
     """The output of every taken layer (residual stream after the block), split into patch and prefix tokens.
 
     images: [B, 3, S, S] normalised, S == backbone.image_size (moved to the model's device).
     Returns (patch [B, L, T, D] with T = h*w row-major, prefix [B, L, P, D], P possibly 0), L = len(layers).
+    A multi-grid backbone (`backbone.grids`, a hierarchical model's stages): patch is a list, one [B, L_k, T_k, D_k]
+    per group in grid order, and prefix is [B, L, 0, D_last] (such models have no prefix tokens).
     timm's forward_intermediates(norm=False, intermediates_only=True): no final norm, no SAM neck, no head,
     and no block after the last taken layer. Call it inside inference_context(); out_dtype=None keeps the
     dtype the blocks produced.
@@ -476,26 +618,34 @@ def block_tokens(backbone: Backbone, images: torch.Tensor, *,
         raise RuntimeError(f"{backbone.spec.alias}: forward_intermediates gave {len(outputs)} layer outputs, "
                            f"expected {backbone.num_layers}")
 
-    gh, gw = backbone.token_grid
     b = images.shape[0]
-    patches, prefixes = [], []
+    expected = backbone.layer_shapes
+    patches, prefixes = {}, []
     for layer, out in zip(backbone.layers, outputs):
         x, pre = out if isinstance(out, (tuple, list)) else (out, None)
-        if x.ndim != 4 or tuple(x.shape[2:]) != (gh, gw) or x.shape[1] != backbone.embed_dim:
+        gh, gw, d = expected[layer]
+        if x.ndim != 4 or tuple(x.shape[2:]) != (gh, gw) or x.shape[1] != d:
             raise RuntimeError(f"{backbone.spec.alias}: layer {layer} output has shape {tuple(x.shape)}, expected "
-                               f"[{b}, {backbone.embed_dim}, {gh}, {gw}]")
-        patches.append(x.flatten(2).transpose(1, 2))  # [B, D, h, w] -> [B, h*w, D], row-major grid
+                               f"[{b}, {d}, {gh}, {gw}]")
+        patches[layer] = x.flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D], row-major grid
         if p:
-            if pre is None or tuple(pre.shape[1:]) != (p, backbone.embed_dim):
+            if pre is None or tuple(pre.shape[1:]) != (p, d):
                 raise RuntimeError(f"{backbone.spec.alias}: layer {layer} prefix tokens have shape "
-                                   f"{None if pre is None else tuple(pre.shape)}, expected [{b}, {p}, {backbone.embed_dim}]")
+                                   f"{None if pre is None else tuple(pre.shape)}, expected [{b}, {p}, {d}]")
             prefixes.append(pre)
         else:
-            prefixes.append(x.new_zeros((b, 0, x.shape[1])))
-    patch = torch.stack(patches, dim=1)
+            prefixes.append(x.new_zeros((b, 0, backbone.embed_dim)))
     prefix = torch.stack(prefixes, dim=1)
+    if backbone.grids is None:
+        patch: torch.Tensor | list[torch.Tensor] = torch.stack([patches[layer] for layer in backbone.layers], dim=1)
+        if out_dtype is not None:
+            patch = patch.to(out_dtype)
+    else:
+        patch = [torch.stack([patches[layer] for layer in g.layers], dim=1) for g in backbone.grids]
+        if out_dtype is not None:
+            patch = [t.to(out_dtype) for t in patch]
     if out_dtype is not None:
-        patch, prefix = patch.to(out_dtype), prefix.to(out_dtype)
+        prefix = prefix.to(out_dtype)
     return patch, prefix
 
 

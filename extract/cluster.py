@@ -129,7 +129,7 @@ def _write_shards(cfg: ExtractConfig, store: str, task: str, blocks: list[int], 
     return sorted(entries, key=lambda e: e["block"])
 
 
-def fit_pca(cfg: ExtractConfig, plan: TaskPlan, components: int) -> tuple[PcaBasis, dict[str, Any]]:
+def fit_pca(cfg: ExtractConfig, plan: TaskPlan, components: int) -> tuple[PcaBasis | list[PcaBasis], dict[str, Any]]:
     """Runs on a worker: the PCA fit of `--compact pca:R` (extract.forward.fit_training_pca) on that worker's device."""
     try:
         with _ONE_JOB:
@@ -200,6 +200,6 @@ class ClusterRunner:
             raise
         return images
 
-    def fit_pca(self, cfg: ExtractConfig, plan: TaskPlan, components: int) -> tuple[PcaBasis, dict[str, Any]]:
+    def fit_pca(self, cfg: ExtractConfig, plan: TaskPlan, components: int) -> tuple[PcaBasis | list[PcaBasis], dict[str, Any]]:
         future = self.client.submit(fit_pca, cfg, plan, components, pure=False)
         return future.result()

@@ -33,7 +33,7 @@ class Batch:
     """One batch of rows through the backbone, as the store's dtype; `bad`: index in batch -> decode error."""
 
     rows: list[int]
-    patch: np.ndarray
+    patch: np.ndarray | list[np.ndarray]  # [B, L, T, D]; a multi-grid backbone: one [B, L_k, T_k, D_k] per group
     prefix: np.ndarray | None
     bad: dict[int, str]
 
@@ -77,25 +77,36 @@ def forward_batches(cfg: ExtractConfig, backbone: Backbone, plan: TaskPlan, rows
             )
         with inference_context(device):
             patch, prefix = block_tokens(backbone, images.to(device, non_blocking=True))
-        yield Batch(row_ids, patch.to(torch_dtype).cpu().numpy(),
-                    prefix.to(torch_dtype).cpu().numpy() if backbone.num_prefix_tokens else None, bad)
+        tokens = ([t.to(torch_dtype).cpu().numpy() for t in patch] if isinstance(patch, list)
+                  else patch.to(torch_dtype).cpu().numpy())
+        yield Batch(row_ids, tokens, prefix.to(torch_dtype).cpu().numpy() if backbone.num_prefix_tokens else None, bad)
 
 
 def fit_training_pca(cfg: ExtractConfig, backbone: Backbone, natural: TaskPlan, components: int, *,
                      device: torch.device, progress: ProgressFactory | None, num_workers: int | None = None
-                     ) -> tuple[PcaBasis, dict[str, Any]]:
+                     ) -> tuple[PcaBasis | list[PcaBasis], dict[str, Any]]:
     """PCA of the task's training split (store row order), streamed through the backbone into running
     covariances: memory L x D x D whatever the split's size, nothing written. The training images run
     through the backbone twice (here and when their shards are written), which costs that split's share of
-    the extraction (5% for VTAB-1k) instead of keeping it at full size on disk."""
+    the extraction (5% for VTAB-1k) instead of keeping it at full size on disk.
+
+    A multi-grid backbone fits one basis per grid group (each group is encoded on its own, format 2.3) and
+    returns their list in grid order; the record's explained_variance lists every stored layer, in layer order."""
     plan = row_order(natural).plan
     split = fit_split(plan.protocols, list(plan.splits))
     rows = [i for i, s in enumerate(plan.samples) if split in s.splits]
-    fit = PcaFit(backbone.num_layers, backbone.embed_dim)
+    groups = [(g.num_layers, g.feature_dim) for g in backbone.grids] if backbone.grids else [
+        (backbone.num_layers, backbone.embed_dim)]
+    fits = [PcaFit(num_layers, dim) for num_layers, dim in groups]
     advance = progress(f"{plan.task} (PCA fit on {split})", len(rows)) if progress else None
     for batch in forward_batches(cfg, backbone, plan, rows, device=device, num_workers=num_workers):
         keep = np.setdiff1d(np.arange(len(batch.rows)), list(batch.bad))
-        fit.add(batch.patch[keep])  # fitted on the values a full-size store would hold
+        for fit, tokens in zip(fits, batch.patch if backbone.grids else [batch.patch]):
+            fit.add(tokens[keep])  # fitted on the values a full-size store would hold
         if advance:
             advance(len(batch.rows))
-    return fit.fitted(components, split)
+    if not backbone.grids:
+        return fits[0].fitted(components, split)
+    fitted = [fit.fitted(components, split) for fit in fits]
+    record = {**fitted[0][1], "explained_variance": [v for _, r in fitted for v in r["explained_variance"]]}
+    return [basis for basis, _ in fitted], record

@@ -43,6 +43,7 @@ from store_schema import (
     store_path,
 )
 from store_schema.compact import CompactSpecError, PcaBasis, fit_split
+from store_schema.grids import group_layers
 from store_schema.location import can_list, list_sizes, nearest_existing, redact, resolve
 from store_schema.writer import JOURNAL_NAME, shard_block
 from store_schema.writer.lock import refuse_if_locked
@@ -178,7 +179,14 @@ def check_config(cfg: ExtractConfig) -> BackboneSpec:
                 f"--task-name: {root} is a VTAB folder, whose tasks are named by their folders; --task-name names"
                 " the task of one Hugging Face dataset (hf://datasets/ORG/REPO or a save_to_disk folder)")
     spec = resolve_model(cfg.model, model_kwargs=cfg.model_kwargs)
-    parse_layers(cfg.layers, architecture(spec.timm_name, cfg.model_kwargs).num_layers)  # refuses a bad --layers
+    arch = architecture(spec.timm_name, cfg.model_kwargs)
+    taken = parse_layers(cfg.layers, arch.num_layers, default=arch.default_layers)  # refuses a bad --layers
+    if arch.hierarchical:
+        # its grids at --image-size from a forward of its meta twin (~0.1-0.3 s): a size it cannot take is refused
+        # naming sizes that work, and --layers whose grids do not form runs of layers (group_layers) too
+        shapes = arch.layer_shapes(cfg.image_size, name=cfg.model)
+        group_layers(taken, [shapes[i][:2] for i in taken], [shapes[i][2] for i in taken])
+        return spec
     patch = known_patch_size(spec, cfg.model_kwargs)
     if patch:
         check_image_size(cfg.image_size, patch, cfg.model)
@@ -270,6 +278,7 @@ def store_info(backbone: Backbone, *, dataset: str, root: str | None) -> StoreIn
             layers=tuple(backbone.layers),
             feature_dim=backbone.embed_dim,
             model_layers=None if backbone.layers == tuple(range(backbone.num_blocks)) else backbone.num_blocks,
+            grids=backbone.grids,
         ),
         dataset=dataset,
         dataset_root=str(Path(root).resolve()) if root else None,
@@ -331,7 +340,8 @@ def _extract_into(path: Path | str, cfg: ExtractConfig, layout: StoreLayout, *, 
         model_kwargs=cfg.model_kwargs,
         layers=cfg.layers,
     )
-    check_image_size(cfg.image_size, patch_size(backbone.model)[0], cfg.model)
+    if not architecture(backbone.spec.timm_name, backbone.model_kwargs).hierarchical:  # those: load_backbone checked
+        check_image_size(cfg.image_size, patch_size(backbone.model)[0], cfg.model)
     backbone.model.to(device)
     plans = plan_dataset(cfg.dataset, root=cfg.root, tasks=list(cfg.tasks) if cfg.tasks else None,
                          num_workers=cfg.num_workers, image_column=cfg.image_column,
@@ -340,8 +350,8 @@ def _extract_into(path: Path | str, cfg: ExtractConfig, layout: StoreLayout, *, 
     for plan in plans:
         for note in plan.notes:  # e.g. how many duplicate images were merged
             warn(f"task {plan.task}: {note}")
-        if compact is not None:
-            compact.check_dim(backbone.embed_dim, where=f"--compact {cfg.compact}: ")
+        if compact is not None:  # PCA's R fits every group's width
+            compact.check_dim(min(d for _, _, d in backbone.layer_shapes.values()), where=f"--compact {cfg.compact}: ")
             if compact.pca is not None and fit_split(plan.protocols, list(plan.splits)) is None:
                 raise CompactSpecError(
                     f"--compact {cfg.compact}: task {plan.task} has no training split to fit PCA on (it has: "
@@ -399,13 +409,16 @@ def _sample_table(order: RowOrder):
 
 
 def _task_writer(cfg: ExtractConfig, writer: StoreWriter, backbone: Backbone, plan: TaskPlan, *,
-                 overwrite: bool | None = None, pca: tuple[PcaBasis, dict[str, Any]] | None = None
+                 overwrite: bool | None = None,
+                 pca: tuple[PcaBasis | list[PcaBasis], dict[str, Any]] | None = None
                  ) -> tuple[TaskWriter, TaskPlan]:
     """Open (create or resume) the task; returns it with the plan in the store's row order (extract/order.py).
-    A compact store's new task takes `pca`: its fitted basis and the record of the fit."""
+    A compact store's new task takes `pca`: its fitted basis (one per grid group of a multi-grid store) and the
+    record of the fit."""
     order = row_order(plan)
+    last = backbone.grids[-1] if backbone.grids else None  # a multi-grid store: the writer takes its groups' own
     task_kwargs = dict(
-        num_layers=backbone.num_layers,
+        num_layers=last.num_layers if last else backbone.num_layers,
         num_tokens=backbone.token_grid[0] * backbone.token_grid[1],
         feature_dim=backbone.embed_dim,
         num_prefix_tokens=backbone.num_prefix_tokens,
@@ -436,7 +449,8 @@ def _task_writer(cfg: ExtractConfig, writer: StoreWriter, backbone: Backbone, pl
 
 
 def _fit(cfg: ExtractConfig, backbone: Backbone, natural: TaskPlan, components: int, *, device: torch.device,
-         progress: ProgressFactory | None, runner: "ClusterRunner | None") -> tuple[PcaBasis, dict[str, Any]]:
+         progress: ProgressFactory | None, runner: "ClusterRunner | None"
+         ) -> tuple[PcaBasis | list[PcaBasis], dict[str, Any]]:
     if runner is not None:
         return runner.fit_pca(cfg, natural, components)
     return fit_training_pca(cfg, backbone, natural, components, device=device, progress=progress)

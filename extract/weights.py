@@ -7,7 +7,9 @@ timm resizes them on the fly). The sha256 of the file read is what a store recor
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import os
 import re
 import socket
@@ -24,7 +26,7 @@ import timm
 import timm.models
 from timm.layers import resample_abs_pos_embed_nhwc
 
-__all__ = ["WeightsUnavailableError", "create_model", "load_weights_file", "resolve_pretrained", "sha256_file",
+__all__ = ["WeightsUnavailableError", "create_model", "takes_img_size", "load_weights_file", "resolve_pretrained", "sha256_file",
            "ResolvedWeights"]
 
 _HF_DEFAULT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm tries for an hf_hub_id
@@ -274,13 +276,29 @@ def _short(msg: Any, limit: int = 1500) -> str:
     return text if len(text) <= limit else text[:limit] + " ...(truncated)"
 
 
+@functools.lru_cache(maxsize=256)
+def takes_img_size(timm_name: str) -> bool:
+    """Whether the architecture's model class takes an `img_size` argument: names it, or passes **kwargs on (DeiT's
+    distilled ViT). ViTs, Swin, Hiera and MaxViT do (their position tables or windows are sized from it); ConvNeXt,
+    ResNet and SAM2's HieraDet do not (they take any input size as built) and refuse it as an unexpected keyword.
+    Read from the class built on the meta device."""
+    arch = timm.models.split_model_name_tag(timm_name)[0]
+    with torch.device("meta"):  # structure only, ~0.1 s
+        model = timm.create_model(arch, pretrained=False)
+    params = inspect.signature(type(model).__init__).parameters
+    return "img_size" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def create_model(model_name: str, *, image_size: int | tuple[int, int], pretrained: bool,
-            overlay: dict | None, kwargs: dict) -> torch.nn.Module:
+                 overlay: dict | None, kwargs: dict) -> torch.nn.Module:
+    """timm.create_model at our input size: `img_size` only for models that take it (`takes_img_size`); the others
+    are fed image_size as built, and their grids at that size are checked on the meta device (extract/backbones.py)."""
+    size = {"img_size": image_size} if takes_img_size(model_name) else {}
     return timm.create_model(
         model_name,
         pretrained=pretrained,
         pretrained_cfg_overlay=overlay,
-        img_size=image_size,
+        **size,
         **kwargs,
     )
 

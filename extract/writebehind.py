@@ -28,7 +28,7 @@ class Shard:
     """One block's rows, ready for `ShardWriter.write`."""
 
     block: int
-    tokens: np.ndarray
+    tokens: np.ndarray | list[np.ndarray]  # [rows, L, T, D]; a multi-grid backbone: one [rows, L_k, T_k, D_k] per group
     prefix: np.ndarray | None
     skipped: list[Skipped]
 
@@ -40,7 +40,9 @@ class ShardAssembler:
         self.blocks, self.plan, self.dtype = blocks, plan, dtype
         self.block_of_row = {r: b for b in pending for r in blocks[b]}
         num_tokens = backbone.token_grid[0] * backbone.token_grid[1]
-        self.tokens_shape = (backbone.num_layers, num_tokens, backbone.embed_dim)
+        self.grids = backbone.grids is not None
+        self.tokens_shapes = ([(g.num_layers, g.num_tokens, g.feature_dim) for g in backbone.grids] if self.grids
+                              else [(backbone.num_layers, num_tokens, backbone.embed_dim)])
         self.prefix_shape = ((backbone.num_layers, backbone.num_prefix_tokens, backbone.embed_dim)
                              if backbone.num_prefix_tokens else None)
         self.open: dict[int, tuple[Shard, list[int]]] = {}  # block -> (shard, [rows filled])
@@ -55,13 +57,17 @@ class ShardAssembler:
             block = self.block_of_row[row]
             if block not in self.open:
                 n = len(self.blocks[block])
-                shard = Shard(block, np.zeros((n, *self.tokens_shape), self.dtype),
+                tokens = [np.zeros((n, *shape), self.dtype) for shape in self.tokens_shapes]
+                shard = Shard(block, tokens if self.grids else tokens[0],
                               np.zeros((n, *self.prefix_shape), self.dtype) if self.prefix_shape else None, [])
                 self.open[block] = (shard, [0])
             shard, filled = self.open[block]
             k = row - self.blocks[block].start
             if i in batch.bad:
                 shard.skipped.append(Skipped(row=row, sample_id=self.plan.samples[row].sample_id, error=batch.bad[i]))
+            elif self.grids:
+                for held, got in zip(shard.tokens, batch.patch):
+                    held[k] = got[i]
             else:
                 shard.tokens[k] = batch.patch[i]
                 if shard.prefix is not None:

@@ -72,7 +72,8 @@ PAPER = {"sam": "samvit_base_patch16.sa1b", "clip": "vit_base_patch16_clip_224.o
 MODERN = {"dinov3": "vit_base_patch16_dinov3.lvd1689m", "siglip2": "vit_base_patch16_siglip_224.v2_webli",
           "pe": "vit_pe_core_base_patch16_224.fb", "pe-spatial": "vit_pe_spatial_base_patch16_512.fb",
           "aimv2": "aimv2_large_patch14_224.apple_pt", "radio": "naflexvit_base_patch16_radio_v3.c_radio",
-          "tipsv2": "vit_base_patch14_reg1_tipsv2.webli", "eva02": "eva02_base_patch14_224.mim_in22k"}
+          "tipsv2": "vit_base_patch14_reg1_tipsv2.webli", "eva02": "eva02_base_patch14_224.mim_in22k",
+          "sam2": "sam2_hiera_base_plus.fb_r896", "dinov3-convnext": "convnext_base.dinov3_lvd1689m"}
 
 
 def test_aliases_resolve_to_registered_pretrained_checkpoints():
@@ -115,17 +116,13 @@ def test_unknown_names_raise_with_alias_list(name):
     ("sam2_hiera_base_plus", "56x56x112, 28x28x224, 14x14x448, 7x7x896"),
     ("resnet50", "112x112x64, 56x56x256, 28x28x512, 14x14x1024, 7x7x2048"),
 ])
-def test_hierarchical_models_are_refused_naming_their_stages(name, stages):
-    """timm knows them: the refusal says what they are and what is missing, not "Unknown backbone"."""
-    with pytest.raises(UnsupportedModelError) as info:
-        resolve_model(name)
-    msg = str(info.value)
-    assert not msg.startswith("Unknown backbone") and "hierarchical" in msg and stages in msg
-    assert msg.count(". ") == 0  # one sentence
+def test_hierarchical_models_resolve_with_every_stage_on_its_own_grid(name, stages):
+    """timm's stage outputs at 224 (from the meta twin's forward); stored by default without ResNet's stem."""
+    assert resolve_model(name).timm_name == timm.models.split_model_name_tag(name)[0]
     arch = architecture(timm.models.split_model_name_tag(name)[0])
+    assert arch.hierarchical and arch.num_prefix_tokens == 0
     assert [f"{g[0]}x{g[1]}x{w}" for g, w in zip(arch.grids(224), arch.widths)] == stages.split(", ")
-    with pytest.raises(UnsupportedModelError, match="hierarchical"):  # before any weights are looked for
-        load_backbone(name)
+    assert arch.default_layers == tuple(range(1 if name == "resnet50" else 0, arch.num_layers))
 
 
 def test_alias_of_a_model_an_older_timm_lacks_says_to_upgrade(monkeypatch):
@@ -148,6 +145,7 @@ def test_model_without_intermediates_is_refused_naming_what_is_missing(monkeypat
 
 def test_layers_selection():
     assert parse_layers(None, 12) == tuple(range(12)) and parse_layers("all", 4) == (0, 1, 2, 3)
+    assert parse_layers(None, 5, default=(1, 2, 3, 4)) == (1, 2, 3, 4) and parse_layers("all", 5, default=(1,)) == tuple(range(5))
     assert parse_layers("last:3", 12) == (9, 10, 11) and parse_layers("11,0,-2", 12) == (0, 10, 11)
     for bad, why in (("12", "out of range"), ("last:0", "1..12"), ("1,1", "twice"), ("a,b", "indices"), (",", "no layer")):
         with pytest.raises(ValueError, match=why):
@@ -538,3 +536,11 @@ def test_extract_help_lists_every_alias_with_its_geometry():
     assert (rows["sam"]["grid"], rows["sam"]["prefix"], rows["sam"]["raw_bytes"]) == ((14, 14), 0, 12 * 196 * 768 * 2)
     assert (rows["radio"]["grid"], rows["radio"]["prefix"]) == ((14, 14), 8)
     assert (rows["aimv2"]["layers"], rows["aimv2"]["width"], rows["dinov2"]["grid"]) == (24, 1024, (16, 16))
+    # hierarchical: every stage on its own grid and width, bytes summed over the stages
+    assert rows["sam2"]["checkpoint"] == "sam2_hiera_base_plus.fb_r896" and rows["sam2"]["prefix"] == 0
+    assert rows["sam2"]["stages"] == [(56, 56, 112), (28, 28, 224), (14, 14, 448), (7, 7, 896)]
+    assert rows["sam2"]["raw_bytes"] == (56 * 56 * 112 + 28 * 28 * 224 + 14 * 14 * 448 + 7 * 7 * 896) * 2 == 1317120
+    assert rows["dinov3-convnext"]["checkpoint"] == "convnext_base.dinov3_lvd1689m"
+    assert rows["dinov3-convnext"]["stages"] == [(56, 56, 128), (28, 28, 256), (14, 14, 512), (7, 7, 1024)]
+    assert rows["dinov3-convnext"]["raw_bytes"] == 1505280 and rows["sam"]["stages"] is None
+    assert "4 stages 56x56x128 .. 7x7x1024" in ALIAS_HELP and "4 stages 56x56x112 .. 7x7x896" in ALIAS_HELP

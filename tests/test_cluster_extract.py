@@ -70,6 +70,19 @@ def test_compact_extraction_on_the_cluster_equals_one_process(vtab, cluster, tmp
     assert data_objects(clustered.store) == data_objects(single.store)
 
 
+def test_hierarchical_extraction_on_the_cluster_equals_one_process(vtab, cluster, tmp_path):
+    """A multi-grid store (ConvNeXt's 4 stages, one array per grid group), full size and --compact pca:R,int8 (one
+    PCA basis per group, fitted on a worker): shards written by the workers, the same bytes as one process."""
+    _, client = cluster
+    hierarchical = dict(model="convnext_atto", image_size=64, model_kwargs=dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)))
+    for compact in (None, "pca:4,int8"):
+        single = extract(replace(config(vtab, tmp_path / f"single-{compact}", compact=compact), **hierarchical))
+        clustered = extract(replace(config(vtab, tmp_path / f"dask-{compact}", compact=compact), **hierarchical),
+                            client=client)
+        assert open_store(clustered.store).multi_grid and validate_store(clustered.store).ok
+        assert data_objects(clustered.store) == data_objects(single.store)
+
+
 def test_a_worker_with_two_threads_runs_one_job_at_a_time(vtab, reference, tmp_path):
     """dask runs as many tasks at once as a worker has threads; they must not share the worker's one model."""
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",

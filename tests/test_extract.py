@@ -370,7 +370,7 @@ def test_bad_layers_option_is_a_clean_error(bad, why, vtab, tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / MODEL).exists()
 
 
-def test_hierarchical_model_is_refused_before_anything_is_written(tmp_path):
-    result = run_cli("extract", "--model", "convnext_tiny", "--random-init", "--dataset", "digits", "--out", str(tmp_path))
-    assert result.exit_code == 2 and "hierarchical" in " ".join(result.output.split()) and "Traceback" not in result.output
-    assert not (tmp_path / "convnext_tiny").exists()
+def test_multi_grid_model_with_prefix_tokens_is_refused_before_anything_is_written(tmp_path):
+    result = run_cli("extract", "--model", "mvitv2_small_cls", "--random-init", "--dataset", "digits", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "prefix token" in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "mvitv2_small_cls").exists()
