@@ -424,6 +424,7 @@ def _info_lines(doc: dict[str, Any], width: int, options: dict[str, Any]) -> lis
                     f"dim {feats.get('feature_dim')}", str(feats.get("kind"))], "; "),
         ("layers", [f"{feats.get('num_layers')}: {feats.get('layers')}"
                     + (f" of the model's {feats['model_layers']}" if feats.get("model_layers") else "")], ""),
+        *_grid_rows(feats),
         ("storage", [str(storage.get("dtype")), f"{storage.get('codec')} level {storage.get('clevel')} {storage.get('shuffle')}",
                      f"shard {storage.get('rows_per_shard')} rows",
                      f"chunk {storage.get('rows_per_chunk')} rows x {storage.get('layers_per_chunk')} layer(s)"], ", "),
@@ -458,6 +459,17 @@ def _info_lines(doc: dict[str, Any], width: int, options: dict[str, Any]) -> lis
                      else str(src.get("kind")))
             lines.append(Text(f"  {name}: {where}"))
     return lines
+
+
+def _grid_rows(feats: dict[str, Any]) -> list[tuple[str, list[str], str]]:
+    """A multi-grid (hierarchical) store's groups, one item each: name, grid, width and layers (the tokens row
+    above describes the last group, the one a linear probe reads); none for a single-grid store."""
+    groups = [g for g in feats.get("grids") or [] if isinstance(g, dict)]
+    if not groups:
+        return []
+    items = [f"{g.get('name')}: grid {'x'.join(str(v) for v in g.get('token_grid') or [])} = {g.get('num_tokens')} tokens, "
+             f"dim {g.get('feature_dim')}, layers {g.get('layers')}" for g in groups]
+    return [("grid groups", items, "; ")]
 
 
 def _encoding_row(storage: dict[str, Any], details: dict[str, Any]) -> list[tuple[str, list[str], str]]:

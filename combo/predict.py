@@ -7,6 +7,10 @@ against the recorded sha256 when one was recorded), images are preprocessed exac
 extraction (`extract.images.preprocess`), every block's tokens are taken, rounded to the store's
 dtype, aligned and normalised as in training, and fed to the saved adapter (or linear probe).
 
+A hierarchical backbone's store (format 2.3, several (grid, width) groups) was read by the probe as one
+part per group; its rebuilt backbone gives one tensor per group (`extract.backbones.block_tokens`), which
+are fed as those parts, each through its own encoding when the store is compact.
+
 Custom timm `model_kwargs` used at extraction (e.g. a shrunken test ViT) are recorded in the store's
 `backbone.model_kwargs` and passed again. The rebuilt backbone is still checked against the recorded
 shapes (layer count, width, grid): a mismatch, e.g. a store written with kwargs before combo recorded
@@ -32,7 +36,7 @@ from extract.backbones import Backbone, block_tokens, inference_context, load_ba
 from extract.datasets import IMAGE_EXTENSIONS, open_image_file
 from extract.images import preprocess
 from probe.align import make_prepare
-from probe.run import ENCODING_FILE, build_model, linear_prepare
+from probe.run import ENCODING_FILE, build_model, encoding_key, linear_prepare
 from probe.runstate import read_state
 from store_schema.compact import CompactSpec, PcaBasis
 from store_schema.compact import decode as compact_decode
@@ -82,6 +86,27 @@ class RecordedBackbone:
     model_kwargs: dict[str, Any] | None = None  # absent in the store = none
     model_layers: int | None = None  # the model's layer count; recorded only when the store keeps a subset
     compact: dict[str, Any] | None = None  # the store's encoding (compact stores): features go through it too
+    # a multi-grid store's groups, as recorded (features.grids: name, token_grid, feature_dim, layers); None: one grid
+    grids: tuple[dict[str, Any], ...] | None = None
+
+    @property
+    def part_grids(self) -> list[tuple[int, int]]:
+        """The token grid of every part the probe read from this store (one per group)."""
+        if not self.grids:
+            return [tuple(self.token_grid)]
+        return [tuple(int(v) for v in g["token_grid"]) for g in self.grids]
+
+    @property
+    def part_names(self) -> list[str]:
+        """The group name of every part ("" for a single-grid store)."""
+        return [str(g["name"]) for g in self.grids] if self.grids else [""]
+
+    @property
+    def part_layers(self) -> list[tuple[int, ...]]:
+        """The model layer indices of every part."""
+        if not self.grids:
+            return [tuple(self.layers)]
+        return [tuple(int(v) for v in g["layers"]) for g in self.grids]
 
     @classmethod
     def from_provenance(cls, doc: dict[str, Any]) -> "RecordedBackbone":
@@ -98,6 +123,7 @@ class RecordedBackbone:
                 url=str(doc.get("url", "")), model_kwargs=dict(bb.get("model_kwargs") or {}) or None,
                 model_layers=int(feats["model_layers"]) if feats.get("model_layers") else None,
                 compact=(doc.get("storage") or {}).get("compact") or None,
+                grids=tuple(dict(g) for g in feats["grids"]) if feats.get("grids") else None,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise PredictError(f"store record {doc.get('url', '?')} in config.json lacks backbone provenance ({err})") from None
@@ -251,6 +277,11 @@ def rebuild_backbone(record: RecordedBackbone, *, weights_override: str | None =
         "blocks": record.model_layers or record.num_layers, "token grid": record.token_grid, "prefix tokens": record.num_prefix_tokens,
         "width D": record.feature_dim,
     }
+    if record.grids:  # a hierarchical backbone: every group's grid, width and layers
+        rebuilt = getattr(backbone, "grids", None) or ()
+        found["grid groups"] = [(tuple(g.token_grid), int(g.feature_dim), tuple(g.layers)) for g in rebuilt]
+        wanted["grid groups"] = [(tuple(int(v) for v in g["token_grid"]), int(g["feature_dim"]),
+                                  tuple(int(v) for v in g["layers"])) for g in record.grids]
     differ = [f"{k}: rebuilt {found[k]} vs recorded {wanted[k]}" for k in found if found[k] != wanted[k]]
     if differ:
         kwargs = f"model_kwargs {record.model_kwargs}" if record.model_kwargs else "no model_kwargs"
@@ -303,40 +334,55 @@ _STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16":
 
 def _features(backbones: Sequence[Backbone], records: Sequence[RecordedBackbone], images: Sequence[Any],
               *, kind: str, uses_prefix: Sequence[bool], device: torch.device) -> list[Tensor]:
-    """Per backbone, what the store held for these images (rounded to its dtype) and the probe read."""
+    """What the store held for these images (rounded to its dtype) and the probe read: per part for ComBo (a
+    multi-grid backbone gives one tensor per grid group), per backbone (its last part's last layer) for the
+    linear probe."""
     parts = []
     for backbone, record, prefix in zip(backbones, records, uses_prefix):
         x = torch.stack([preprocess(img, image_size=record.image_size, mean=record.mean, std=record.std) for img in images])
         with inference_context(device):
             patch, pre = block_tokens(backbone, x.to(device))
         dtype = _STORE_DTYPES.get(record.dtype, torch.float16)
+        groups = list(patch) if isinstance(patch, (list, tuple)) else [patch]
+        if len(groups) != len(record.part_grids):
+            raise PredictError(f"backbone {record.alias} gave {len(groups)} token group(s), but store {record.url} "
+                               f"holds {len(record.part_grids)}")
         # the backbone was rebuilt to give exactly the store's layers (rebuild_backbone), in the store's order
         if kind == "linear":
-            parts.append((pre if prefix else patch)[:, -1:].to(dtype).clone())
+            parts.append((pre if prefix else groups[-1])[:, -1:].to(dtype).clone())
         else:
-            parts.append(patch.to(dtype).clone())
+            parts += [g.to(dtype).clone() for g in groups]
     return parts
 
 
 def _encodings(trained: TrainedTask) -> list[tuple[CompactSpec, PcaBasis | None] | None]:
-    """Per backbone, the encoding of the store it was trained from (None: full size), with its PCA basis."""
+    """Per part (every group of every backbone, in order), the encoding of the store it was trained from (None:
+    full size), with its PCA basis."""
     path = trained.run_dir / ENCODING_FILE.format(task=trained.task)
     saved = load_file(str(path)) if path.is_file() else {}
     out: list[tuple[CompactSpec, PcaBasis | None] | None] = []
     for record in trained.backbones:
         spec = CompactSpec.from_attrs(record.compact)
-        if spec is None:
-            out.append(None)
-            continue
-        basis = None
-        if spec.pca is not None:
-            key = f"{record.url}|pca_components"
-            if key not in saved:
-                raise PredictError(f"{trained.run_dir}: the model was trained from the compact store {record.url} "
-                                   f"({spec.name}), but {path.name} does not hold its PCA basis; train it again")
-            basis = PcaBasis(saved[key].numpy(), saved[f"{record.url}|pca_mean"].numpy())
-        out.append((spec, basis))
+        for grid in record.part_names:
+            if spec is None:
+                out.append(None)
+                continue
+            basis = None
+            if spec.pca is not None:
+                key = encoding_key(record.url, grid)
+                if f"{key}|pca_components" not in saved:
+                    where = f" (group {grid})" if grid else ""
+                    raise PredictError(f"{trained.run_dir}: the model was trained from the compact store {record.url}"
+                                       f"{where} ({spec.name}), but {path.name} does not hold its PCA basis; train it again")
+                basis = PcaBasis(saved[f"{key}|pca_components"].numpy(), saved[f"{key}|pca_mean"].numpy())
+            out.append((spec, basis))
     return out
+
+
+def _last_parts(records: Sequence[RecordedBackbone]) -> list[int]:
+    """The index (among every backbone's parts) of each backbone's last part: what the linear probe read."""
+    ends = np.cumsum([len(r.part_grids) for r in records])
+    return [int(e) - 1 for e in ends]
 
 
 def _through_encoding(x: Tensor, encoding: tuple[CompactSpec, PcaBasis | None], layers: Sequence[int],
@@ -384,18 +430,21 @@ def predict_images(
             log(f"rebuilding {record.alias} ({record.weights_source}) at {record.image_size}px")
         backbones.append(rebuild_backbone(record, weights_override=weights.get(record.alias)))
         backbones[-1].model.to(torch_device)
-    encodings = _encodings(trained)
+    encodings = _encodings(trained)  # per part
+    part_layers = [layers for b in trained.backbones for layers in b.part_layers]
     if trained.kind == "linear":
+        encodings = [encodings[j] for j in _last_parts(trained.backbones)]  # per backbone: its last part
+        part_layers = [part_layers[j] for j in _last_parts(trained.backbones)]
         uses_prefix = list(trained.model_config.get("uses_prefix") or [b.num_prefix_tokens > 0 for b in trained.backbones])
         # compact patch tokens were trained on normalised with their maps' exact statistics (cls is full size)
         normalised = [e is not None and not u for e, u in zip(encodings, uses_prefix)]
         # runs from before the pooling was recorded standardised the pooled vector instead of each map
         prepare = linear_prepare(uses_prefix, legacy="normalise" not in trained.model_config, prenormalised=normalised)
     else:
-        uses_prefix = [False] * len(trained.backbones)
-        normalised = [e is not None and tuple(b.token_grid) == tuple(trained.grid)
-                      for e, b in zip(encodings, trained.backbones)]
-        prepare = make_prepare([b.token_grid for b in trained.backbones], target=trained.grid, prenormalised=normalised)
+        grids = [g for b in trained.backbones for g in b.part_grids]
+        uses_prefix = [False] * len(grids)
+        normalised = [e is not None and tuple(g) == tuple(trained.grid) for e, g in zip(encodings, grids)]
+        prepare = make_prepare(grids, target=trained.grid, prenormalised=normalised)
     result = PredictResult(task=trained.task, classes=trained.classes, backbones=[b.alias for b in trained.backbones],
                            partial=trained.partial)
     for start in range(0, len(files), batch_size):
@@ -412,11 +461,12 @@ def predict_images(
                                     "error": f"{type(err).__name__}: {err}"})
         if not decoded:
             continue
-        parts = _features(backbones, trained.backbones, decoded, kind=trained.kind, uses_prefix=uses_prefix,
+        prefix_of = (uses_prefix if trained.kind == "linear" else [False] * len(trained.backbones))
+        parts = _features(backbones, trained.backbones, decoded, kind=trained.kind, uses_prefix=prefix_of,
                           device=torch_device)
-        for k, (encoding, record) in enumerate(zip(encodings, trained.backbones)):
+        for k, (encoding, layer_ids) in enumerate(zip(encodings, part_layers)):
             if encoding is not None and not uses_prefix[k]:
-                stored = list(range(len(record.layers)))  # positions of the store's layers, as its basis has them
+                stored = list(range(len(layer_ids)))  # positions of the part's layers, as its basis has them
                 layers = stored[-1:] if trained.kind == "linear" else stored
                 parts[k] = _through_encoding(parts[k], encoding, layers, normalised=normalised[k])
         with torch.no_grad():

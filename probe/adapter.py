@@ -17,6 +17,13 @@ Backbones of different widths (this project's extension, PAPER.md "Aligning seve
 parameter [width, Σ_k L_k·D_k] (the "Linear over the flattened L*D" form of the paper), initialised as one
 tensor with fan-in Σ_k L_k·D_k, so with equal widths it is the paper's [width, L, D] Lambda exactly, value
 for value and init for init; ``lambda_slices()`` gives the per-backbone views.
+
+Hierarchical backbones (issue 22): a backbone whose layers have several (grid, width) groups (ConvNeXt's
+stages) is read as several *parts*, one per group, each with its own slice; ``backbone_of_part`` says which
+backbone each part belongs to. ``layers_per_backbone`` / ``feature_dims`` then count parts (the name is kept
+for old run folders, where parts are backbones), s_k groups a backbone's parts (``backbone_norms``), and
+``layer_slices()`` gives W_l [width, D_l] for every layer whatever its width. Lambda is still one flat
+parameter with one init draw, so one part per backbone is exactly the Lambda above.
 """
 
 from __future__ import annotations
@@ -57,6 +64,9 @@ class ComboConfig:
     # D_k per backbone when widths differ, e.g. (1024, 768); () = every backbone has feature_dim
     feature_dims: tuple[int, ...] = ()
     init: str = "timm"  # "timm" (the authors') or "torch" (PyTorch's default Linear init in F and the head)
+    # the backbone of every part (one entry per layers_per_backbone entry), e.g. (0, 0, 0, 1) for a 3-stage
+    # hierarchical backbone and a ViT; () = one part per backbone. A backbone's parts are adjacent.
+    backbone_of_part: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "feature_dim", "num_tokens", "num_classes", "width", "num_heads"):
@@ -72,20 +82,30 @@ class ComboConfig:
             raise AdapterConfigError(f"ComboConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
         object.__setattr__(self, "layers_per_backbone", tuple(int(n) for n in self.layers_per_backbone))
         object.__setattr__(self, "feature_dims", tuple(int(n) for n in self.feature_dims))
+        object.__setattr__(self, "backbone_of_part", tuple(int(n) for n in self.backbone_of_part))
         if self.init not in INITS:
             raise AdapterConfigError(f"ComboConfig.init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.feature_dims:
             backbones = len(self.layers_per_backbone) or 1
             if len(self.feature_dims) != backbones or min(self.feature_dims) < 1:
                 raise AdapterConfigError(
-                    f"ComboConfig.feature_dims={self.feature_dims} must give one positive width per backbone "
-                    f"({backbones} backbone(s) from layers_per_backbone={self.layers_per_backbone})"
+                    f"ComboConfig.feature_dims={self.feature_dims} must give one positive width per part "
+                    f"({backbones} part(s) from layers_per_backbone={self.layers_per_backbone})"
                 )
         if self.layers_per_backbone:
             if min(self.layers_per_backbone) < 1 or sum(self.layers_per_backbone) != self.num_layers:
                 raise AdapterConfigError(
                     f"ComboConfig.layers_per_backbone={self.layers_per_backbone} must be positive and sum to "
                     f"num_layers={self.num_layers}"
+                )
+        if self.backbone_of_part:
+            owners, parts = self.backbone_of_part, len(self.layers_per_backbone) or 1
+            adjacent = owners[0] == 0 and all(b - a in (0, 1) for a, b in zip(owners, owners[1:]))
+            if len(owners) != parts or not adjacent:
+                raise AdapterConfigError(
+                    f"ComboConfig.backbone_of_part={owners} must give one backbone per part ({parts} part(s) from "
+                    f"layers_per_backbone={self.layers_per_backbone}), numbered 0, 1, ... with a backbone's parts "
+                    "adjacent"
                 )
 
     @property
@@ -100,17 +120,36 @@ class ComboConfig:
         cfg = {k: v for k, v in doc.items() if k in names}
         cfg["layers_per_backbone"] = tuple(cfg.get("layers_per_backbone", ()))
         cfg["feature_dims"] = tuple(cfg.get("feature_dims", ()))
+        cfg["backbone_of_part"] = tuple(cfg.get("backbone_of_part") or ())  # run folders before issue 22: ()
         return cls(**cfg)
 
     @property
     def layer_counts(self) -> tuple[int, ...]:
-        """L_k of every backbone, in order."""
+        """L_k of every part (a backbone, or one grid group of a hierarchical backbone), in order."""
         return self.layers_per_backbone or (self.num_layers,)
 
     @property
     def dims(self) -> tuple[int, ...]:
-        """D_k of every backbone, in order."""
+        """D_k of every part, in order."""
         return self.feature_dims or (self.feature_dim,) * len(self.layer_counts)
+
+    @property
+    def owners(self) -> tuple[int, ...]:
+        """The backbone of every part (identity when ``backbone_of_part`` is ())."""
+        return self.backbone_of_part or tuple(range(len(self.layer_counts)))
+
+    @property
+    def num_backbones(self) -> int:
+        return self.owners[-1] + 1
+
+    def backbone_parts(self, k: int) -> list[int]:
+        """The parts of backbone k, in order."""
+        return [j for j, b in enumerate(self.owners) if b == k]
+
+    @property
+    def backbone_layer_counts(self) -> tuple[int, ...]:
+        """Σ of L over each backbone's parts."""
+        return tuple(sum(self.layer_counts[j] for j in self.backbone_parts(k)) for k in range(self.num_backbones))
 
     @property
     def mixed_widths(self) -> bool:
@@ -122,9 +161,16 @@ class ComboConfig:
         return sum(n * d for n, d in zip(self.layer_counts, self.dims))
 
     @property
-    def backbone_slices(self) -> list[slice]:
-        """Which Lambda layer indices read each backbone, in order."""
+    def part_slices(self) -> list[slice]:
+        """Which Lambda layer indices read each part, in order."""
         counts = self.layer_counts
+        starts = [sum(counts[:k]) for k in range(len(counts))]
+        return [slice(s, s + n) for s, n in zip(starts, counts)]
+
+    @property
+    def backbone_slices(self) -> list[slice]:
+        """Which Lambda layer indices read each backbone (all its parts: they are adjacent), in order."""
+        counts = self.backbone_layer_counts
         starts = [sum(counts[:k]) for k in range(len(counts))]
         return [slice(s, s + n) for s, n in zip(starts, counts)]
 
@@ -177,8 +223,8 @@ def _contract_layers(x: Tensor, weight: Tensor) -> Tensor:
 class ComboAdapter(nn.Module):
     """Normalised layer maps -> logits [B, C].
 
-    Input: one tensor [B, L, T, D] when every backbone has the same width (the paper's stacked x), or a
-    sequence of per-backbone tensors [B, L_k, T, D_k] (any widths), in ``layers_per_backbone`` order.
+    Input: one tensor [B, L, T, D] when every part has the same width (the paper's stacked x), or a
+    sequence of per-part tensors [B, L_k, T, D_k] (any widths), in ``layers_per_backbone`` order.
     """
 
     def __init__(self, cfg: ComboConfig):
@@ -243,7 +289,7 @@ class ComboAdapter(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def lambda_slices(self) -> list[Tensor]:
-        """W_k as views [width, L_k, D_k], one per backbone (writes go to the parameter)."""
+        """W_k as views [width, L_k, D_k], one per part (writes go to the parameter)."""
         out, start = [], 0
         for n, d in zip(self.cfg.layer_counts, self.cfg.dims):
             out.append(self.lambda_weight[:, start : start + n * d].view(self.cfg.width, n, d))
@@ -254,7 +300,7 @@ class ComboAdapter(nn.Module):
     def lambda_map(self) -> Tensor:
         """The paper's Lambda weight [width, L, D] (a view); only when every backbone has the same width."""
         if self.cfg.mixed_widths:
-            raise AdapterConfigError(f"backbones have different widths {self.cfg.dims}: use lambda_slices()")
+            raise AdapterConfigError(f"backbones have different widths {self.cfg.dims}: use lambda_slices() or layer_slices()")
         return self.lambda_weight.view(self.cfg.width, self.cfg.num_layers, self.cfg.feature_dim)
 
     def _split_input(self, x: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -263,7 +309,8 @@ class ComboAdapter(nn.Module):
         if isinstance(x, Tensor):
             if cfg.mixed_widths:
                 raise FeatureShapeError(
-                    f"ComboAdapter: backbones have widths {cfg.dims}; pass one [B, L_k, T, D_k] tensor per backbone"
+                    f"ComboAdapter: backbones have widths {cfg.dims}; pass one [B, L_k, T, D_k] tensor per backbone "
+                    "(per part: a multi-grid backbone has one per grid group)"
                 )
             if x.ndim != 4 or tuple(x.shape[1:]) != (cfg.num_layers, cfg.num_tokens, cfg.feature_dim):
                 raise FeatureShapeError(
@@ -273,11 +320,12 @@ class ComboAdapter(nn.Module):
             return [x]
         parts = list(x)
         if len(parts) != len(counts):
-            raise FeatureShapeError(f"ComboAdapter: got {len(parts)} feature tensors for {len(counts)} backbones")
+            raise FeatureShapeError(f"ComboAdapter: got {len(parts)} feature tensors for {len(counts)} backbones "
+                                     "(parts: a multi-grid backbone has one per grid group)")
         for k, (part, n, d) in enumerate(zip(parts, counts, cfg.dims)):
             if part.ndim != 4 or tuple(part.shape[1:]) != (n, cfg.num_tokens, d):
                 raise FeatureShapeError(
-                    f"ComboAdapter: backbone {k} expects [B, L={n}, T={cfg.num_tokens}, D={d}] features, "
+                    f"ComboAdapter: part {k} (backbone {cfg.owners[k]}) expects [B, L={n}, T={cfg.num_tokens}, D={d}] features, "
                     f"got shape {tuple(part.shape)}"
                 )
         return parts
@@ -307,6 +355,22 @@ class ComboAdapter(nn.Module):
         """||W[:, l, :]||_F for each of the L layers -> [L] ("where to find" features inside a model)."""
         return torch.cat([torch.linalg.vector_norm(w, dim=(0, 2)) for w in self.lambda_slices()])
 
+    def layer_slices(self) -> list[Tensor]:
+        """W_l as views [width, D_l], one per Lambda layer, in order (any widths; writes go to the parameter)."""
+        return [w[:, pos] for w in self.lambda_slices() for pos in range(w.shape[1])]
+
     def backbone_norms(self) -> Tensor:
-        """s_k = ||W_k||_F for each backbone k -> [K] (task relevance); any widths."""
-        return torch.stack([torch.linalg.vector_norm(w) for w in self.lambda_slices()])
+        """s_k = ||W_k||_F for each backbone k -> [K] (task relevance); any widths. A backbone of several parts
+        has s_k = sqrt(Σ over its parts of ||W_part||_F^2), the norm of all its slices together."""
+        slices = self.lambda_slices()
+        if self.cfg.num_backbones == len(slices):  # one part per backbone: as before
+            return torch.stack([torch.linalg.vector_norm(w) for w in slices])
+        # a backbone's parts are adjacent in the flat weight: its columns are one range
+        cols = [0]
+        for n, d in zip(self.cfg.layer_counts, self.cfg.dims):
+            cols.append(cols[-1] + n * d)
+        norms = []
+        for k in range(self.cfg.num_backbones):
+            parts = self.cfg.backbone_parts(k)
+            norms.append(torch.linalg.vector_norm(self.lambda_weight[:, cols[parts[0]] : cols[parts[-1] + 1]]))
+        return torch.stack(norms)

@@ -16,6 +16,10 @@ the weights, batch 64, warm-up + cosine, the protocol's step count (1,300 dev / 
 Each pooled vector is standardised over its channels per (image, layer) without parameters
 (``normalise_maps`` with one token), as ComBo does for its maps: layers and backbones whose residual
 streams differ in scale by orders of magnitude then train with one learning rate.
+
+A hierarchical backbone's store holds one token array per (grid, width) group (format 2.3): each group
+is pooled and probed on its own (one ``MultiLayerLinearProbe`` per group: its heads share a width), and
+its rows name the backbone and the model's layer index, so the atlas reads as one backbone's layers.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .linear import MultiLayerLinearProbe
 from .relevance import backbone_names
 from .results import VTAB_GROUPS, new_run_dir, sanitise_url, write_json, write_table
 from .run import PROTOCOL_STEPS, TasksFailed, store_provenance, stores_dataset
-from .stores import align_tasks, open_stores
+from .stores import AlignedTask, align_tasks, grid_parts, open_stores
 from .progress import RunProgress
 from .runstate import DONE, new_state
 from .train import TrainConfig, evaluate_layers, ordered_batches, pick_device, seeded_batches, set_seed, train_steps
@@ -81,14 +85,18 @@ def _chunk_rows(source: SplitSource) -> int:
 
 
 def pool_split(store: FeatureStore, task: str, rows: np.ndarray, *, poolings: Sequence[str],
-               device: torch.device) -> dict[str, Tensor]:
+               device: torch.device, part: int = 0) -> dict[str, Tensor]:
     """{pooling: [n, L, D] float32 standardised features} for the given rows, all layers from one pass.
 
     "mean" reads the token array once (all layers per read) and averages the patch tokens (a compact store's
     encoded arrays, decoded on `device`); "cls" reads the prefix array once and keeps prefix token 0. A pooling the store cannot give (cls without prefix
-    tokens) is left out of the result.
+    tokens) is left out of the result. ``part``: which (grid, width) group of a multi-grid store (L, D are its own).
     """
-    aligned = align_tasks([store], task)
+    whole = align_tasks([store], task)
+    if not 0 <= part < len(whole.parts):
+        raise AtlasError(f"task {task} of {store.url}: no grid group {part} (it has {len(whole.parts)})")
+    aligned = AlignedTask(name=task, parts=[whole.parts[part]], row_maps=[whole.row_maps[part]])
+    group = aligned.reference.store
     out: dict[str, Tensor] = {}
     wanted = [p for p in poolings if p != "cls" or store.num_prefix_tokens > 0]
     for pooling in wanted:
@@ -102,7 +110,7 @@ def pool_split(store: FeatureStore, task: str, rows: np.ndarray, *, poolings: Se
                 x = parts[0].to(device, non_blocking=True)
                 v = x[:, :, 0, :].float() if pooling == "cls" else x.float().mean(dim=2)  # [b, L, D]
             pieces.append(normalise_maps(v[:, :, None, :])[:, :, 0, :])
-        out[pooling] = torch.cat(pieces) if pieces else torch.zeros(0, store.num_layers, store.feature_dim, device=device)
+        out[pooling] = torch.cat(pieces) if pieces else torch.zeros(0, group.num_layers, group.feature_dim, device=device)
     return out
 
 
@@ -268,6 +276,16 @@ def _atlas_on_cluster(client: Any, opened: Sequence[FeatureStore], calls: dict[t
     return [r for key in calls for r in done[key]]
 
 
+class _Offset(RunProgress):
+    """A progress that adds the steps of a backbone's earlier groups (each group trains on its own)."""
+
+    def __init__(self, inner: RunProgress, offset: int):
+        self.inner, self.offset = inner, offset
+
+    def step(self, done: int, *, loss: float) -> None:
+        self.inner.step(self.offset + done, loss=loss)
+
+
 def _task_list(stores: Sequence[FeatureStore], wanted: Sequence[str] | None) -> list[str]:
     held = list(dict.fromkeys(t for s in stores for t in s.tasks))
     if wanted:
@@ -302,36 +320,50 @@ def _atlas_one(store: FeatureStore, name: str, index: int, task: str, *, pooling
         return []
     if log and len(usable) < len(poolings):
         log(f"{task}: {name} stores no cls token; mean pooling only")
-    started = time.perf_counter()
-    train = pool_split(store, task, train_rows, poolings=usable, device=device)
-    evaluation = pool_split(store, task, eval_rows, poolings=usable, device=device)
-    read_seconds = time.perf_counter() - started
-    num_layers = store.num_layers
-    # heads ordered (pooling, layer): one probe for every layer of every pooling
-    x_train = torch.cat([train[p] for p in usable], dim=1)
-    x_eval = torch.cat([evaluation[p] for p in usable], dim=1)
     labels = part.labels
     num_classes = max(len(part.classes), int(labels.max()) + 1)
-    if progress:
-        progress.start(label, steps=cfg.steps)
-    accuracy, history = probe_layers(x_train, labels[train_rows], x_eval, labels[eval_rows], num_classes=num_classes,
-                                     cfg=cfg, device=device, progress=progress)
-    layer_ids = [int(i) for i in (store.features.get("layers") or range(num_layers))]
     group = part.attrs.get("group") or VTAB_GROUPS.get(task)
-    rows = []
-    for p_index, pooling in enumerate(usable):
-        for pos in range(num_layers):
-            rows.append({
-                "task": task, "group": group, "backbone": name, "store_index": index, "layer": layer_ids[pos],
-                "layer_position": pos, "pooling": pooling, "accuracy": float(accuracy[p_index * num_layers + pos]),
-                "split": eval_split, "n": int(eval_rows.size), "train_split": train_split, "n_train": int(train_rows.size),
-                "steps": cfg.steps, "final_loss_per_head": float(history["loss"][-1]) / len(accuracy),
-            })
+    group_parts = grid_parts(part)  # a multi-grid store's (grid, width) groups; else the task itself
+    groups = len(group_parts)
+    if progress:
+        progress.start(label, steps=cfg.steps * groups)
+    rows: list[dict[str, Any]] = []
+    probes, train_seconds, read_seconds, position = 0, 0.0, 0.0, 0
+    for g in range(groups):
+        read_started = time.perf_counter()
+        train = pool_split(store, task, train_rows, poolings=usable, device=device, part=g)
+        evaluation = pool_split(store, task, eval_rows, poolings=usable, device=device, part=g)
+        read_seconds += time.perf_counter() - read_started
+        num_layers = int(train[usable[0]].shape[1])
+        # heads ordered (pooling, layer): one probe for every layer of every pooling
+        x_train = torch.cat([train[p] for p in usable], dim=1)
+        x_eval = torch.cat([evaluation[p] for p in usable], dim=1)
+        steps_before = _Offset(progress, g * cfg.steps) if progress else None
+        accuracy, history = probe_layers(x_train, labels[train_rows], x_eval, labels[eval_rows], num_classes=num_classes,
+                                         cfg=cfg, device=device, progress=steps_before)
+        grid_store = group_parts[g].store
+        layer_ids = [int(i) for i in (grid_store.features.get("layers") or range(num_layers))]
+        grid = "x".join(str(v) for v in grid_store.token_grid)
+        for p_index, pooling in enumerate(usable):
+            for pos in range(num_layers):
+                rows.append({
+                    "task": task, "group": group, "backbone": name, "store_index": index, "layer": layer_ids[pos],
+                    "layer_position": position + pos, "pooling": pooling,
+                    "accuracy": float(accuracy[p_index * num_layers + pos]),
+                    "split": eval_split, "n": int(eval_rows.size), "train_split": train_split, "n_train": int(train_rows.size),
+                    "steps": cfg.steps, "final_loss_per_head": float(history["loss"][-1]) / len(accuracy),
+                    "grid": grid, "feature_dim": int(x_train.shape[2]),
+                })
+        position += num_layers
+        probes += len(accuracy)
+        train_seconds += float(history["seconds"])
+    rows.sort(key=lambda r: (usable.index(r["pooling"]), r["layer_position"]))
+    num_layers = position
     top = max(rows, key=lambda r: r["accuracy"])
     if progress:
         progress.finish(label, summary=f"best layer {top['layer']} ({top['pooling']}) {100 * top['accuracy']:.1f}%")
     if log:
-        log(f"{task}: {name}: {len(accuracy)} probes ({', '.join(usable)} x {num_layers} layers) in "
-            f"{read_seconds:.1f} s read + {history['seconds']:.1f} s train; best layer {top['layer']} "
+        log(f"{task}: {name}: {probes} probes ({', '.join(usable)} x {num_layers} layers) in "
+            f"{read_seconds:.1f} s read + {train_seconds:.1f} s train; best layer {top['layer']} "
             f"({top['pooling']}) {100 * top['accuracy']:.1f}%")
     return rows

@@ -80,6 +80,8 @@ class CachePlanError(ValueError):
 class SplitSource:
     """One split of one task across K stores: positions 0..n-1 map to stored rows.
 
+    Everything indexed "per store" here is per *part* of the task (`AlignedTask.parts`): a store, or one
+    (grid, width) group of a multi-grid store, which reads like a store of its own.
     ``prefix`` reads the prefix-token arrays (cls, registers) instead of the patch tokens; one bool
     for every store, or one per store (the linear probe takes the cls token where a store has one).
     """
@@ -224,7 +226,8 @@ def non_finite_error(part: TaskStore, stored_rows: np.ndarray, block: np.ndarray
     would only say "loss became nan"."""
     bad_at = ~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
     rows = np.unique(stored_rows[bad_at])
-    name = array or (PREFIX if prefix else TOKENS)
+    base = array or (PREFIX if prefix else TOKENS)
+    name = part.array_name(base) if hasattr(part, "array_name") and base != PREFIX else base  # a grid group's: tokens_g1
     array = f"{part.name}/{name}"
     per_shard = part.rows_per_shard
     shards = sorted({int(r) // per_shard for r in rows})

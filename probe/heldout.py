@@ -31,20 +31,32 @@ Z95 = 1.96
 
 @dataclass
 class ShuffledSource(SplitSource):
-    """A split whose store `shuffled` is read in the order `permutation` (positions 0..n-1): that
-    backbone's features keep their distribution but no longer belong to the sample's label."""
+    """A split whose backbone `shuffled` (every part of it, with one permutation) is read in the order
+    `permutation` (positions 0..n-1): that backbone's features keep their distribution but no longer belong
+    to the sample's label."""
 
-    shuffled: int = 0
+    shuffled: int = 0  # a backbone (index into task.stores)
     permutation: np.ndarray | None = None
-    layer: int | None = None  # shuffle only this layer (a position in what store `shuffled` reads)
+    layer: int | None = None  # shuffle only this layer (a position in what backbone `shuffled` reads, over its parts)
+
+    def _layer_in(self, k: int) -> int | None:
+        """The position of `layer` in part k's layers, None when it is in another part of the backbone."""
+        assert self.layer is not None
+        start = 0
+        for j in self.task.backbone_parts(self.shuffled):
+            count = len(self.layers_of(j)) if self.layers_of(j) is not None else self.task.parts[j].store.num_layers
+            if j == k:
+                return self.layer - start if start <= self.layer < start + count else None
+            start += count
+        return None
 
     def read(self, positions: np.ndarray, *, direct: bool = False) -> list[np.ndarray]:
-        """As `SplitSource.read`; store `shuffled` moved. A compact store moves every one of its encoded arrays
+        """As `SplitSource.read`; backbone `shuffled` moved. A compact store moves every one of its encoded arrays
         (all hold rows on axis 0 and layers on axis 1), so its decoded maps move exactly as full-size ones do."""
         positions = np.asarray(positions, dtype=np.int64)
         arrays: list[np.ndarray] = []
         for k, row_map in enumerate(self.task.row_maps):
-            if k != self.shuffled or self.permutation is None:
+            if self.task.backbone_of_part[k] != self.shuffled or self.permutation is None:
                 arrays += self.read_part(k, row_map[self.rows[positions]], direct=direct)
                 continue
             moved = row_map[self.rows[self.permutation[positions]]]
@@ -52,10 +64,12 @@ class ShuffledSource(SplitSource):
                 arrays += self.read_part(k, moved, direct=direct)
                 continue
             data = self.read_part(k, row_map[self.rows[positions]], direct=direct)
-            layers = self.layers_of(k)
-            stored_layer = self.layer if layers is None else layers[self.layer]
-            for block, other in zip(data, self.read_part(k, moved, layers=[stored_layer])):
-                block[:, self.layer] = other[:, 0]
+            pos = self._layer_in(k)
+            if pos is not None:
+                layers = self.layers_of(k)
+                stored_layer = pos if layers is None else layers[pos]
+                for block, other in zip(data, self.read_part(k, moved, layers=[stored_layer])):
+                    block[:, pos] = other[:, 0]
             arrays += data
         return arrays
 
@@ -72,20 +86,21 @@ class HeldoutDrop:
 
 def heldout_drops(model: torch.nn.Module, source: SplitSource, predictions: np.ndarray, *, device: torch.device | str,
                   prepare: Prepare | None, batch_size: int, repeats: int = HELDOUT_REPEATS, seed: int = 0) -> list[HeldoutDrop]:
-    """One `HeldoutDrop` per store of `source`, from the model's `predictions` on it (positions order)."""
+    """One `HeldoutDrop` per backbone of `source` (all its parts shuffled together), from the model's
+    `predictions` on it (positions order)."""
     if repeats < 1:
         raise ValueError(f"held-out repeats must be >= 1, got {repeats}")
     rng = np.random.default_rng(seed)
     return [_shuffled_drop(model, source, predictions, store=k, layer=None, repeats=repeats, rng=rng, device=device,
                            prepare=prepare, batch_size=batch_size)
-            for k in range(len(source.task.parts))]
+            for k in range(source.task.num_backbones)]
 
 
 def layer_heldout_drops(model: torch.nn.Module, source: SplitSource, predictions: np.ndarray, *,
                         layers_per_store: Sequence[int], device: torch.device | str, prepare: Prepare | None,
                         batch_size: int, repeats: int = 1, seed: int = 0) -> list[list[HeldoutDrop]]:
-    """Per store, per layer position: the held-out drop when only that layer is shuffled (costs one
-    evaluation per layer and repeat)."""
+    """Per backbone, per layer position (over its parts): the held-out drop when only that layer is shuffled
+    (costs one evaluation per layer and repeat)."""
     rng = np.random.default_rng(seed + 1)
     return [[_shuffled_drop(model, source, predictions, store=k, layer=pos, repeats=repeats, rng=rng, device=device,
                             prepare=prepare, batch_size=batch_size)

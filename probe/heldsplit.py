@@ -86,17 +86,22 @@ def hold_rows(aligned: AlignedTask, rows: np.ndarray) -> AlignedTask:
         stored = np.sort(row_map[rows])
         arrays = part.read_encoded(stored) if part.compact is not None else [part.read(stored)]
         parts.append(HeldPart(part, stored, arrays))
-    return AlignedTask(name=aligned.name, parts=parts, row_maps=list(aligned.row_maps))
+    return AlignedTask(name=aligned.name, parts=parts, row_maps=list(aligned.row_maps),
+                       backbone_of_part=list(aligned.backbone_of_part), stores=list(aligned.stores))
 
 
 def subset_task(aligned: AlignedTask, keep: Sequence[int]) -> AlignedTask:
-    """The task on stores ``keep`` (indices into ``aligned.parts``), the first of them its reference: what
-    `align_tasks` gives for those stores alone, on the same (possibly held) parts."""
+    """The task on backbones ``keep`` (indices into ``aligned.stores``, i.e. --stores; every part of each), the
+    first of them its reference: what `align_tasks` gives for those stores alone, on the same (possibly held)
+    parts."""
     keep = [int(k) for k in keep]
     if not keep:
         raise ValueError("a subset needs at least one store")
-    first = aligned.row_maps[keep[0]]
+    parts = [(k, j) for k in keep for j in aligned.backbone_parts(k)]
+    first = aligned.row_maps[parts[0][1]]
     to_study = np.empty_like(first)
     to_study[first] = np.arange(first.size)  # the first store's row -> the study reference's row
-    maps = [aligned.row_maps[k][to_study] for k in keep]
-    return AlignedTask(name=aligned.name, parts=[aligned.parts[k] for k in keep], row_maps=maps)
+    return AlignedTask(name=aligned.name, parts=[aligned.parts[j] for _, j in parts],
+                       row_maps=[aligned.row_maps[j][to_study] for _, j in parts],
+                       backbone_of_part=[i for i, k in enumerate(keep) for _ in aligned.backbone_parts(k)],
+                       stores=[aligned.stores[k] for k in keep])

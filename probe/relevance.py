@@ -123,7 +123,8 @@ def importance_rows(task: str, model: ComboAdapter, names: Sequence[str], *, gro
 
 def layer_importance_rows(task: str, model: ComboAdapter, names: Sequence[str],
                           layer_ids: Sequence[Sequence[int]]) -> list[dict[str, Any]]:
-    """One row per (backbone, layer): ||W[:, l, :]||_F; ``layer`` is the store's block index of that layer."""
+    """One row per (backbone, layer): ||W[:, l, :]||_F; ``layer`` is the store's block index of that layer
+    (a multi-grid backbone's layers run over its parts, its grid groups, in order)."""
     norms = model.layer_norms().detach().float().cpu().tolist()
     total = sum(norms)
     rows = []
@@ -245,7 +246,7 @@ def add_layer_heldout(rows: list[dict[str, Any]], fit: TaskFit, *, device: torch
                       seed: int = 0) -> None:
     """Add each layer's held-out drop (that layer alone shuffled, one shuffle) to its layer_relevance row."""
     assert fit.source is not None
-    counts = list(fit.model.cfg.layer_counts)
+    counts = list(fit.model.cfg.backbone_layer_counts)  # a multi-grid backbone's layers over all its parts
     drops = layer_heldout_drops(fit.model, fit.source, fit.predictions, layers_per_store=counts, device=device,
                                 prepare=fit.prepare, batch_size=batch_size, seed=seed)
     for row in rows:

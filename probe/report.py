@@ -400,7 +400,8 @@ def _is_vtab(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> bo
 def _setup_section(config: Mapping[str, Any], names: Sequence[str]) -> list[str]:
     """What was read and how: per backbone its layers, width and native grid; the grid and adapter size used.
 
-    Covers backbones of different widths: Lambda's slice of backbone k has width * L_k * D_k weights."""
+    Covers backbones of different widths: Lambda's slice of backbone k has width * L_k * D_k weights; a multi-grid
+    (hierarchical) store lists each group's width and grid and the sum of its groups' slices."""
     stores = [s for s in config.get("stores", []) if isinstance(s, Mapping)]
     if not stores:
         return []
@@ -416,10 +417,16 @@ def _setup_section(config: Mapping[str, Any], names: Sequence[str]) -> list[str]
             checkpoint += " (random init)"
         layers, dim = feats.get("num_layers"), feats.get("feature_dim")
         grid = "x".join(str(v) for v in feats.get("token_grid") or []) or "?"
-        if method == "combo":
-            last = f"{width * int(layers) * int(dim):,}" if layers and dim else "?"
-        else:
+        groups = [g for g in feats.get("grids") or [] if isinstance(g, Mapping)]  # a multi-grid (hierarchical) store
+        if method != "combo":
             last = f"last layer, {config.get('pool', 'mean')}-pooled"
+        elif groups:  # one Lambda slice per group
+            last = f"{sum(width * len(g.get('layers') or []) * int(g.get('feature_dim') or 0) for g in groups):,}"
+        else:
+            last = f"{width * int(layers) * int(dim):,}" if layers and dim else "?"
+        if groups:  # per group, the deepest last
+            dim = " / ".join(str(g.get("feature_dim")) for g in groups)
+            grid = " / ".join("x".join(str(v) for v in g.get("token_grid") or []) for g in groups)
         md.append(f"| {name} | {checkpoint} | {layers} | {dim} | {grid} | {last} |")
     md.append("")
     if method == "combo":

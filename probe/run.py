@@ -27,7 +27,7 @@ from .linear import LinearProbe
 from .progress import RunProgress
 from .runstate import DONE, check_out_folder, finished_rows, new_state, open_resumed
 from .results import GROUP_ORDER, VTAB_GROUPS, markdown_table, new_run_dir, sanitise_url, write_json, write_table
-from .stores import AlignedTask, align_tasks, common_tasks, open_stores
+from .stores import AlignedTask, align_tasks, common_tasks, open_stores, store_grids
 from .train import TrainConfig, evaluate, pick_device, set_seed, train_steps
 
 PROTOCOL_STEPS = {"final": 1600, "dev": 1300}  # PAPER.md: VTAB-1k protocol
@@ -138,6 +138,7 @@ class TaskFit:
 
 
 def _linear_layers(stores: Sequence[FeatureStore]) -> list[list[int]]:
+    """The last stored layer of each (part's) store: a multi-grid group's view counts its own layers."""
     return [[s.num_layers - 1] for s in stores]
 
 
@@ -201,13 +202,14 @@ def build_model(kind: str, model_config: dict[str, Any]) -> nn.Module:
 
 
 def sources_for(aligned: AlignedTask, rows: np.ndarray, method: str, *, pool: str = "mean") -> SplitSource:
-    """What a method reads: ComBo every layer's patch tokens; the linear probe the last layer's patch tokens
-    (``pool="mean"``, the authors') or its cls token where a store has one (``pool="cls"``; else the patch
-    tokens)."""
-    stores = [p.store for p in aligned.parts]
+    """What a method reads: ComBo every layer's patch tokens (every part); the linear probe the last layer's patch
+    tokens (``pool="mean"``, the authors') or its cls token where a store has one (``pool="cls"``; else the patch
+    tokens), of each backbone's last part (a multi-grid store's deepest stage)."""
     if method == "linear":
+        last = aligned.last_parts() if aligned.grouped else aligned
+        stores = [p.store for p in last.parts]
         uses_prefix = [pool == "cls" and s.num_prefix_tokens > 0 for s in stores]
-        return SplitSource(aligned, rows, layers=_linear_layers(stores), prefix=uses_prefix)
+        return SplitSource(last, rows, layers=_linear_layers(stores), prefix=uses_prefix)
     return SplitSource(aligned, rows)
 
 
@@ -219,12 +221,13 @@ def probe_grid(aligned: AlignedTask, cfg: ProbeConfig) -> tuple[int, int]:
 def model_and_prepare(aligned: AlignedTask, source: SplitSource, cfg: ProbeConfig) -> tuple[str, dict[str, Any], nn.Module, Callable]:
     num_classes = len(aligned.classes) or int(aligned.labels.max()) + 1
     if cfg.method == "linear":
-        uses_prefix = [source.prefix_of(k) for k in range(len(aligned.parts))]
-        dim = sum(p.store.feature_dim for p in aligned.parts)
+        read = source.task  # one part per backbone (its last)
+        uses_prefix = [source.prefix_of(k) for k in range(len(read.parts))]
+        dim = sum(p.store.feature_dim for p in read.parts)
         model_config = {"feature_dim": dim, "num_classes": num_classes, "uses_prefix": uses_prefix, "pool": cfg.pool,
                         "pooled": ["cls" if u else "mean" for u in uses_prefix], "normalise": "map, then pool"}
         # compact patch tokens: decoded on the device, ComBo-normalised with the maps' exact stored statistics
-        normalised = [source.compact_of(k) for k in range(len(aligned.parts))]
+        normalised = [source.compact_of(k) for k in range(len(read.parts))]
         prepare = decoding_prepare(source, linear_prepare(uses_prefix, prenormalised=normalised), normalised=normalised)
         return "linear", model_config, LinearProbe(dim, num_classes), prepare
     grid = probe_grid(aligned, cfg)
@@ -234,10 +237,12 @@ def model_and_prepare(aligned: AlignedTask, source: SplitSource, cfg: ProbeConfi
         num_tokens=grid[0] * grid[1], num_classes=num_classes,
         width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads, layers_per_backbone=aligned.layers_per_backbone,
         feature_dims=dims if len(set(dims)) > 1 else (), init=cfg.init,
+        backbone_of_part=tuple(aligned.backbone_of_part) if aligned.grouped else (),
     )
     model_config = asdict(combo)
     model_config["layers_per_backbone"] = list(combo.layers_per_backbone)
     model_config["feature_dims"] = list(combo.feature_dims)
+    model_config["backbone_of_part"] = list(combo.backbone_of_part)
     model_config["grid"] = list(grid)
     return "combo", model_config, ComboAdapter(combo), combo_prepare(aligned, source, grid)
 
@@ -394,15 +399,27 @@ def save_fit(run_dir: Path, fit: TaskFit, aligned: AlignedTask, *, prefix: str =
 ENCODING_FILE = "encoding-{task}.safetensors"
 
 
+def part_grid_name(part: Any) -> str:
+    """The grid group a part reads ("" for a single-grid store's task)."""
+    grid = getattr(part, "grid", None)
+    return str(getattr(grid, "name", "") or "")
+
+
+def encoding_key(url: str, grid: str = "") -> str:
+    """Where encoding-<task>.safetensors keeps a part's PCA basis: the store URL, and its group for a
+    multi-grid store (``url#g1``), so a single-grid store's key is what it always was."""
+    return f"{url}#{grid}" if grid else url
+
+
 def save_encodings(run_dir: Path, task: str, aligned: AlignedTask) -> None:
     """The PCA bases of the task's compact stores (keyed by store URL), so that `combo predict` can put new
     images' features through the same encoding the model was trained on."""
     bases = {}
     for part in aligned.parts:
         if part.pca is not None:
-            url = sanitise_url(part.store.url)
-            bases[f"{url}|pca_components"] = torch.from_numpy(np.ascontiguousarray(part.pca.components))
-            bases[f"{url}|pca_mean"] = torch.from_numpy(np.ascontiguousarray(part.pca.mean))
+            key = encoding_key(sanitise_url(part.store.url), part_grid_name(part))
+            bases[f"{key}|pca_components"] = torch.from_numpy(np.ascontiguousarray(part.pca.components))
+            bases[f"{key}|pca_mean"] = torch.from_numpy(np.ascontiguousarray(part.pca.mean))
     if not bases:
         return
     path = run_dir / ENCODING_FILE.format(task=task)
@@ -491,7 +508,7 @@ def run_probe(cfg: ProbeConfig, *, log: Callable[[str], None] | None = None, run
         nonlocal rows
         save_fit(run_dir, fit, aligned)
         config_doc["tasks"][aligned.name] = {"model": fit.model_config, "classes": aligned.classes,
-                                             "grids": [list(g) for g in aligned.grids]}
+                                             "grids": [list(g) for g in aligned.grids]}  # per part
         write_json(run_dir / "config.json", config_doc)
         rows = [r for r in rows if r["task"] != aligned.name] + [fit.metrics]
         rows.sort(key=lambda r: planned.index(r["task"]))
@@ -592,7 +609,7 @@ def run_config(cfg: ProbeConfig, stores: Sequence[FeatureStore], *, device: torc
     doc["device"] = str(device)
     doc["grid_requested"] = list(cfg.grid) if cfg.grid else "auto (the stores' common grid, else the smallest)"
     if cfg.method == "combo":  # the grid used (each task's model config records it too)
-        doc["grid"] = list(cfg.grid or default_grid([s.token_grid for s in stores]))
+        doc["grid"] = list(cfg.grid or default_grid([g for s in stores for g in store_grids(s)]))
     else:
         doc["grid"] = None
     doc["train"] = asdict(cfg.train_config())
@@ -620,6 +637,7 @@ __all__ = [
     "TrainedModel",
     "build_model",
     "decoding_prepare",
+    "encoding_key",
     "fit_metrics",
     "fit_task",
     "linear_prepare",

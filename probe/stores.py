@@ -4,13 +4,17 @@ ComBo concatenates the layers of several backbones per image, so every store mus
 images with the same labels and the same split memberships. Stores may list the samples in another
 order: they are joined by sample id (``AlignedTask.row_maps``). Anything else is refused before
 training starts, with a message naming the store and a few of the samples at fault.
+
+A hierarchical backbone's store (format 2.3, several (grid, width) groups) gives one *part* per group
+(``TaskStore.grid_tasks()``); every other store gives one part. ``AlignedTask.parts`` are what the probe
+reads (one Lambda slice each), ``backbone_of_part`` says which store (backbone) each belongs to.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,7 +31,7 @@ from store_schema import (
 )
 from store_schema.samples import SPLIT_PREFIX
 
-__all__ = ["AlignedTask", "align_tasks", "common_tasks", "open_stores", "resolve_store_refs"]
+__all__ = ["AlignedTask", "align_tasks", "common_tasks", "grid_parts", "open_stores", "store_grids", "resolve_store_refs"]
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -114,11 +118,49 @@ def common_tasks(stores: Sequence[FeatureStore], wanted: Sequence[str] | None = 
 
 @dataclass
 class AlignedTask:
-    """One task across K stores, with each store's row for every sample of the first store."""
+    """One task across K stores, with each part's row for every sample of the first store.
+
+    A part is one store's task, or one grid group of it (a hierarchical backbone); the parts of one
+    backbone are adjacent and share its row map."""
 
     name: str
     parts: list[TaskStore]
-    row_maps: list[np.ndarray]  # row_maps[k][i] = row in store k of the first store's row i
+    row_maps: list[np.ndarray]  # row_maps[j][i] = row in part j's store of the first store's row i
+    backbone_of_part: list[int] = field(default_factory=list)  # [] = one part per backbone
+    stores: list[FeatureStore] = field(default_factory=list)  # one per backbone; [] = each part's own store
+
+    def __post_init__(self) -> None:
+        if not self.backbone_of_part:
+            self.backbone_of_part = list(range(len(self.parts)))
+        self.backbone_of_part = [int(b) for b in self.backbone_of_part]
+        owners = self.backbone_of_part
+        if (len(owners) != len(self.parts) or len(self.row_maps) != len(self.parts) or owners[0] != 0
+                or any(b - a not in (0, 1) for a, b in zip(owners, owners[1:]))):
+            raise ValueError(f"task {self.name}: backbone_of_part {owners} must give each of the {len(self.parts)} "
+                             "part(s) its backbone, numbered 0, 1, ... with a backbone's parts adjacent")
+        if not self.stores:
+            self.stores = [self.parts[self.backbone_parts(k)[0]].store for k in range(self.num_backbones)]
+        if len(self.stores) != self.num_backbones:
+            raise ValueError(f"task {self.name}: {len(self.stores)} stores for {self.num_backbones} backbones")
+
+    @property
+    def num_backbones(self) -> int:
+        return self.backbone_of_part[-1] + 1 if self.backbone_of_part else 0
+
+    def backbone_parts(self, k: int) -> list[int]:
+        """Indices into ``parts`` of backbone k's parts, in order (its grid groups)."""
+        return [j for j, b in enumerate(self.backbone_of_part) if b == k]
+
+    @property
+    def grouped(self) -> bool:
+        """Whether some backbone has several parts (a multi-grid store)."""
+        return len(self.parts) > self.num_backbones
+
+    def last_parts(self) -> "AlignedTask":
+        """The task on each backbone's last part (its deepest stage): what the linear probe reads."""
+        keep = [self.backbone_parts(k)[-1] for k in range(self.num_backbones)]
+        return AlignedTask(name=self.name, parts=[self.parts[j] for j in keep],
+                           row_maps=[self.row_maps[j] for j in keep], stores=list(self.stores))
 
     @property
     def reference(self) -> TaskStore:
@@ -134,19 +176,30 @@ class AlignedTask:
 
     @property
     def grids(self) -> list[tuple[int, int]]:
-        return [p.store.token_grid for p in self.parts]
+        """The token grid of every part."""
+        return [tuple(p.store.token_grid) for p in self.parts]
 
     @property
     def layers_per_backbone(self) -> tuple[int, ...]:
+        """L of every part (ComboConfig.layers_per_backbone counts parts; a part is a backbone unless grouped)."""
         return tuple(p.store.num_layers for p in self.parts)
 
     @property
     def feature_dims(self) -> tuple[int, ...]:
-        """D_k per store (they may differ: ComBo gives each backbone its own Lambda slice)."""
+        """D of every part (they may differ: ComBo gives each part its own Lambda slice)."""
         return tuple(p.store.feature_dim for p in self.parts)
 
+    def backbone_layer_ids(self, k: int) -> list[int]:
+        """Model layer indices of backbone k's stored layers, over its parts in order."""
+        ids: list[int] = []
+        for j in self.backbone_parts(k):
+            store = self.parts[j].store
+            ids += [int(i) for i in (store.features.get("layers") or range(store.num_layers))]
+        return ids
+
     def rows(self, split: str) -> np.ndarray:
-        """Rows (of the first store) of a split's samples that are valid in every store."""
+        """Rows (of the first store) of a split's samples that are valid in every store (a store's parts share
+        its samples)."""
         rows = self.reference.rows(split)
         for part, row_map in zip(self.parts[1:], self.row_maps[1:]):
             valid = part.samples.column("valid").to_numpy(zero_copy_only=False)
@@ -159,8 +212,19 @@ def _examples(ids: Sequence[str], index: np.ndarray, limit: int = 3) -> str:
     return shown + (f" (+{index.size - limit} more)" if index.size > limit else "")
 
 
+def store_grids(store: FeatureStore) -> list[tuple[int, int]]:
+    """The token grid of each of a store's (grid, width) groups (one for a single-grid store)."""
+    return [tuple(int(v) for v in g.token_grid) for g in store.grids]
+
+
+def grid_parts(task: TaskStore) -> list[TaskStore]:
+    """A store's task as the probe's parts: one per (grid, width) group of a multi-grid store, else itself."""
+    return list(task.grid_tasks())
+
+
 def align_tasks(stores: Sequence[FeatureStore], task: str) -> AlignedTask:
-    """Open `task` in every store and check they hold the same samples, labels, splits and classes."""
+    """Open `task` in every store and check they hold the same samples, labels, splits and classes; each
+    store's task becomes its parts (`grid_parts`), which share its row map."""
     parts = [s.task(task) for s in stores]
     for part in parts:
         part.require_complete()
@@ -204,4 +268,8 @@ def align_tasks(stores: Sequence[FeatureStore], task: str) -> AlignedTask:
                     f"{_examples(ref_ids, differ)}"
                 )
         row_maps.append(row_map)
-    return AlignedTask(name=task, parts=parts, row_maps=row_maps)
+    grid_parts_of = [grid_parts(p) for p in parts]
+    return AlignedTask(name=task, parts=[g for group in grid_parts_of for g in group],
+                       row_maps=[m for m, group in zip(row_maps, grid_parts_of) for _ in group],
+                       backbone_of_part=[k for k, group in enumerate(grid_parts_of) for _ in group],
+                       stores=list(stores))

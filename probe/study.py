@@ -171,7 +171,9 @@ def _restore(sub: AlignedTask, hcfg: ProbeConfig, saved: dict[str, Any]) -> Trai
 
 
 def _counts(aligned: AlignedTask) -> list[int]:
-    return [int(getattr(p, "bytes_read", 0)) for p in aligned.parts]
+    """Bytes read so far per store: the sum over its parts (a multi-grid store's groups)."""
+    return [sum(int(getattr(aligned.parts[j], "bytes_read", 0)) for j in aligned.backbone_parts(k))
+            for k in range(aligned.num_backbones)]
 
 
 def study_task(aligned: AlignedTask, cfg: StudyConfig, *, names: Sequence[str], layer_ids: Sequence[Sequence[int]],
@@ -185,7 +187,7 @@ def study_task(aligned: AlignedTask, cfg: StudyConfig, *, names: Sequence[str], 
     final_cfg = replace(probe, group_lambda=0.0)
     train_split, eval_split, train_rows, eval_rows = task_splits(aligned, final_cfg)
     selection = cfg.selection
-    with_relevance = len(aligned.parts) > 1
+    with_relevance = aligned.num_backbones > 1
     rel_cfg = relevance_config(probe)
     rel_saved = finished.get(RELEVANCE)
     rows, label = train_rows, train_split
@@ -202,10 +204,10 @@ def study_task(aligned: AlignedTask, cfg: StudyConfig, *, names: Sequence[str], 
     if with_relevance and rel_saved is None:
         to_train = True
     else:
-        kept = rel_saved["kept"] if rel_saved else list(range(len(aligned.parts)))
+        kept = rel_saved["kept"] if rel_saved else list(range(aligned.num_backbones))
         to_train = any(h.fit_id not in finished for h in heads_for(kept))
     full = SplitSource(aligned, rows)  # every store, every layer: what holding the rows reads
-    per_row = [full.store_row_bytes(k) for k in range(len(aligned.parts))]
+    per_row = [sum(full.store_row_bytes(j) for j in aligned.backbone_parts(k)) for k in range(aligned.num_backbones)]
     io: list[dict[str, Any]] = []
     held_task, held_note = aligned, "nothing left to train"
     before = _counts(aligned)
@@ -254,7 +256,7 @@ def study_task(aligned: AlignedTask, cfg: StudyConfig, *, names: Sequence[str], 
     if to_train:
         after = _counts(aligned)
         io += [{"task": aligned.name, "store": names[k], "split": label, "bytes_read": after[k] - before[k],
-                "bytes_stored": int(rows.size * per_row[k])} for k in range(len(aligned.parts))]
+                "bytes_stored": int(rows.size * per_row[k])} for k in range(aligned.num_backbones)]
     del held_task  # the held rows are not needed to evaluate
     # the evaluation split, streamed once for every head
     source = SplitSource(aligned, eval_rows)
@@ -263,11 +265,13 @@ def study_task(aligned: AlignedTask, cfg: StudyConfig, *, names: Sequence[str], 
 
     def view_of(head: Head) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
         last = head.method == "linear"
+        # the linear probe reads each backbone's last part (its deepest stage), ComBo every part
+        parts = [j for k in head.keep for j in (aligned.backbone_parts(k)[-1:] if last else aligned.backbone_parts(k))]
 
         def view(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             out = []
-            for k in head.keep:
-                for t in features[offsets[k]:offsets[k + 1]]:
+            for j in parts:
+                for t in features[offsets[j]:offsets[j + 1]]:
                     out.append(t[:, -1:].contiguous() if last else t)
             return out
 
@@ -281,7 +285,8 @@ def study_task(aligned: AlignedTask, cfg: StudyConfig, *, names: Sequence[str], 
                                   eval_batches(source, batch_size=probe.eval_batch_size), device=device)
     after = _counts(aligned)
     io += [{"task": aligned.name, "store": names[k], "split": eval_split, "bytes_read": after[k] - before[k],
-            "bytes_stored": int(eval_rows.size * source.store_row_bytes(k))} for k in range(len(aligned.parts))]
+            "bytes_stored": int(eval_rows.size * sum(source.store_row_bytes(j) for j in aligned.backbone_parts(k)))}
+           for k in range(aligned.num_backbones)]
     predictions: dict[str, np.ndarray] = {}
     metrics: dict[str, dict[str, Any]] = {}
     for (fid, head), p in zip(fits, preds):
