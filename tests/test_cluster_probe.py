@@ -16,6 +16,7 @@ distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from probe.run import ProbeConfig, TasksFailed, run_probe  # noqa: E402
+from conftest import blas_threads_of_this_process  # noqa: E402
 from storefactory import vtab_like_splits, write_store  # noqa: E402
 
 TASKS = ("alpha", "beta", "gamma")
@@ -48,7 +49,7 @@ def weak(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+    with blas_threads_of_this_process(), distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   silence_logs=50) as cluster, distributed.Client(cluster, set_as_default=False) as c:
         yield c
 
@@ -169,3 +170,24 @@ def test_study_on_the_cluster_equals_the_sequential_run(store, weak, client, tmp
             a = pq.read_table(sequential.run_dir / row["folder"] / f"predictions-{task}.parquet")
             assert a.equals(pq.read_table(clustered.run_dir / row["folder"] / f"predictions-{task}.parquet"))
     assert json.loads((clustered.run_dir / "state.json").read_text())["complete"]
+
+
+def test_a_multi_grid_store_on_the_cluster_equals_the_sequential_run(client, tmp_path):
+    """A hierarchical backbone (one part per grid group) next to a ViT: the workers realign the parts as this
+    process does, so the fitted adapter (every grid's Lambda slices) and the predictions are the same."""
+    from test_hierarchical_probe import TASK as GRID_TASK
+    from test_hierarchical_probe import write_grid_store, write_vit_store
+
+    pair = (write_grid_store(tmp_path / "hiera.zarr"), write_vit_store(tmp_path / "vit.zarr"))
+    cfg = ProbeConfig(stores=tuple(str(p) for p in pair), dataset="synthetic", out=str(tmp_path / "seq"), steps=20,
+                      batch_size=8, width=16, depth=1, num_heads=2, cache="ram")
+    sequential = run_probe(cfg)
+    clustered = run_probe(replace(cfg, out=str(tmp_path / "dask")), client=client)
+    assert sequential.metrics[0]["accuracy"] == clustered.metrics[0]["accuracy"]
+    a = load_file(str(sequential.run_dir / f"adapter-{GRID_TASK}.safetensors"))
+    b = load_file(str(clustered.run_dir / f"adapter-{GRID_TASK}.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    model = json.loads((clustered.run_dir / "config.json").read_text())["tasks"][GRID_TASK]["model"]
+    assert len(model["backbone_of_part"]) > 2 and model["backbone_of_part"][-1] == 1  # the grids, then the ViT
