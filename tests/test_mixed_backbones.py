@@ -100,3 +100,20 @@ def test_a_linear_probe_reads_the_last_stage_of_a_hierarchical_store(mixed):
     doc = json.loads((run.run_dir / "config.json").read_text())
     assert doc["tasks"][TASK]["model"]["feature_dim"] == 320  # the last stage's width, mean-pooled over its 2x2 tokens
     assert run.metrics[0]["accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("compact", ["int8", "pca:8"])
+def test_predict_reproduces_a_run_on_a_compact_hierarchical_store(mixed, compact):
+    """Straight to a compact multi-grid store (each stage encoded on its own, PCA fitted per stage on train800),
+    probed, and rebuilt by predict, which encodes the recomputed stages as the store did."""
+    out = mixed["root"] / f"stores-{compact.replace(':', '')}"
+    store = extract(ExtractConfig(model="convnext_atto", dataset="vtab", root=str(mixed["vtab"]), out=str(out),
+                                  image_size=SIZE, random_init=True, seed=1, num_workers=0, batch_size=16,
+                                  compact=compact)).store
+    opened = open_store(store)
+    assert opened.multi_grid and opened.compact is not None
+    run = run_probe(probe_config([store], mixed["root"] / f"runs-{compact.replace(':', '')}"))
+    result = predict_images(run.run_dir, mixed["vtab"] / TASK / "images" / "test", device="cpu", batch_size=8)
+    got = {Path(r["path"]).relative_to(mixed["vtab"]).as_posix(): r["prediction"] for r in result.rows}
+    table = pq.read_table(run.run_dir / f"predictions-{TASK}.parquet").to_pydict()
+    assert len(got) == 24 and got == dict(zip(table["sample_id"], table["prediction"]))
