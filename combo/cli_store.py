@@ -420,7 +420,8 @@ def _info_lines(doc: dict[str, Any], width: int, options: dict[str, Any]) -> lis
         ("dataset", dataset, "  "),
         ("preprocessing", [f"{pre.get('image_size')} px", str(pre.get("resize")), str(pre.get("interpolation")),
                            f"mean {pre.get('mean')}", f"std {pre.get('std')}"], ", "),
-        ("tokens", [f"grid {feats.get('token_grid')} = {feats.get('num_tokens')} tokens + {feats.get('num_prefix_tokens')} prefix",
+        ("tokens", [("last stage: " if feats.get("grids") else "")
+                    + f"grid {feats.get('token_grid')} = {feats.get('num_tokens')} tokens + {feats.get('num_prefix_tokens')} prefix",
                     f"dim {feats.get('feature_dim')}", str(feats.get("kind"))], "; "),
         ("layers", [f"{feats.get('num_layers')}: {feats.get('layers')}"
                     + (f" of the model's {feats['model_layers']}" if feats.get("model_layers") else "")], ""),

@@ -296,7 +296,8 @@ def test_store_info_lists_the_grid_groups(stores):
     assert "grid groups" in text
     assert "g0: grid 8x8 = 64 tokens, dim 16, layers [0]" in text and "g1: grid 4x4 = 16 tokens, dim 32, layers [1, 2]" in text
     plain = "\n".join(str(line) for line in _info_lines(store_info(str(stores["vit"])), 200, {}))
-    assert "grid groups" not in plain
+    assert "grid groups" not in plain and "last stage" not in plain
+    assert "last stage: grid [2, 2]" in text  # the top-level grid is the deepest group's, and says so
 
 
 # ---------------------------------------------------------------------------------------------------- predict
