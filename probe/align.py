@@ -11,6 +11,7 @@ precision lose too much.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 
@@ -22,6 +23,7 @@ __all__ = [
     "FeatureShapeError",
     "align_grid",
     "default_grid",
+    "hierarchical_grid",
     "normalise_maps",
     "prepare_features",
     "make_prepare",
@@ -44,6 +46,29 @@ def default_grid(grids: Sequence[tuple[int, int]]) -> tuple[int, int]:
     if len(set(grids)) == 1:
         return grids[0]
     return min(grids, key=lambda g: (g[0] * g[1], g))
+
+
+PAPER_STRIDE = 16  # pixels per token of the paper's ViT-B/16 grid (14x14 at 224)
+
+
+def hierarchical_grid(grids: Sequence[tuple[int, int]], image_size: int) -> tuple[int, int]:
+    """The grid a hierarchical backbone (one map per stage: 56x56 .. 7x7 at 224) brings to `default_grid`: its
+    stage at the paper's stride 16 (14x14 at 224), else the stage nearest it (log scale; a tie goes to the coarser).
+
+    The authors' rule takes the smallest grid among backbones; a hierarchical backbone's smallest is its last
+    stage's (7x7 at 224), which alone would run ComBo on 49 tokens and halve every ViT's grid beside it. The stride-16
+    stage keeps the paper's grid: ConvNeXt alone, or with ViT-B/16s or DINOv2-B/14, runs on 14x14 as ViTs do."""
+    grids = [(int(g[0]), int(g[1])) for g in grids]
+    if not grids:
+        raise FeatureShapeError("hierarchical_grid needs at least one grid")
+    if len(grids) == 1 or image_size < 1:
+        return min(grids, key=lambda g: (g[0] * g[1], g))
+
+    def distance(g: tuple[int, int]) -> tuple[float, int]:
+        stride = image_size / max(g[0], 1)
+        return abs(math.log2(stride / PAPER_STRIDE)), g[0] * g[1]
+
+    return min(grids, key=distance)
 
 
 def _check_maps(x: Tensor, name: str = "features") -> None:

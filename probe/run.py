@@ -27,7 +27,7 @@ from .linear import LinearProbe
 from .progress import RunProgress
 from .runstate import DONE, check_out_folder, finished_rows, new_state, open_resumed
 from .results import GROUP_ORDER, VTAB_GROUPS, markdown_table, new_run_dir, sanitise_url, write_json, write_table
-from .stores import AlignedTask, align_tasks, common_tasks, open_stores, store_grids
+from .stores import AlignedTask, align_tasks, backbone_grid, common_tasks, open_stores
 from .train import TrainConfig, evaluate, pick_device, set_seed, train_steps
 
 PROTOCOL_STEPS = {"final": 1600, "dev": 1300}  # PAPER.md: VTAB-1k protocol
@@ -214,8 +214,9 @@ def sources_for(aligned: AlignedTask, rows: np.ndarray, method: str, *, pool: st
 
 
 def probe_grid(aligned: AlignedTask, cfg: ProbeConfig) -> tuple[int, int]:
-    """The grid ComBo runs on for this task: --grid when given, else the authors' rule (align.default_grid)."""
-    return tuple(cfg.grid) if cfg.grid is not None else default_grid(aligned.grids)
+    """The grid ComBo runs on for this task: --grid when given, else the authors' rule (align.default_grid) over
+    one grid per backbone (a multi-grid store's stride-16 stage, `stores.backbone_grid`)."""
+    return tuple(cfg.grid) if cfg.grid is not None else default_grid([backbone_grid(s) for s in aligned.stores])
 
 
 def model_and_prepare(aligned: AlignedTask, source: SplitSource, cfg: ProbeConfig) -> tuple[str, dict[str, Any], nn.Module, Callable]:
@@ -607,9 +608,9 @@ def run_config(cfg: ProbeConfig, stores: Sequence[FeatureStore], *, device: torc
     doc["store_refs"] = [sanitise_url(r) for r in cfg.stores]
     doc["store_root"] = sanitise_url(cfg.store_root) if cfg.store_root else None
     doc["device"] = str(device)
-    doc["grid_requested"] = list(cfg.grid) if cfg.grid else "auto (the stores' common grid, else the smallest)"
+    doc["grid_requested"] = list(cfg.grid) if cfg.grid else "auto (the stores' common grid, else the smallest; a hierarchical store's stride-16 stage)"
     if cfg.method == "combo":  # the grid used (each task's model config records it too)
-        doc["grid"] = list(cfg.grid or default_grid([g for s in stores for g in store_grids(s)]))
+        doc["grid"] = list(cfg.grid or default_grid([backbone_grid(s) for s in stores]))
     else:
         doc["grid"] = None
     doc["train"] = asdict(cfg.train_config())

@@ -31,7 +31,9 @@ from store_schema import (
 )
 from store_schema.samples import SPLIT_PREFIX
 
-__all__ = ["AlignedTask", "align_tasks", "common_tasks", "grid_parts", "open_stores", "store_grids", "resolve_store_refs"]
+from .align import hierarchical_grid
+
+__all__ = ["AlignedTask", "align_tasks", "backbone_grid", "common_tasks", "grid_parts", "open_stores", "store_grids", "resolve_store_refs"]
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -215,6 +217,15 @@ def _examples(ids: Sequence[str], index: np.ndarray, limit: int = 3) -> str:
 def store_grids(store: FeatureStore) -> list[tuple[int, int]]:
     """The token grid of each of a store's (grid, width) groups (one for a single-grid store)."""
     return [tuple(int(v) for v in g.token_grid) for g in store.grids]
+
+
+def backbone_grid(store: FeatureStore) -> tuple[int, int]:
+    """The grid a store brings to the common-grid rule (`align.default_grid`): its own, or for a multi-grid store
+    its stride-16 stage's (`align.hierarchical_grid`)."""
+    grids = store_grids(store)
+    if len(grids) == 1:
+        return grids[0]
+    return hierarchical_grid(grids, int((store.attrs.get("preprocessing") or {}).get("image_size") or 0))
 
 
 def grid_parts(task: TaskStore) -> list[TaskStore]:

@@ -28,7 +28,7 @@ from probe.report import read_csv
 from probe.run import ProbeConfig, build_model, run_probe, sources_for
 from probe.stores import align_tasks, open_stores
 from store_schema import (BackboneInfo, FeatureInfo, GridSpec, Preprocessing, StoreInfo, StoreLayout, StoreWriter,
-                          build_sample_table)
+                          build_sample_table, open_store)
 from store_schema.compact import CompactSpec, PcaFit
 from storefactory import vtab_like_splits, write_store
 
@@ -359,3 +359,29 @@ def test_streaming_a_multi_grid_store_trains_as_caching_it(stores, tmp_path):
     assert stream.fits[0].metrics["cache"] == "stream" and ram.fits[0].metrics["cache"] == "ram"
     for (name, a), (_, b) in zip(ram.fits[0].model.state_dict().items(), stream.fits[0].model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("grids,size,expected", [
+    ([(56, 56), (28, 28), (14, 14), (7, 7)], 224, (14, 14)),  # ConvNeXt / Swin / Hiera at 224: the stride-16 stage
+    ([(16, 16), (8, 8), (4, 4), (2, 2)], 64, (4, 4)),
+    ([(27, 27), (14, 14), (7, 7)], 224, (14, 14)),  # PiT: 27x27 first
+    ([(56, 56), (28, 28)], 224, (28, 28)),  # only strides 4 and 8 stored (--layers): the nearest to 16
+    ([(28, 28), (7, 7)], 224, (7, 7)),  # strides 8 and 32, equally far from 16: the coarser
+])
+def test_a_hierarchical_backbone_brings_its_stride_16_stage_to_the_common_grid(grids, size, expected):
+    from probe.align import default_grid, hierarchical_grid
+
+    assert hierarchical_grid(grids, size) == expected
+    # with a ViT-B/16 (14x14) or a DINOv2-B/14 (16x16) beside it, the authors' rule then keeps the ViT's grid
+    if expected == (14, 14):
+        assert default_grid([hierarchical_grid(grids, size), (16, 16)]) == (14, 14)
+
+
+def test_the_default_grid_of_a_run_with_a_multi_grid_store_is_its_stride_16_stage(stores, tmp_path):
+    """write_grid_store's groups at 32 px are 8x8, 4x4, 2x2 (strides 4, 8, 16): 2x2, not the smallest of all."""
+    from probe.stores import backbone_grid
+
+    assert backbone_grid(open_store(stores["grid"])) == (2, 2)
+    run = run_probe(config([stores["grid"]], tmp_path, steps=2))
+    model = json.loads((run.run_dir / "config.json").read_text())["tasks"][TASK]["model"]
+    assert model["grid"] == [2, 2]

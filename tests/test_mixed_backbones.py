@@ -87,7 +87,9 @@ def test_combo_fits_over_a_vit_a_hierarchical_and_a_naflex_store(mixed):
 
 def test_predict_reproduces_a_hierarchical_run(mixed):
     stores = [mixed["stores"]["convnext_atto"], mixed["stores"]["vit_tiny_patch16_224"]]
-    run = run_probe(probe_config(stores, mixed["root"] / "runs-predict"))
+    run = run_probe(probe_config(stores, mixed["root"] / "runs-predict", grid=None))  # the ConvNeXt's stride-16 stage
+    model = json.loads((run.run_dir / "config.json").read_text())["tasks"][TASK]["model"]
+    assert model["grid"] == [4, 4]  # 64 px / 16; its 16x16 and 8x8 stages resized down, its 2x2 one up
     result = predict_images(run.run_dir, mixed["vtab"] / TASK / "images" / "test", device="cpu", batch_size=8)
     got = {Path(r["path"]).relative_to(mixed["vtab"]).as_posix(): r["prediction"] for r in result.rows}
     table = pq.read_table(run.run_dir / f"predictions-{TASK}.parquet").to_pydict()
