@@ -1,17 +1,12 @@
 """Frozen timm backbones and the tokens of every layer, through timm's `forward_intermediates()`.
 
 ComBo probes the residual stream after *every* block of one or more frozen models (PAPER.md, "Features taken
-from each backbone"). This module owns the things that are easy to get subtly wrong there:
+from each backbone"). Which models can be probed and their layers' grids (any timm model with
+`forward_intermediates()` and `feature_info`: ViTs with one grid and width, hierarchical models with one per stage,
+stored as a multi-grid store) are `extract/architecture.py`'s; what a name means is `extract/aliases.py`'s (both
+re-exported here). This module builds the model and reads its layers, the things that are easy to get subtly
+wrong there:
 
-* which models can be probed: any timm model with `forward_intermediates()` and per-layer outputs
-  (`feature_info`): the plain token ViTs of every timm family (ViT, DeiT, EVA / EVA-02 / DINOv3 / PE, SAM's ViT,
-  AIMv2, TIPSv2, NaFlexViT for RADIO and SigLIP2-NaFlex ...), one grid and width, and hierarchical models
-  (ConvNeXt, Swin, Hiera, SAM2's HieraDet, MaxViT, ResNet ...), whose stage outputs each keep their own grid and
-  width (a multi-grid store, `grids`); a hierarchical model with prefix tokens, or a model without those outputs,
-  is refused in one sentence naming what it lacks, before weights are looked for;
-* a hierarchical model's grids at the requested size: from a forward of its meta twin (Swin pads odd grids up,
-  PiT's first stage is 27x27 at 224: image_size // reduction is not always right), which also refuses a size the
-  model cannot take, naming sizes that work;
 * the input geometry (we always build the model at OUR image size so the position embedding is resized once
   at load time; timm's ``pretrained_cfg`` keeps advertising the checkpoint's native size, e.g. 518 for DINOv2;
   a NaFlexViT gets the same fixed square input as every other model, the paper's protocol);
@@ -25,21 +20,25 @@ Which weights were really loaded is `extract/weights.py`'s job (never a silent f
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-import timm
-import timm.models
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from store_schema.grids import GridSpec, group_layers
 
+from .aliases import ALIASES, PAPER_ALIASES, BackboneSpec, alias_help, alias_table, geometry, resolve_model
+from .architecture import (
+    Architecture,
+    ImageSizeError,
+    UnknownModelError,
+    UnsupportedModelError,
+    architecture,
+    parse_layers,
+)
 from .weights import (
     ResolvedWeights,
     WeightsUnavailableError,
@@ -79,68 +78,8 @@ _RESERVED_MODEL_KWARGS = ("img_size", "pretrained", "pretrained_cfg", "pretraine
                           "features_only", "checkpoint_path")
 
 
-class UnknownModelError(ValueError):
-    """The name is neither an alias nor a timm model name."""
-
-
-class UnsupportedModelError(UnknownModelError):
-    """timm knows the model, but it gives no per-layer token maps combo can store (say which part is missing).
-    A subclass of UnknownModelError so that callers that refuse unknown names refuse these too."""
-
-
-class ImageSizeError(ValueError):
-    """The model cannot take images of the requested size (its grids would drop pixels, or timm refuses it)."""
-
-
 class DeviceUnavailableError(RuntimeError):
     """An explicitly requested device is not usable on this machine."""
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What to build: the timm architecture and which pretrained weights (tag) it names."""
-
-    alias: str  # "sam", or the name exactly as given for non-alias timm names
-    timm_name: str  # architecture, e.g. "samvit_base_patch16"
-    pretrained_tag: str | None  # e.g. "sa1b"; None = timm's default tag for the architecture
-
-    @property
-    def model_name(self) -> str:
-        """timm's "arch.tag" name (just "arch" when no tag is pinned)."""
-        return f"{self.timm_name}.{self.pretrained_tag}" if self.pretrained_tag else self.timm_name
-
-
-# The paper's backbones (PAPER.md, "Backbones"). in21k is what the authors ran (orig_in21k);
-# augreg_in21k is other weights, kept under its own alias so stores of the two never mix.
-PAPER_ALIASES: tuple[BackboneSpec, ...] = (
-    BackboneSpec("sam", "samvit_base_patch16", "sa1b"),
-    BackboneSpec("clip", "vit_base_patch16_clip_224", "openai"),
-    BackboneSpec("dfn-clip", "vit_base_patch16_clip_224", "dfn2b"),
-    BackboneSpec("siglip", "vit_base_patch16_siglip_224", "webli"),
-    BackboneSpec("dinov2", "vit_base_patch14_reg4_dinov2", "lvd142m"),
-    BackboneSpec("in21k", "vit_base_patch16_224", "orig_in21k"),
-    BackboneSpec("in21k-augreg", "vit_base_patch16_224", "augreg_in21k"),
-    BackboneSpec("mae", "vit_base_patch16_224", "mae"),
-)
-
-# Today's foundation models, at ViT-B scale where one exists (the paper's scale), each pinned to its checkpoint.
-# AIMv2 has no model below ViT-L (300M). PE-spatial's checkpoint is trained at 512 px; like DINOv2's 518 it is
-# built at the extraction's image size. RADIO is C-RADIOv3-B as timm's NaFlexViT (summary tokens as prefix).
-MODERN_ALIASES: tuple[BackboneSpec, ...] = (
-    BackboneSpec("dinov3", "vit_base_patch16_dinov3", "lvd1689m"),
-    BackboneSpec("siglip2", "vit_base_patch16_siglip_224", "v2_webli"),
-    BackboneSpec("pe", "vit_pe_core_base_patch16_224", "fb"),
-    BackboneSpec("pe-spatial", "vit_pe_spatial_base_patch16_512", "fb"),
-    BackboneSpec("aimv2", "aimv2_large_patch14_224", "apple_pt"),
-    BackboneSpec("radio", "naflexvit_base_patch16_radio_v3", "c_radio"),
-    BackboneSpec("tipsv2", "vit_base_patch14_reg1_tipsv2", "webli"),
-    BackboneSpec("eva02", "eva02_base_patch14_224", "mim_in22k"),
-    # hierarchical (format 2.3 multi-grid stores): each of the 4 stage outputs on its own grid and width
-    BackboneSpec("sam2", "sam2_hiera_base_plus", "fb_r896"),
-    BackboneSpec("dinov3-convnext", "convnext_base", "dinov3_lvd1689m"),
-)
-
-ALIASES: dict[str, BackboneSpec] = {spec.alias: spec for spec in (*PAPER_ALIASES, *MODERN_ALIASES)}
 
 
 @dataclass(frozen=True)
@@ -175,270 +114,6 @@ class Backbone:
         if self.grids is None:
             return {layer: (*self.token_grid, self.embed_dim) for layer in self.layers}
         return {layer: (*g.token_grid, g.feature_dim) for g in self.grids for layer in g.layers}
-
-
-# --------------------------------------------------------------------------------------
-# names and architectures
-# --------------------------------------------------------------------------------------
-
-def _unknown_model_message(name: str, why: str) -> str:
-    aliases = ", ".join(f"{a} ({s.model_name})" for a, s in ALIASES.items())
-    return (
-        f"Unknown backbone {name!r}: {why}. Use an alias, one of: {aliases}; or any timm name 'arch' or "
-        f"'arch.tag' of a model with per-layer token outputs (e.g. vit_small_patch16_224.augreg_in21k, "
-        f"eva02_base_patch14_224.mim_in22k, naflexvit_base_patch16_siglip.v2_webli; see timm.list_pretrained())."
-    )
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What timm says a model's layer outputs are (`feature_info`), read without weights or memory."""
-
-    timm_name: str
-    model_class: str
-    modules: tuple[str, ...]  # feature_info[i]["module"], e.g. "blocks.3" or "stages.2"
-    reductions: tuple[int, ...]  # pixels per token side of each layer's grid
-    widths: tuple[int, ...]  # channels of each layer
-    num_prefix_tokens: int
-    has_intermediates: bool  # timm's forward_intermediates()
-    kwargs_json: str = "{}"  # the create_model kwargs it was read with (sorted JSON), to build it again
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.modules)
-
-    @property
-    def hierarchical(self) -> bool:
-        """Layer outputs of more than one grid or width (stage outputs of ConvNeXt, Swin, Hiera, MaxViT ...)."""
-        return len(set(zip(self.reductions, self.widths))) > 1
-
-    @property
-    def stem(self) -> tuple[int, ...]:
-        """A first feature_info entry that is the model's stem, not a stage: `stem` / `stem.*` (MaxViT, CoAtNet,
-        ResNetV2, VoVNet ...) or ResNet's `act1`. It is what a ViT's patch embedding is (which no ViT lists), at the
-        largest grid of all (MaxViT-T: 112x112x64, two thirds of its bytes), so it is not stored by default."""
-        if self.hierarchical and self.num_layers > 1 and (
-                self.modules[0].split(".")[0] == "stem" or self.modules[0] == "act1"):
-            return (0,)
-        return ()
-
-    @property
-    def default_layers(self) -> tuple[int, ...]:
-        """What is stored without --layers: every block of a ViT (the paper's), every stage output of a
-        hierarchical model, not its stem."""
-        return tuple(i for i in range(self.num_layers) if i not in self.stem)
-
-    def grids(self, image_size: int) -> list[tuple[int, int]]:
-        """Each layer's (h, w) token grid at image_size. A hierarchical model's come from a forward of its meta
-        twin at that size, not from image_size // reduction: PiT's first stage is 27x27 at 224, Swin pads odd
-        grids up; a size the model cannot take raises ImageSizeError naming sizes that work."""
-        if not self.hierarchical:
-            return [(image_size // r, image_size // r) for r in self.reductions]
-        return [(h, w) for h, w, _ in self.layer_shapes(image_size)]
-
-    def layer_shapes(self, image_size: int, *, name: str | None = None) -> list[tuple[int, int, int]]:
-        """(h, w, width) of every layer at image_size (see `grids`); `name` is what messages call the model."""
-        return list(_layer_shapes(self.timm_name, self.kwargs_json, image_size, name or self.timm_name))
-
-    def refusal(self, name: str) -> str | None:
-        """Why combo cannot store this model's layers (one sentence naming what is missing), or None."""
-        if not self.has_intermediates:
-            return (f"{name!r} ({self.model_class}) cannot be probed: timm gives it no forward_intermediates(), "
-                    "which combo reads every layer's tokens through")
-        if not self.modules:
-            return f"{name!r} ({self.model_class}) cannot be probed: timm lists no per-layer outputs (feature_info)"
-        if self.hierarchical and self.num_prefix_tokens:
-            stages = ", ".join(f"{r}x/{w}" for r, w in zip(self.reductions, self.widths))
-            return (f"{name!r} ({self.model_class}) cannot be stored: its layer outputs have different grids and "
-                    f"widths (reduction/width {stages}) and it has {self.num_prefix_tokens} prefix token(s), and a "
-                    "multi-grid store holds no prefix tokens (their width would change from stage to stage)")
-        return None
-
-
-def _size_problem(timm_name: str, kwargs_json: str, image_size: int) -> tuple[str | None, list[tuple[int, int, int]]]:
-    """(why image_size does not work or None, the layers' (h, w, width)): a forward on the meta device, no memory."""
-    kwargs = json.loads(kwargs_json)
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = create_model(timm_name, image_size=image_size, pretrained=False, overlay=None, kwargs=kwargs).eval()
-            n = len(model.feature_info)
-            outputs = model.forward_intermediates(torch.empty(1, 3, image_size, image_size), indices=list(range(n)),
-                                                  norm=False, output_fmt="NCHW", intermediates_only=True)
-    except Exception as e:  # noqa: BLE001 - timm raises anything (assertions, shape errors) for a size it cannot take
-        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", []
-    shapes = []
-    for out in outputs:
-        x = out[0] if isinstance(out, (tuple, list)) else out
-        shapes.append((int(x.shape[2]), int(x.shape[3]), int(x.shape[1])))
-    return None, shapes
-
-
-@functools.lru_cache(maxsize=256)
-def _layer_shapes(timm_name: str, kwargs_json: str, image_size: int, name: str) -> tuple[tuple[int, int, int], ...]:
-    arch = _architecture(timm_name, kwargs_json)
-    first, step = arch.reductions[0], max(arch.reductions)
-    why, shapes = _size_problem(timm_name, kwargs_json, image_size) if image_size % first == 0 else (
-        f"{image_size} is not a multiple of its first layer's stride {first}, so its stem would drop pixel rows", [])
-    if why is None:
-        return tuple(shapes)
-    works: list[int] = []
-    near = {v for unit in (first, step) for k in (-1, 0, 1, 2) if (v := (image_size // unit + k) * unit) >= step}
-    for size in sorted(near - {image_size}, key=lambda v: (abs(v - image_size), v)):
-        if _size_problem(timm_name, kwargs_json, size)[0] is None:
-            works.append(size)
-        if len(works) == 2:
-            break
-    if works:
-        hint = f"sizes that work near it: {', '.join(map(str, sorted(works)))}"
-    elif _size_problem(timm_name, kwargs_json, 224)[0] is None:
-        hint = "no size near it works; 224 does"
-    else:
-        hint = "no size near it works, nor 224"
-    raise ImageSizeError(f"--image-size {image_size}: {name!r} ({arch.model_class}) cannot take {image_size} px "
-                         f"images ({why}); {hint}")
-
-
-@functools.lru_cache(maxsize=64)
-def _architecture(timm_name: str, kwargs_json: str) -> Architecture:
-    kwargs = json.loads(kwargs_json)
-    try:
-        with torch.device("meta"):  # structure only: no weights, no memory, ~0.1 s even for a ViT-7B
-            model = timm.create_model(timm_name, pretrained=False, **kwargs)
-    except Exception as e:  # noqa: BLE001 - timm raises anything for odd kwargs
-        raise UnsupportedModelError(f"timm cannot build {timm_name!r} with {kwargs or 'its defaults'}: "
-                                    f"{type(e).__name__}: {e}") from e
-    info = list(getattr(model, "feature_info", None) or [])
-    return Architecture(
-        timm_name=timm_name,
-        model_class=type(model).__name__,
-        modules=tuple(str(f.get("module", i)) for i, f in enumerate(info)),
-        reductions=tuple(int(f.get("reduction", 0)) for f in info),
-        widths=tuple(int(f.get("num_chs", 0)) for f in info),
-        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0) or 0),
-        has_intermediates=callable(getattr(model, "forward_intermediates", None)),
-        kwargs_json=kwargs_json,
-    )
-
-
-def architecture(timm_name: str, model_kwargs: dict | None = None) -> Architecture:
-    """The layer structure of a timm architecture (built on the meta device, cached)."""
-    return _architecture(timm_name, json.dumps(model_kwargs or {}, sort_keys=True, default=str))
-
-
-def resolve_model(name: str, *, model_kwargs: dict | None = None) -> BackboneSpec:
-    """Map an alias or a timm name ("arch" or "arch.tag") to a BackboneSpec.
-
-    Checked against timm's registry and the architecture's layer outputs without building anything real,
-    so a typo or a model combo cannot store fails fast, before any weights are looked for.
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise UnknownModelError(_unknown_model_message(str(name), "empty name"))
-    key = name.strip()
-    if key.lower() in ALIASES:
-        spec = ALIASES[key.lower()]
-        if not timm.models.is_model(spec.timm_name):
-            raise UnsupportedModelError(
-                f"alias {key.lower()!r} is {spec.model_name}, which the installed timm {timm.__version__} does not have; "
-                "upgrade it (pip install -U timm)")
-    else:
-        arch, tag = timm.models.split_model_name_tag(key)
-        if not timm.models.is_model(arch):
-            raise UnknownModelError(_unknown_model_message(name, f"timm has no architecture {arch!r}"))
-        if tag:
-            try:
-                cfg = timm.models.get_pretrained_cfg(key, allow_unregistered=False)
-            except RuntimeError as e:
-                tags = [n.split(".", 1)[1] for n in timm.list_pretrained(arch) if "." in n]
-                raise UnknownModelError(_unknown_model_message(
-                    name, f"{e} Known tags for {arch}: {tags}")) from None
-            if cfg is None:
-                raise UnknownModelError(_unknown_model_message(name, f"no pretrained tag {tag!r}"))
-        spec = BackboneSpec(alias=key, timm_name=arch, pretrained_tag=tag or None)
-    why = architecture(spec.timm_name, model_kwargs).refusal(name)
-    if why:
-        raise UnsupportedModelError(why)
-    return spec
-
-
-def parse_layers(text: str | Sequence[int] | None, num_blocks: int, *, what: str = "--layers",
-                 default: Sequence[int] | None = None) -> tuple[int, ...]:
-    """Which layer outputs to store: "all" (every feature_info entry), "last:N", or indices "0,5,11" (negative
-    ones count from the end); None: `default` (Architecture.default_layers: all but a hierarchical model's stem),
-    else all. Ascending, each once; refused with the valid range when out of it."""
-    if text is None or (isinstance(text, str) and not text.strip()):
-        return tuple(sorted(default)) if default is not None else tuple(range(num_blocks))
-    if isinstance(text, str) and text.strip().lower() == "all":
-        return tuple(range(num_blocks))
-    if isinstance(text, str):
-        spec = text.strip().lower()
-        if spec.startswith("last:"):
-            try:
-                n = int(spec[5:])
-            except ValueError:
-                raise ValueError(f"{what} {text!r}: 'last:N' needs an integer N") from None
-            if not 1 <= n <= num_blocks:
-                raise ValueError(f"{what} {text!r}: N must be 1..{num_blocks} (the model has {num_blocks} layers)")
-            return tuple(range(num_blocks - n, num_blocks))
-        try:
-            values = [int(v) for v in spec.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"{what} {text!r}: give 'all', 'last:N' or comma-separated layer indices") from None
-    else:
-        values = [int(v) for v in text]
-    if not values:
-        raise ValueError(f"{what} {text!r} selects no layer")
-    out = []
-    for v in values:
-        if not -num_blocks <= v < num_blocks:
-            raise ValueError(f"{what} {text!r}: layer {v} is out of range; the model has {num_blocks} layers "
-                             f"(0..{num_blocks - 1}, or -1 for the last)")
-        out.append(v % num_blocks)
-    if len(set(out)) != len(out):
-        raise ValueError(f"{what} {text!r} names a layer twice")
-    return tuple(sorted(out))
-
-
-def alias_table(image_size: int = 224) -> list[dict[str, Any]]:
-    """Every alias's checkpoint and geometry at image_size, from timm's architecture (no weights): what
-    `combo extract --help` and the README list. `stages`: (h, w, width) of each default layer of a hierarchical
-    model (None for one grid); grid / width are the last layer's; raw_bytes = float16 bytes of one image's stored
-    tokens (summed over the layers)."""
-    rows = []
-    for alias, spec in ALIASES.items():
-        arch = architecture(spec.timm_name)
-        taken = arch.default_layers
-        if arch.hierarchical:
-            shapes = arch.layer_shapes(image_size, name=alias)
-            stages = [shapes[i] for i in taken]
-        else:
-            (gh, gw), width = arch.grids(image_size)[0], arch.widths[0]
-            stages = [(gh, gw, width)] * len(taken)
-        p = arch.num_prefix_tokens
-        gh, gw, width = stages[-1]
-        rows.append({"alias": alias, "checkpoint": spec.model_name, "grid": (gh, gw), "layers": len(taken),
-                     "width": width, "prefix": p, "stages": stages if arch.hierarchical else None,
-                     "raw_bytes": sum((h * w + p) * d * 2 for h, w, d in stages)})
-    return rows
-
-
-def geometry(row: dict[str, Any]) -> str:
-    """An alias_table row's layers in words: "14x14 12x768", or each stage of a hierarchical model
-    "4 stages 56x56x128 .. 7x7x1024"."""
-    if row["stages"] is None:
-        return f"{row['grid'][0]}x{row['grid'][1]:<3} {row['layers']}x{row['width']}"
-    first, last = row["stages"][0], row["stages"][-1]
-    return f"{row['layers']} stages {first[0]}x{first[1]}x{first[2]} .. {last[0]}x{last[1]}x{last[2]}"
-
-
-def alias_help(image_size: int = 224) -> str:
-    """`alias_table` as fixed-width lines (click's "\b" keeps them unwrapped)."""
-    lines = [f"Aliases at {image_size} px (prefix tokens, float16 MiB per image, grid and layers x width; for a "
-             "hierarchical model its stages' grid x width, first .. last):", "", "\b"]
-    for r in alias_table(image_size):
-        lines.append(f"{r['alias']:<16}{r['checkpoint']:<40}{r['prefix']:>2} {r['raw_bytes'] / 2**20:6.2f}  "
-                     f"{geometry(r)}")
-    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from hookref import hooked_block_outputs
 
-import extract.backbones as extract_backbones
+import extract.architecture as extract_architecture
 from extract.backbones import (
     ALIASES,
     Backbone,
@@ -135,12 +135,12 @@ def test_alias_of_a_model_an_older_timm_lacks_says_to_upgrade(monkeypatch):
 def test_model_without_intermediates_is_refused_naming_what_is_missing(monkeypatch):
     import timm.models.vision_transformer as vit
     monkeypatch.delattr(vit.VisionTransformer, "forward_intermediates")
-    extract_backbones._architecture.cache_clear()
+    extract_architecture._architecture.cache_clear()
     try:
         with pytest.raises(UnsupportedModelError, match="no forward_intermediates"):
             resolve_model("vit_tiny_patch16_224")
     finally:
-        extract_backbones._architecture.cache_clear()
+        extract_architecture._architecture.cache_clear()
 
 
 def test_layers_selection():

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import extract.backbones as extract_backbones
+import extract.architecture as extract_architecture
 from combo.cli import app
 from extract.backbones import (
     ImageSizeError,
@@ -134,12 +134,12 @@ def test_multi_grid_model_with_prefix_tokens_is_refused_in_one_sentence():
 def test_model_without_intermediates_is_refused_naming_what_is_missing(monkeypatch):
     import timm.models.convnext as convnext
     monkeypatch.delattr(convnext.ConvNeXt, "forward_intermediates")
-    extract_backbones._architecture.cache_clear()
+    extract_architecture._architecture.cache_clear()
     try:
         with pytest.raises(UnsupportedModelError, match=r"'convnext_atto' \(ConvNeXt\).*no forward_intermediates"):
             load_backbone("convnext_atto", image_size=64, random_init=True)
     finally:
-        extract_backbones._architecture.cache_clear()
+        extract_architecture._architecture.cache_clear()
 
 
 @pytest.mark.parametrize("name,size,why,works", [
