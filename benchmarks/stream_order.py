@@ -12,9 +12,9 @@
    (`cache ram`), over `--seeds` probe seeds. Prints the stream - cached accuracy as paired
    differences (same store, same seed), mean and spread, and the mean number of distinct labels per
    batch against a uniform shuffle's, for: the natural-order store read in whole-shard windows (the
-   old reader), the natural-order store read in chunk pieces (probe/data.py on an old store), and
+   old reader), the natural-order store read in chunk pieces (probe/epochorder.py on an old store), and
    the shuffled store (whole shards). The windowed runs use `cache ram` with `shuffle_window 35`,
-   which trains on exactly the batches `cache stream` would (probe/data.py; tests/test_probe.py
+   which trains on exactly the batches `cache stream` would (probe/epochorder.py; tests/test_probe.py
    checks it), without the reads.
 3. Read cost of chunk-piece windows: one epoch of window reads from a class-sorted store of
    ViT-sized rows (14x14 tokens x 12 layers x 192, float16, default layout), whole-shard windows vs
@@ -58,15 +58,15 @@ def natural_rows():
 
 @contextmanager
 def whole_shard_windows():
-    """probe/data.py as before: windows of whole shards whatever the stored order."""
-    import probe.data as data
+    """probe/epochorder.py as before: windows of whole shards whatever the stored order."""
+    import probe.epochorder as epochorder
 
-    saved = data.label_clustered
-    data.label_clustered = lambda labels: False
+    saved = epochorder.label_clustered
+    epochorder.label_clustered = lambda labels: False
     try:
         yield
     finally:
-        data.label_clustered = saved
+        epochorder.label_clustered = saved
 
 
 def class_folder(root: Path, per_class: int, size: int, classes: int = 10) -> None:

@@ -1,4 +1,4 @@
-"""Streaming must not see the classes in order (extract/order.py, probe/data.py).
+"""Streaming must not see the classes in order (extract/order.py, probe/epochorder.py).
 
 A 10-class image folder stored class by class (24 images per class: 170 train + 20 val = 190
 trainval rows, 50 test), extracted with a tiny random-init ViT at 32px (2x2 tokens) in shards of 16
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import extract.pipeline as pipeline
-import probe.data
+import probe.epochorder
 from extract.datasets import ParquetReader, plan_dataset
 from extract.order import ROW_ORDER_METHOD, ShuffledParquetReader, natural_order, row_order
 from extract.pipeline import ExtractConfig, extract
@@ -105,7 +105,7 @@ def test_streamed_batches_mix_the_classes_like_a_uniform_shuffle(stores):
     orders = [epoch_order(old, epoch=e, seed=0, window_rows=WINDOW) for e in range(epochs)]
     pieces = mean_distinct(old.labels, [o[s : s + BATCH] for o in orders for s in range(0, old.n, BATCH)])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(probe.data, "label_clustered", lambda labels: False)  # the reader before: whole shards
+        mp.setattr(probe.epochorder, "label_clustered", lambda labels: False)  # the reader before: whole shards
         orders = [epoch_order(old, epoch=e, seed=0, window_rows=WINDOW) for e in range(epochs)]
     shards = mean_distinct(old.labels, [o[s : s + BATCH] for o in orders for s in range(0, old.n, BATCH)])
     print(f"natural-order store: whole-shard windows {shards:.2f}, 8-row pieces {pieces:.2f}")
