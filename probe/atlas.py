@@ -38,9 +38,11 @@ from torch import Tensor
 from store_schema import FeatureStore, is_url
 
 from .align import normalise_maps
+from .atlasbest import best_per_task
 from .data import SplitSource, eval_batches
 from .linear import MultiLayerLinearProbe
 from .relevance import backbone_names
+from .report import plot_atlas
 from .results import VTAB_GROUPS, new_run_dir, sanitise_url, write_json, write_table
 from .run import PROTOCOL_STEPS, TasksFailed, store_provenance, stores_dataset
 from .stores import AlignedTask, align_tasks, grid_parts, open_stores
@@ -128,25 +130,6 @@ def probe_layers(train: Tensor, train_labels: np.ndarray, evaluation: Tensor, ev
     return np.asarray(accuracy, dtype=np.float64), history
 
 
-def best_per_task(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Highest accuracy per task; ties go to the earliest (backbone, pooling, layer) in the table."""
-    best: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        current = best.get(row["task"])
-        if current is None or row["accuracy"] > current["accuracy"]:
-            best[row["task"]] = row
-    out = []
-    for task, row in best.items():
-        last = [r for r in rows if r["task"] == task and r["backbone"] == row["backbone"] and r["pooling"] == row["pooling"]]
-        last_row = max(last, key=lambda r: r["layer_position"])
-        out.append({
-            "task": task, "group": row.get("group"), "backbone": row["backbone"], "layer": row["layer"],
-            "pooling": row["pooling"], "accuracy": row["accuracy"], "split": row["split"], "n": row["n"],
-            "last_layer": last_row["layer"], "last_layer_accuracy": last_row["accuracy"],
-        })
-    return out
-
-
 def run_atlas(
     stores: Sequence[str | Path],
     *,
@@ -226,8 +209,6 @@ def run_atlas(
     write_table(best, run_dir / "atlas_best")
     paths: list[Path] = []
     if figures:
-        from .report import plot_atlas
-
         paths = plot_atlas(rows, run_dir)
     state.complete = True
     state.save(run_dir)

@@ -1,27 +1,26 @@
-"""A study's fits on dask.distributed workers: one dask task per task to train.
+"""Jobs on dask.distributed workers: one dask task per call, each on the worker's own device and threads.
 
-Each worker opens the stores itself (a path its file system sees, or a URL: nothing of the
-client's is shipped but the configuration), aligns the task and trains it exactly as
-`probe.run.fit_task` does in one process: the same seed, the same batches, the same torch thread
-count as the cluster's workers have. What comes back is the trained model and its metrics; the
-client writes the run folder, so the folder is the one a sequential run writes. A task that fails
-is reported by name, and the others still finish.
+A job is a module-level function (so dask pickles it by name) that opens the stores itself on the worker
+(a path its file system sees, or a URL: nothing of the client's is shipped but the configuration), and
+trains exactly as one process does: the same seed, the same batches, the same torch thread count as the
+cluster's workers have. The jobs live with what they run (`probe.run.fit_job`, `probe.relevance.relevance_job`,
+`probe.study.study_job`, `probe.atlas.atlas_job`); this module knows none of them. What comes back is the
+job's result (a trained model and its metrics); the client writes the run folder, so the folder is the one a
+sequential run writes. A job that fails is reported by its key, and the others still finish.
 """
 
 from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
 
-from .run import ProbeConfig, TaskFit, fit_task
-from .stores import AlignedTask, align_tasks, open_stores
 from .train import pick_device
 
-__all__ = ["aligned_task", "fit_job", "fit_tasks", "map_jobs", "on_worker", "slim"]
+__all__ = ["map_jobs", "on_worker"]
 
 T = TypeVar("T")
 # One job at a time per worker process: fits seed torch's global generator (a second fit in another thread of
@@ -81,26 +80,3 @@ def map_jobs(client: Any, job: Callable[..., T], calls: Mapping[K, tuple[tuple, 
                 yield key, err
     finally:
         client.cancel(list(futures))
-
-
-def slim(fit: TaskFit) -> TaskFit:
-    """A fit to send back: the model on the CPU; store handles and closures stay on the worker."""
-    fit.model.to("cpu")
-    fit.source = fit.prepare = None
-    return fit
-
-
-def aligned_task(cfg: ProbeConfig, task: str) -> AlignedTask:
-    """The task as the worker reads it: its own handles on the stores `cfg` names (absolute paths or URLs)."""
-    stores = open_stores(cfg.stores, store_root=cfg.store_root, dataset=cfg.dataset, storage_options=cfg.storage_options)
-    return align_tasks(stores, task)
-
-
-def fit_job(cfg: ProbeConfig, task: str, *, device: torch.device, group_lambda: float | None = None) -> TaskFit:
-    """Train and evaluate one task (probe.run.fit_task) on a worker."""
-    return slim(fit_task(aligned_task(cfg, task), cfg, device=device, group_lambda=group_lambda))
-
-
-def fit_tasks(client: Any, cfg: ProbeConfig, tasks: Sequence[str]) -> Iterator[tuple[str, TaskFit | BaseException]]:
-    """Train `tasks` on the cluster; yields (task, fit) or (task, the worker's error) as each finishes."""
-    return map_jobs(client, fit_job, {task: ((cfg, task), {}) for task in tasks}, device=cfg.device)

@@ -47,8 +47,8 @@ from .heldout import HELDOUT_REPEATS, chance_accuracy, descending_ranks, heldout
 from .results import markdown_table, new_run_dir, write_json, write_table
 from .progress import RunProgress
 from .runstate import DONE, RunState, new_state
-from .run import (ProbeConfig, TaskFit, TasksFailed, failed_message, fit_task, located_config, run_config, save_fit,
-                  stores_dataset, task_splits)
+from .run import (ProbeConfig, TaskFit, TasksFailed, aligned_task, failed_message, fit_job, fit_task, located_config,
+                  run_config, save_fit, slim, stores_dataset, task_splits)
 from .stores import AlignedTask, align_tasks, common_tasks, open_stores
 from .train import pick_device
 
@@ -394,8 +394,6 @@ def hold_dev_rows(aligned: AlignedTask, cfg: ProbeConfig, *, log: Log = None) ->
 
 def relevance_job(cfg: ProbeConfig, task: str, *, device: torch.device, **kwargs: Any) -> TaskRelevance:
     """`relevance_of_task` on a dask worker (probe/fanout.py), the fit sent back without its data handles."""
-    from .fanout import aligned_task, slim
-
     result = relevance_of_task(aligned_task(cfg, task), cfg, device=device, **kwargs)
     result.fit = slim(result.fit)
     return result
@@ -626,7 +624,7 @@ def run_select(cfg: ProbeConfig, *, select: str | Selection, group_lambda: float
             record(aligned, fit_task(subset, subset_cfg, device=device, group_lambda=0.0, log=log, progress=progress,
                                      label=f"{aligned.name}: retrain on {'+'.join(kept_names)}"))
     else:
-        from .fanout import fit_job, map_jobs
+        from .fanout import map_jobs
 
         calls = {a.name: ((located_config(subsets[a.name][1], [stores[k] for k in subsets[a.name][0]]), a.name),
                           {"group_lambda": 0.0}) for a in aligned_tasks}

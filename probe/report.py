@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .atlasbest import best_per_task
 from .results import GROUP_ORDER, GROUP_TITLES, VTAB_GROUPS, group_means, markdown_table
 from .runstate import read_state
 
@@ -616,8 +617,6 @@ def render_report(run_dir: str | Path) -> list[Path]:
         md += [f"# Per-layer linear probes of {' + '.join(names) or _backbones(rows)} ({where})", "",
                "## Best probe per task", "", "| task | group | backbone | layer | pooling | accuracy (%) | last layer (%) |",
                "|---|---|---|---|---|---|---|"]
-        from .atlas import best_per_task
-
         for b in sorted(best_per_task(rows), key=lambda r: _ordered_tasks(rows).index(r["task"])):
             md.append(f"| {b['task']} | {_group(b)} | {b['backbone']} | {b['layer']} | {b['pooling']} | "
                       f"{100 * float(b['accuracy']):.1f} | {100 * float(b['last_layer_accuracy']):.1f} |")

@@ -23,6 +23,7 @@ from .adapter import INITS, ComboAdapter, ComboConfig
 from .align import default_grid, make_prepare, normalise_maps
 from .data import (CACHE_MODES, EVAL_BATCH_SIZE, CachePlan, SplitSource, default_budget, eval_batches, plan_cache,
                    training_batches)
+from .fanout import map_jobs  # imports dask.distributed only once a cluster is asked to run a job
 from .linear import LinearProbe
 from .progress import RunProgress
 from .runstate import DONE, check_out_folder, finished_rows, new_state, open_resumed
@@ -563,17 +564,34 @@ def located_config(cfg: ProbeConfig, stores: Sequence[FeatureStore]) -> ProbeCon
     return replace(cfg, stores=located, store_root=None)
 
 
+def aligned_task(cfg: ProbeConfig, task: str) -> AlignedTask:
+    """The task as a dask worker reads it: its own handles on the stores `cfg` names (absolute paths or URLs,
+    as `located_config` gives them)."""
+    stores = open_stores(cfg.stores, store_root=cfg.store_root, dataset=cfg.dataset, storage_options=cfg.storage_options)
+    return align_tasks(stores, task)
+
+
+def slim(fit: TaskFit) -> TaskFit:
+    """A fit to send back from a worker: the model on the CPU; store handles and closures stay on the worker."""
+    fit.model.to("cpu")
+    fit.source = fit.prepare = None
+    return fit
+
+
+def fit_job(cfg: ProbeConfig, task: str, *, device: torch.device, group_lambda: float | None = None) -> TaskFit:
+    """Train and evaluate one task (`fit_task`) on a dask worker (`probe.fanout.map_jobs` ships it there)."""
+    return slim(fit_task(aligned_task(cfg, task), cfg, device=device, group_lambda=group_lambda))
+
+
 def _fit_on_cluster(client: Any, cfg: ProbeConfig, todo: Sequence[AlignedTask], record: Callable[[AlignedTask, TaskFit], None],
                     *, state: Any, run_dir: Path, planned: Sequence[str], progress: RunProgress | None) -> None:
-    from .fanout import fit_tasks  # dask.distributed only when asked for
-
     by_name = {a.name: a for a in todo}
     for name in by_name:
         state.tasks[name] = "running"
     state.save(run_dir)
     failures: list[str] = []
     try:
-        for name, outcome in fit_tasks(client, cfg, list(by_name)):
+        for name, outcome in map_jobs(client, fit_job, {task: ((cfg, task), {}) for task in by_name}, device=cfg.device):
             if isinstance(outcome, BaseException):
                 state.tasks[name] = "failed"
                 state.save(run_dir)
@@ -636,9 +654,11 @@ __all__ = [
     "RunInterrupted",
     "TaskFit",
     "TrainedModel",
+    "aligned_task",
     "build_model",
     "decoding_prepare",
     "encoding_key",
+    "fit_job",
     "fit_metrics",
     "fit_task",
     "linear_prepare",
@@ -650,6 +670,7 @@ __all__ = [
     "run_probe",
     "stores_dataset",
     "save_fit",
+    "slim",
     "sources_for",
     "store_provenance",
     "task_splits",

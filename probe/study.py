@@ -39,8 +39,8 @@ from .heldsplit import hold_rows, subset_task
 from .progress import RunProgress
 from .relevance import (DEFAULT_LAMBDA, Selection, TaskRelevance, check_measure, choose_backbones, parse_select,
                         relevance_config, relevance_of_task)
-from .run import (ProbeConfig, TrainedModel, fit_metrics, model_and_prepare, resume_options, sources_for, task_splits,
-                  train_task)
+from .run import (ProbeConfig, TrainedModel, aligned_task, fit_metrics, model_and_prepare, resume_options, sources_for,
+                  task_splits, train_task)
 from .stores import AlignedTask
 from .train import predict_heads
 
@@ -300,8 +300,6 @@ def study_task(aligned: AlignedTask, cfg: StudyConfig, *, names: Sequence[str], 
 def study_job(cfg: StudyConfig, task: str, *, device: torch.device, names: Sequence[str],
               layer_ids: Sequence[Sequence[int]], finished: dict[str, Any] | None = None) -> TaskStudy:
     """`study_task` on a dask worker (probe/fanout.py): the task's fits stay together, as they share its rows."""
-    from .fanout import aligned_task
-
     result = study_task(aligned_task(cfg.probe, task), cfg, names=names, layer_ids=layer_ids, device=device,
                         finished=finished)
     for model in result.trained.values():
