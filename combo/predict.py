@@ -39,6 +39,7 @@ from probe.align import make_prepare
 from probe.run import ENCODING_FILE, build_model, encoding_key, linear_prepare
 from probe.runstate import read_state
 from store_schema.compact import CompactSpec, PcaBasis
+from store_schema.grids import GridSpec, multi_grids
 from store_schema.compact import decode as compact_decode
 from store_schema.compact import encode as compact_encode
 from store_schema.location import nearest_existing
@@ -86,27 +87,23 @@ class RecordedBackbone:
     model_kwargs: dict[str, Any] | None = None  # absent in the store = none
     model_layers: int | None = None  # the model's layer count; recorded only when the store keeps a subset
     compact: dict[str, Any] | None = None  # the store's encoding (compact stores): features go through it too
-    # a multi-grid store's groups, as recorded (features.grids: name, token_grid, feature_dim, layers); None: one grid
-    grids: tuple[dict[str, Any], ...] | None = None
+    # a multi-grid store's groups, as recorded (features.grids); None: one grid
+    grids: tuple[GridSpec, ...] | None = None
 
     @property
     def part_grids(self) -> list[tuple[int, int]]:
         """The token grid of every part the probe read from this store (one per group)."""
-        if not self.grids:
-            return [tuple(self.token_grid)]
-        return [tuple(int(v) for v in g["token_grid"]) for g in self.grids]
+        return [g.token_grid for g in self.grids] if self.grids else [tuple(self.token_grid)]
 
     @property
     def part_names(self) -> list[str]:
         """The group name of every part ("" for a single-grid store)."""
-        return [str(g["name"]) for g in self.grids] if self.grids else [""]
+        return [g.name for g in self.grids] if self.grids else [""]
 
     @property
     def part_layers(self) -> list[tuple[int, ...]]:
         """The model layer indices of every part."""
-        if not self.grids:
-            return [tuple(self.layers)]
-        return [tuple(int(v) for v in g["layers"]) for g in self.grids]
+        return [g.layers for g in self.grids] if self.grids else [tuple(self.layers)]
 
     @classmethod
     def from_provenance(cls, doc: dict[str, Any]) -> "RecordedBackbone":
@@ -123,7 +120,7 @@ class RecordedBackbone:
                 url=str(doc.get("url", "")), model_kwargs=dict(bb.get("model_kwargs") or {}) or None,
                 model_layers=int(feats["model_layers"]) if feats.get("model_layers") else None,
                 compact=(doc.get("storage") or {}).get("compact") or None,
-                grids=tuple(dict(g) for g in feats["grids"]) if feats.get("grids") else None,
+                grids=multi_grids(feats),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise PredictError(f"store record {doc.get('url', '?')} in config.json lacks backbone provenance ({err})") from None
@@ -278,10 +275,8 @@ def rebuild_backbone(record: RecordedBackbone, *, weights_override: str | None =
         "width D": record.feature_dim,
     }
     if record.grids:  # a hierarchical backbone: every group's grid, width and layers
-        rebuilt = getattr(backbone, "grids", None) or ()
-        found["grid groups"] = [(tuple(g.token_grid), int(g.feature_dim), tuple(g.layers)) for g in rebuilt]
-        wanted["grid groups"] = [(tuple(int(v) for v in g["token_grid"]), int(g["feature_dim"]),
-                                  tuple(int(v) for v in g["layers"])) for g in record.grids]
+        found["grid groups"] = [(g.token_grid, g.feature_dim, g.layers) for g in backbone.grids or ()]
+        wanted["grid groups"] = [(g.token_grid, g.feature_dim, g.layers) for g in record.grids]
     differ = [f"{k}: rebuilt {found[k]} vs recorded {wanted[k]}" for k in found if found[k] != wanted[k]]
     if differ:
         kwargs = f"model_kwargs {record.model_kwargs}" if record.model_kwargs else "no model_kwargs"

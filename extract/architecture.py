@@ -84,7 +84,12 @@ class Architecture:
 
     def layer_shapes(self, image_size: int, *, name: str | None = None) -> list[tuple[int, int, int]]:
         """(h, w, width) of every layer at image_size (see `grids`); `name` is what messages call the model."""
-        return list(_layer_shapes(self.timm_name, self.kwargs_json, image_size, name or self.timm_name))
+        shapes, problem = _layer_shapes(self.timm_name, self.kwargs_json, image_size)
+        if problem is not None:
+            why, hint = problem
+            raise ImageSizeError(f"--image-size {image_size}: {name or self.timm_name!r} ({self.model_class}) cannot "
+                                 f"take {image_size} px images ({why}); {hint}")
+        return list(shapes)
 
     def refusal(self, name: str) -> str | None:
         """Why combo cannot store this model's layers (one sentence naming what is missing), or None."""
@@ -121,13 +126,16 @@ def _size_problem(timm_name: str, kwargs_json: str, image_size: int) -> tuple[st
 
 
 @functools.lru_cache(maxsize=256)
-def _layer_shapes(timm_name: str, kwargs_json: str, image_size: int, name: str) -> tuple[tuple[int, int, int], ...]:
+def _layer_shapes(timm_name: str, kwargs_json: str, image_size: int
+                  ) -> tuple[tuple[tuple[int, int, int], ...], tuple[str, str] | None]:
+    """(the layers' (h, w, width), None), or ((), (why image_size does not work, which sizes near it do)): cached
+    per architecture and size, whatever name the caller shows in its message."""
     arch = _architecture(timm_name, kwargs_json)
     first, step = arch.reductions[0], max(arch.reductions)
     why, shapes = _size_problem(timm_name, kwargs_json, image_size) if image_size % first == 0 else (
         f"{image_size} is not a multiple of its first layer's stride {first}, so its stem would drop pixel rows", [])
     if why is None:
-        return tuple(shapes)
+        return tuple(shapes), None
     works: list[int] = []
     near = {v for unit in (first, step) for k in (-1, 0, 1, 2) if (v := (image_size // unit + k) * unit) >= step}
     for size in sorted(near - {image_size}, key=lambda v: (abs(v - image_size), v)):
@@ -141,8 +149,7 @@ def _layer_shapes(timm_name: str, kwargs_json: str, image_size: int, name: str) 
         hint = "no size near it works; 224 does"
     else:
         hint = "no size near it works, nor 224"
-    raise ImageSizeError(f"--image-size {image_size}: {name!r} ({arch.model_class}) cannot take {image_size} px "
-                         f"images ({why}); {hint}")
+    return (), (why, hint)
 
 
 @functools.lru_cache(maxsize=64)

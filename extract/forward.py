@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from store_schema.compact import PcaBasis, PcaFit, fit_split
+from store_schema.compact import PcaBasis, PcaFit, fit_split, fitted_groups
 
 from .backbones import Backbone, block_tokens, inference_context
 from .config import ExtractConfig
@@ -105,8 +105,4 @@ def fit_training_pca(cfg: ExtractConfig, backbone: Backbone, natural: TaskPlan, 
             fit.add(tokens[keep])  # fitted on the values a full-size store would hold
         if advance:
             advance(len(batch.rows))
-    if not backbone.grids:
-        return fits[0].fitted(components, split)
-    fitted = [fit.fitted(components, split) for fit in fits]
-    record = {**fitted[0][1], "explained_variance": [v for _, r in fitted for v in r["explained_variance"]]}
-    return [basis for basis, _ in fitted], record
+    return fitted_groups(fits, components, split)

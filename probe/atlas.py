@@ -45,7 +45,7 @@ from .relevance import backbone_names
 from .report import plot_atlas
 from .results import VTAB_GROUPS, new_run_dir, sanitise_url, write_json, write_table
 from .run import PROTOCOL_STEPS, TasksFailed, store_provenance, stores_dataset
-from .stores import AlignedTask, align_tasks, grid_parts, open_stores
+from .stores import AlignedTask, align_tasks, open_stores
 from .progress import RunProgress
 from .runstate import DONE, new_state
 from .train import TrainConfig, evaluate_layers, ordered_batches, pick_device, seeded_batches, set_seed, train_steps
@@ -94,13 +94,22 @@ def pool_split(store: FeatureStore, task: str, rows: np.ndarray, *, poolings: Se
     encoded arrays, decoded on `device`); "cls" reads the prefix array once and keeps prefix token 0. A pooling the store cannot give (cls without prefix
     tokens) is left out of the result. ``part``: which (grid, width) group of a multi-grid store (L, D are its own).
     """
-    whole = align_tasks([store], task)
+    return pool_group(_group_task(align_tasks([store], task), part), rows, poolings=poolings, device=device)
+
+
+def _group_task(whole: AlignedTask, part: int) -> AlignedTask:
+    """One store's task on one of its parts (a multi-grid store's grid group; the task itself otherwise)."""
     if not 0 <= part < len(whole.parts):
-        raise AtlasError(f"task {task} of {store.url}: no grid group {part} (it has {len(whole.parts)})")
-    aligned = AlignedTask(name=task, parts=[whole.parts[part]], row_maps=[whole.row_maps[part]])
+        raise AtlasError(f"task {whole.name} of {whole.stores[0].url}: no grid group {part} (it has {len(whole.parts)})")
+    return AlignedTask(name=whole.name, parts=[whole.parts[part]], row_maps=[whole.row_maps[part]])
+
+
+def pool_group(aligned: AlignedTask, rows: np.ndarray, *, poolings: Sequence[str], device: torch.device
+               ) -> dict[str, Tensor]:
+    """`pool_split` on a task already opened on one part (`_group_task`)."""
     group = aligned.reference.store
     out: dict[str, Tensor] = {}
-    wanted = [p for p in poolings if p != "cls" or store.num_prefix_tokens > 0]
+    wanted = [p for p in poolings if p != "cls" or group.num_prefix_tokens > 0]
     for pooling in wanted:
         source = SplitSource(aligned, np.asarray(rows, dtype=np.int64), layers=None, prefix=pooling == "cls")
         pieces = []
@@ -304,16 +313,17 @@ def _atlas_one(store: FeatureStore, name: str, index: int, task: str, *, pooling
     labels = part.labels
     num_classes = max(len(part.classes), int(labels.max()) + 1)
     group = part.attrs.get("group") or VTAB_GROUPS.get(task)
-    group_parts = grid_parts(part)  # a multi-grid store's (grid, width) groups; else the task itself
-    groups = len(group_parts)
+    whole = align_tasks([store], task)  # opened once: a multi-grid store's (grid, width) groups, else the task
+    groups = len(whole.parts)
     if progress:
         progress.start(label, steps=cfg.steps * groups)
     rows: list[dict[str, Any]] = []
     probes, train_seconds, read_seconds, position = 0, 0.0, 0.0, 0
     for g in range(groups):
         read_started = time.perf_counter()
-        train = pool_split(store, task, train_rows, poolings=usable, device=device, part=g)
-        evaluation = pool_split(store, task, eval_rows, poolings=usable, device=device, part=g)
+        one = _group_task(whole, g)
+        train = pool_group(one, train_rows, poolings=usable, device=device)
+        evaluation = pool_group(one, eval_rows, poolings=usable, device=device)
         read_seconds += time.perf_counter() - read_started
         num_layers = int(train[usable[0]].shape[1])
         # heads ordered (pooling, layer): one probe for every layer of every pooling
@@ -322,7 +332,7 @@ def _atlas_one(store: FeatureStore, name: str, index: int, task: str, *, pooling
         steps_before = _Offset(progress, g * cfg.steps) if progress else None
         accuracy, history = probe_layers(x_train, labels[train_rows], x_eval, labels[eval_rows], num_classes=num_classes,
                                          cfg=cfg, device=device, progress=steps_before)
-        grid_store = group_parts[g].store
+        grid_store = one.reference.store
         layer_ids = [int(i) for i in (grid_store.features.get("layers") or range(num_layers))]
         grid = "x".join(str(v) for v in grid_store.token_grid)
         for p_index, pooling in enumerate(usable):

@@ -33,7 +33,7 @@ from store_schema.samples import SPLIT_PREFIX
 
 from .align import hierarchical_grid
 
-__all__ = ["AlignedTask", "align_tasks", "backbone_grid", "common_tasks", "grid_parts", "open_stores", "store_grids", "resolve_store_refs"]
+__all__ = ["AlignedTask", "align_tasks", "backbone_grid", "common_tasks", "open_stores", "store_grids", "resolve_store_refs"]
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -228,14 +228,9 @@ def backbone_grid(store: FeatureStore) -> tuple[int, int]:
     return hierarchical_grid(grids, int((store.attrs.get("preprocessing") or {}).get("image_size") or 0))
 
 
-def grid_parts(task: TaskStore) -> list[TaskStore]:
-    """A store's task as the probe's parts: one per (grid, width) group of a multi-grid store, else itself."""
-    return list(task.grid_tasks())
-
-
 def align_tasks(stores: Sequence[FeatureStore], task: str) -> AlignedTask:
     """Open `task` in every store and check they hold the same samples, labels, splits and classes; each
-    store's task becomes its parts (`grid_parts`), which share its row map."""
+    store's task becomes its parts (`TaskStore.grid_tasks()`), which share its row map."""
     parts = [s.task(task) for s in stores]
     for part in parts:
         part.require_complete()
@@ -279,7 +274,7 @@ def align_tasks(stores: Sequence[FeatureStore], task: str) -> AlignedTask:
                     f"{_examples(ref_ids, differ)}"
                 )
         row_maps.append(row_map)
-    grid_parts_of = [grid_parts(p) for p in parts]
+    grid_parts_of = [p.grid_tasks() for p in parts]  # a multi-grid store's (grid, width) groups, else [task]
     return AlignedTask(name=task, parts=[g for group in grid_parts_of for g in group],
                        row_maps=[m for m, group in zip(row_maps, grid_parts_of) for _ in group],
                        backbone_of_part=[k for k, group in enumerate(grid_parts_of) for _ in group],

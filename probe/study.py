@@ -170,10 +170,14 @@ def _restore(sub: AlignedTask, hcfg: ProbeConfig, saved: dict[str, Any]) -> Trai
                         eval_split, train_rows, eval_rows, started=time.perf_counter())
 
 
+def _per_store(aligned: AlignedTask, of_part: Callable[[int], int]) -> list[int]:
+    """A per-part figure summed per store over its parts (a multi-grid store's groups), in --stores order."""
+    return [sum(int(of_part(j)) for j in aligned.backbone_parts(k)) for k in range(aligned.num_backbones)]
+
+
 def _counts(aligned: AlignedTask) -> list[int]:
-    """Bytes read so far per store: the sum over its parts (a multi-grid store's groups)."""
-    return [sum(int(getattr(aligned.parts[j], "bytes_read", 0)) for j in aligned.backbone_parts(k))
-            for k in range(aligned.num_backbones)]
+    """Bytes read so far per store."""
+    return _per_store(aligned, lambda j: getattr(aligned.parts[j], "bytes_read", 0))
 
 
 def study_task(aligned: AlignedTask, cfg: StudyConfig, *, names: Sequence[str], layer_ids: Sequence[Sequence[int]],
@@ -207,7 +211,7 @@ def study_task(aligned: AlignedTask, cfg: StudyConfig, *, names: Sequence[str], 
         kept = rel_saved["kept"] if rel_saved else list(range(aligned.num_backbones))
         to_train = any(h.fit_id not in finished for h in heads_for(kept))
     full = SplitSource(aligned, rows)  # every store, every layer: what holding the rows reads
-    per_row = [sum(full.store_row_bytes(j) for j in aligned.backbone_parts(k)) for k in range(aligned.num_backbones)]
+    per_row = _per_store(aligned, full.store_row_bytes)
     io: list[dict[str, Any]] = []
     held_task, held_note = aligned, "nothing left to train"
     before = _counts(aligned)
@@ -285,8 +289,7 @@ def study_task(aligned: AlignedTask, cfg: StudyConfig, *, names: Sequence[str], 
                                   eval_batches(source, batch_size=probe.eval_batch_size), device=device)
     after = _counts(aligned)
     io += [{"task": aligned.name, "store": names[k], "split": eval_split, "bytes_read": after[k] - before[k],
-            "bytes_stored": int(eval_rows.size * sum(source.store_row_bytes(j) for j in aligned.backbone_parts(k)))}
-           for k in range(aligned.num_backbones)]
+            "bytes_stored": int(eval_rows.size * stored)} for k, stored in enumerate(_per_store(aligned, source.store_row_bytes))]
     predictions: dict[str, np.ndarray] = {}
     metrics: dict[str, dict[str, Any]] = {}
     for (fid, head), p in zip(fits, preds):

@@ -419,6 +419,17 @@ class PcaFit:
         return out
 
 
+def fitted_groups(fits: Sequence[PcaFit], components: int, split: str) -> tuple[PcaBasis | list[PcaBasis], dict]:
+    """A task's fitted basis and record from its grid groups' fits: one fit (a single-grid task) gives
+    `PcaFit.fitted`; several (a multi-grid task, format 2.3, each group encoded on its own) give a list of bases
+    in group order and one record whose explained_variance runs over every stored layer, group after group."""
+    fitted = [fit.fitted(components, split) for fit in fits]
+    if len(fitted) == 1:
+        return fitted[0]
+    record = {**fitted[0][1], "explained_variance": [v for _, r in fitted for v in r["explained_variance"]]}
+    return [basis for basis, _ in fitted], record
+
+
 def fit_split(protocols: dict, splits: Sequence[str]) -> str | None:
     """The split PCA is fitted on: the training split of the dev protocol (train800 for VTAB, train
     elsewhere), so neither dev nor final evaluation rows are ever used. None when there is none."""
@@ -435,5 +446,5 @@ __all__ = [
     "CHANNEL_SCALE", "CODES", "CODE_FILL", "INDEX_FILL", "MAP_STATS", "OUTLIER_INDEX", "OUTLIER_VALUE",
     "PCA_COMPONENTS", "PCA_MEAN", "TOKEN_SCALE",
     "CompactSpec", "CompactSpecError", "PcaBasis", "PcaFit", "decode", "dequantise", "encode", "fill_value",
-    "fit_split", "map_stats", "never_written", "quantise", "standardise",
+    "fit_split", "fitted_groups", "map_stats", "never_written", "quantise", "standardise",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import samples as sample_table
-from .compact import CompactSpec, CompactSpecError, PcaBasis, PcaFit, fit_split
+from .compact import CompactSpec, CompactSpecError, PcaBasis, PcaFit, fit_split, fitted_groups
 from .metadata import StoreInfo
 from .reader import FeatureStore, TaskStore, open_store
 from .writer import Skipped, StoreWriter
@@ -60,22 +60,23 @@ def check_compactable(source: FeatureStore, spec: CompactSpec) -> dict[str, tupl
 def fit_pca(task: TaskStore, split: str, components: int, *, rows_per_read: int | None = None) -> tuple[PcaBasis, dict[str, Any]]:
     """PCA of a full-size task's patch tokens over its `split` rows only, streamed; with the record of the fit.
     `task` is one grid group's for a multi-grid store (`fit_task_pca` fits every group)."""
+    return _streamed_fit(task, split, rows_per_read=rows_per_read).fitted(components, split)
+
+
+def _streamed_fit(task: TaskStore, split: str, *, rows_per_read: int | None = None) -> PcaFit:
+    """The running covariances of one (single-grid, or one group's) task's `split` rows, read a shard at a time."""
     rows = task.rows(split)
     fit = PcaFit(task.store.num_layers, task.store.feature_dim)
     step = rows_per_read or task.rows_per_shard
     for lo in range(0, rows.size, step):
         fit.add(task.read(rows[lo : lo + step]))
-    return fit.fitted(components, split)
+    return fit
 
 
 def fit_task_pca(task: TaskStore, split: str, components: int) -> tuple[PcaBasis | list[PcaBasis], dict[str, Any]]:
     """The PCA basis of a task (a multi-grid task: a list, one per grid group, each fitted on its own) and the
-    fit's record; a multi-grid record's explained_variance runs over every stored layer, group after group."""
-    if task.grid is not None:
-        return fit_pca(task, split, components)
-    fits = [fit_pca(part, split, components) for part in task.grid_tasks()]
-    record = {**fits[0][1], "explained_variance": [v for _, r in fits for v in r["explained_variance"]]}
-    return [basis for basis, _ in fits], record
+    fit's record (`store_schema.compact.fitted_groups`)."""
+    return fitted_groups([_streamed_fit(part, split) for part in task.grid_tasks()], components, split)
 
 
 def compact_store(source: str | os.PathLike | FeatureStore, target: str | os.PathLike, spec: CompactSpec, *,

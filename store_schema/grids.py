@@ -127,9 +127,9 @@ def grids_of(features: dict[str, Any]) -> list[GridSpec]:
     return [GridSpec("", (int(h), int(w)), int(features["feature_dim"]), tuple(int(v) for v in features["layers"]))]
 
 
-def multi_grids(features: dict[str, Any]) -> list[GridSpec] | None:
+def multi_grids(features: dict[str, Any]) -> tuple[GridSpec, ...] | None:
     """The groups of a multi-grid store's `features`; None for a single-grid store (no `grids`)."""
-    return [GridSpec.from_attrs(doc) for doc in features["grids"]] if features.get("grids") else None
+    return tuple(grids_of(features)) if features.get("grids") else None
 
 
 def grid_features(features: dict[str, Any], grid: GridSpec) -> dict[str, Any]:

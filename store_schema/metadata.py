@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata as _importlib_metadata
 from typing import Any
 
-from .grids import GridSpec, grid_problems
+from .grids import GridSpec, grid_problems, multi_grids
 
 FORMAT_MAJOR, FORMAT_MINOR = 2, 3
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
@@ -180,7 +180,7 @@ class StoreInfo:
                                         p.get("interpolation", "bilinear"), p.get("resize", "square, no crop")),
             features=FeatureInfo(tuple(f["token_grid"]), int(f["num_prefix_tokens"]), tuple(f["layers"]),
                                  int(f["feature_dim"]), f.get("kind", FeatureInfo.kind), f.get("model_layers"),
-                                 tuple(GridSpec.from_attrs(g) for g in f["grids"]) if f.get("grids") else None),
+                                 multi_grids(f)),
             dataset=str(attrs["dataset"]["name"]),
         )
 
